@@ -1,0 +1,1 @@
+"""The site: ClientApp, DP trainer and privacy ledger."""

@@ -1,0 +1,142 @@
+"""fedgen's Flower ClientApp: one site's answer to a train message.
+
+The site loads its own data, restores its privacy ledger, refuses the round if it would
+pass its ε ceiling, trains (DP-SGD by default) and replies with the trainable tensors,
+its metrics and its site id. The data path and the sequences stay on the site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedgen.config import SiteConfig, load_toml
+from fedgen.data import DataError, load_dataset
+from fedgen.model import ModelConfig, build_model, resolve_device
+from fedgen.params import arrays_to_record, load_trainable, record_to_arrays, to_numpy, trainable_tensors
+from fedgen.protocol import (
+    ARRAYS_KEY, BUDGET_REFUSED, CONFIG_KEY, METRICS_KEY, SITE_DATA_ERROR, SITE_KEY,
+    TrainInstructions, TrainReport, site_record,
+)
+from fedgen.tokenizers import make_tokenizer
+
+from .ledger import BudgetExceeded, PrivacyLedger
+from .trainer import DPSettings, LocalPlan, local_steps, train_local
+
+log = logging.getLogger(__name__)
+
+SITE_CONFIG_NODE_KEY = "site-config"
+SiteResolver = Callable[[Context], SiteConfig]
+
+
+def site_from_node_config(context: Context) -> SiteConfig:
+    """Deployment: the SuperNode's node config names the site's TOML file."""
+    path = context.node_config.get(SITE_CONFIG_NODE_KEY)
+    if not path:
+        raise RuntimeError(
+            f"SuperNode started without node config {SITE_CONFIG_NODE_KEY!r}; "
+            "start sites with `fedgen site start --config site.toml`"
+        )
+    return load_toml(str(path), SiteConfig)
+
+
+def _site_seed(site_id: str, instructions: TrainInstructions) -> int:
+    # Stable across processes (unlike hash()): different per site, round and run seed.
+    return (instructions.seed * 1_000_003 + instructions.server_round * 7919
+            + sum(site_id.encode())) % (2**31)
+
+
+def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDict:
+    """Run one local round and build the reply content.
+
+    Raises
+    ------
+    BudgetExceeded
+        If the site's ε ceiling does not allow this round.
+    DataError
+        If the site's data is unreadable or has labels the run does not know.
+    """
+    instructions = TrainInstructions.from_record(content[CONFIG_KEY])
+    dataset = load_dataset(site.data).with_label_names(instructions.label_names)
+    model_config = ModelConfig.from_json(instructions.model_config)
+    tokenizer = make_tokenizer(instructions.tokenizer)
+    ids = tokenizer.encode(dataset.sequences, max_length=model_config.max_len)
+    labels = torch.tensor(dataset.labels, dtype=torch.long)
+
+    model = build_model(model_config)
+    load_trainable(model, record_to_arrays(content[ARRAYS_KEY]))
+    device = resolve_device(site.device)
+
+    n = len(dataset)
+    batch_size = min(instructions.batch_size, n)
+    plan = LocalPlan(
+        steps=local_steps(n, batch_size, instructions.local_epochs),
+        batch_size=batch_size, learning_rate=instructions.learning_rate,
+        seed=_site_seed(site.site_id, instructions), proximal_mu=instructions.proximal_mu,
+    )
+    privacy = site.privacy
+    sample_rate = batch_size / n
+    dp = None
+    ledger = None
+    if privacy.enabled:
+        ledger = PrivacyLedger.open(site.state_dir, accountant=privacy.accountant, delta=privacy.delta)
+        if privacy.noise_multiplier is not None:
+            sigma = privacy.noise_multiplier
+        else:
+            remaining_rounds = max(1, instructions.num_rounds - instructions.server_round + 1)
+            sigma = ledger.calibrate(sample_rate, plan.steps * remaining_rounds, privacy.epsilon)
+        ledger.check(sigma, sample_rate, plan.steps, privacy.epsilon)
+        dp = DPSettings(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm,
+                        accountant=privacy.accountant, history=ledger.history)
+
+    result = train_local(model, ids, labels, plan, device, dp)
+
+    epsilon = 0.0
+    if ledger is not None and dp is not None:
+        # Persist the spend before anything leaves the site.
+        epsilon = ledger.commit(result.history, run_id=run_id, server_round=instructions.server_round,
+                                steps=plan.steps, noise_multiplier=dp.noise_multiplier,
+                                sample_rate=sample_rate)
+    report = TrainReport(
+        num_examples=n, train_loss=result.mean_loss, steps=plan.steps,
+        sample_rate=sample_rate if dp else 0.0,
+        noise_multiplier=dp.noise_multiplier if dp else 0.0,
+        max_grad_norm=dp.max_grad_norm if dp else 0.0,
+        epsilon=epsilon, delta=privacy.delta if dp else 0.0, dp=dp is not None,
+    )
+    return RecordDict({
+        ARRAYS_KEY: arrays_to_record(to_numpy(trainable_tensors(model))),
+        METRICS_KEY: report.to_record(),
+        SITE_KEY: site_record(site.site_id),
+    })
+
+
+def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
+    """Build the ClientApp; ``resolve_site`` maps a node's context to its SiteConfig."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        site = resolve_site(context)
+        try:
+            content = train_round(site, msg.content, msg.metadata.run_id)
+        except BudgetExceeded as exc:
+            log.warning("site %s: %s", site.site_id, exc)
+            return Message(Error(code=BUDGET_REFUSED, reason=f"site {site.site_id}: {exc}"), reply_to=msg)
+        except DataError as exc:
+            # Name the problem but not the path: the site's file layout is its own business.
+            reason = f"site {site.site_id}: local data rejected: {exc.reason}"
+            log.error("site %s: %s", site.site_id, exc)
+            return Message(Error(code=SITE_DATA_ERROR, reason=reason), reply_to=msg)
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()
+
+__all__ = ["app", "make_client_app", "train_round", "site_from_node_config"]

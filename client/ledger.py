@@ -1,0 +1,171 @@
+"""The site's privacy ledger: the accountant's history, persisted on the site's disk.
+
+Each Flower message runs in a fresh process, so an in-memory accountant would silently
+start from zero every round. The ledger stores the accountant's full history (noise
+multiplier, sample rate, steps) and every round's spend, and is rewritten atomically
+(temporary file, fsync, rename) so it is always either the old or the new state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opacus.accountants import create_accountant
+from opacus.accountants.accountant import IAccountant
+
+LEDGER_FILE = "privacy-ledger.json"
+LEDGER_VERSION = 1
+# Past this noise multiplier an update carries almost no signal: refuse instead.
+MAX_NOISE_MULTIPLIER = 50.0
+
+Mechanism = tuple[float, float, int]  # noise multiplier, sample rate, steps
+
+
+class LedgerError(RuntimeError):
+    """The ledger file is unreadable or inconsistent with the site's privacy settings."""
+
+
+class BudgetExceeded(RuntimeError):
+    """Training this round would push the site past its epsilon ceiling."""
+
+
+@dataclass
+class PrivacyLedger:
+    """Accountant history and per-round spend of one site.
+
+    Parameters
+    ----------
+    path : Path
+        The JSON file in the site's state directory.
+    accountant : str
+        Opacus accountant mechanism: ``"rdp"`` or ``"prv"``.
+    delta : float
+        The δ every ε of this site is reported at.
+    history : list of (noise multiplier, sample rate, steps)
+        The accountant's composition history.
+    rounds : list of dict
+        One entry per trained round: run, round, steps, σ, q, ε after.
+    """
+
+    path: Path
+    accountant: str
+    delta: float
+    history: list[Mechanism] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, state_dir: Path, *, accountant: str, delta: float) -> PrivacyLedger:
+        """Load the site's ledger, or start an empty one if the site never trained.
+
+        Raises
+        ------
+        LedgerError
+            If the file is corrupt, or its accountant or δ differ from the settings:
+            composing across a change of either would misreport the spend.
+        """
+        path = Path(state_dir) / LEDGER_FILE
+        if not path.exists():
+            return cls(path=path, accountant=accountant, delta=delta)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
+            ledger = cls(path=path, accountant=raw["accountant"], delta=float(raw["delta"]),
+                         history=history, rounds=list(raw["rounds"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LedgerError(f"{path}: privacy ledger is unreadable ({exc}); "
+                              "restore it from backup, never delete it") from None
+        if ledger.accountant != accountant or ledger.delta != delta:
+            raise LedgerError(
+                f"{path}: ledger was kept with accountant={ledger.accountant} "
+                f"delta={ledger.delta}, the site is now configured with "
+                f"accountant={accountant} delta={delta}; restore the original settings"
+            )
+        return ledger
+
+    def make_accountant(self, history: list[Mechanism] | None = None) -> IAccountant:
+        """A fresh Opacus accountant holding ``history`` (default: the ledger's)."""
+        accountant = create_accountant(self.accountant)
+        accountant.history = list(self.history if history is None else history)
+        return accountant
+
+    def epsilon_of(self, history: list[Mechanism]) -> float:
+        if not history:
+            return 0.0
+        return float(self.make_accountant(history).get_epsilon(delta=self.delta))
+
+    @property
+    def epsilon(self) -> float:
+        """ε spent so far, from the accountant."""
+        return self.epsilon_of(self.history)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """ε the site would have spent after ``steps`` more steps of this mechanism."""
+        return self.epsilon_of(self.history + [(noise_multiplier, sample_rate, steps)])
+
+    def calibrate(self, sample_rate: float, planned_steps: int, ceiling: float) -> float:
+        """Smallest noise multiplier that keeps ``planned_steps`` more steps under ``ceiling``.
+
+        Raises
+        ------
+        BudgetExceeded
+            If no noise multiplier up to MAX_NOISE_MULTIPLIER fits the remaining budget.
+        """
+        spent = self.epsilon
+        if spent >= ceiling or self.epsilon_after(MAX_NOISE_MULTIPLIER, sample_rate, planned_steps) > ceiling:
+            raise BudgetExceeded(
+                f"privacy budget exhausted: ε spent {spent:.4f} of ceiling {ceiling:g} "
+                f"(δ={self.delta:g}); {planned_steps} more steps would exceed it"
+            )
+        low, high = 0.0, MAX_NOISE_MULTIPLIER
+        while high - low > 1e-4 * high:
+            mid = (low + high) / 2
+            if mid > 0 and self.epsilon_after(mid, sample_rate, planned_steps) <= ceiling:
+                high = mid
+            else:
+                low = mid
+        return high
+
+    def check(self, noise_multiplier: float, sample_rate: float, steps: int, ceiling: float) -> float:
+        """ε after this round; raise BudgetExceeded if it would pass ``ceiling``."""
+        after = self.epsilon_after(noise_multiplier, sample_rate, steps)
+        if after > ceiling:
+            raise BudgetExceeded(
+                f"refusing round: ε would rise from {self.epsilon:.4f} to {after:.4f}, "
+                f"past the site's ceiling {ceiling:g} (δ={self.delta:g})"
+            )
+        return after
+
+    def commit(self, history: list[Mechanism], *, run_id: int, server_round: int, steps: int,
+               noise_multiplier: float, sample_rate: float) -> float:
+        """Record a trained round with the accountant's new history; return ε spent."""
+        self.history = [(float(s), float(q), int(n)) for s, q, n in history]
+        epsilon = self.epsilon
+        self.rounds.append({
+            "run_id": run_id, "round": server_round, "steps": steps,
+            "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
+            "epsilon_after": epsilon, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        self._write()
+        return epsilon
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({
+            "version": LEDGER_VERSION, "accountant": self.accountant, "delta": self.delta,
+            "history": self.history, "rounds": self.rounds,
+        }, indent=1)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

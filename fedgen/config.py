@@ -1,0 +1,123 @@
+"""Typed configuration both sides agree on, and strict TOML loading.
+
+Unknown keys and wrong types are errors that name the file and the field, so a typo in
+an operator's config stops the launcher before any process starts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum", "median")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names where and why."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrivacyConfig(StrictModel):
+    """A site's sample-level differential-privacy settings; the site enforces them."""
+
+    enabled: bool = True
+    epsilon: float = Field(8.0, gt=0, description="ceiling on the total epsilon this site ever spends")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="fixed noise multiplier; unset = calibrated to the ceiling"
+    )
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class SiteConfig(StrictModel):
+    """What a site operator configures: identity, local data, device and privacy budget."""
+
+    site_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: Path
+    state_dir: Path
+    device: str = "auto"
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        ):
+            return value
+        raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
+
+
+class TrainingConfig(StrictModel):
+    """What the coordinator chooses for a run: rounds, strategy, model, local training."""
+
+    rounds: int = Field(3, ge=1)
+    strategy: str = "fedavg"
+    strategy_options: dict[str, float] = {}
+    local_epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    model: str = "tiny"
+    tokenizer: str = "kmer4"
+    seed: int = 0
+    round_timeout: float = Field(900.0, gt=0)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {value!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+        return value
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field.path: message``."""
+    lines = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling or remove it)"
+        lines.append(f"{source}: {field}: {message}")
+    return "\n".join(lines)
+
+
+def load_toml(path: str | Path, model: type[Model]) -> Model:
+    """Load and validate a TOML file; relative paths inside resolve against its folder.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not valid TOML, or fails validation.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        config = model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, str(path))) from None
+    return _resolve_paths(config, path.parent)
+
+
+def _resolve_paths(config: Model, base: Path) -> Model:
+    updates = {
+        name: (base / value) if not value.is_absolute() else value
+        for name, value in config
+        if isinstance(value, Path)
+    }
+    return config.model_copy(update=updates) if updates else config

@@ -1,0 +1,107 @@
+"""What a run produced, round by round: the object notebooks and `--json` share."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class SiteRound:
+    """One site's part in one round; ``status`` is trained, refused or failed."""
+
+    site: str
+    status: str
+    examples: int = 0
+    train_loss: float | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    steps: int = 0
+    reason: str | None = None
+
+
+@dataclass
+class RoundResult:
+    """A committed round: global evaluation, per-site outcomes and the checkpoint."""
+
+    round: int
+    accuracy: float
+    loss: float
+    sites: list[SiteRound] = field(default_factory=list)
+    checkpoint: str | None = None
+    model_digest: str | None = None
+
+    @property
+    def epsilon(self) -> dict[str, float]:
+        """ε spent so far by each site that trained this round (its accountant's)."""
+        return {s.site: s.epsilon for s in self.sites if s.status == "trained" and s.epsilon is not None}
+
+
+@dataclass
+class RunResult:
+    """All rounds of a run plus where its files are."""
+
+    rounds: list[RoundResult]
+    initial_accuracy: float
+    out_dir: str
+    config: dict
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.rounds[-1].accuracy if self.rounds else self.initial_accuracy
+
+    @property
+    def accuracy(self) -> list[float]:
+        return [r.accuracy for r in self.rounds]
+
+    @property
+    def loss(self) -> list[float]:
+        return [r.loss for r in self.rounds]
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        return [Path(r.checkpoint) for r in self.rounds if r.checkpoint]
+
+    def epsilon_by_site(self) -> dict[str, list[float]]:
+        """Each site's cumulative ε after each round it trained in."""
+        series: dict[str, list[float]] = {}
+        for r in self.rounds:
+            for site, eps in r.epsilon.items():
+                series.setdefault(site, []).append(eps)
+        return series
+
+    def summary(self) -> dict:
+        """The `--json` object: ``rounds`` [{round, accuracy, loss, epsilon}], ``final_accuracy``."""
+        return {
+            "rounds": [
+                {"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "epsilon": r.epsilon}
+                for r in self.rounds
+            ],
+            "final_accuracy": self.final_accuracy,
+        }
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), **self.summary()}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+
+    def plot(self, ax=None):  # noqa: ANN001 - matplotlib is optional
+        """Plot accuracy and each site's ε per round (needs matplotlib)."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        rounds = [r.round for r in self.rounds]
+        ax.plot(rounds, self.accuracy, marker="o", color="black", label="global accuracy")
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy")
+        eps_ax = ax.twinx()
+        for site, series in self.epsilon_by_site().items():
+            eps_ax.plot(rounds[: len(series)], series, linestyle="--", label=f"ε {site}")
+        eps_ax.set_ylabel("ε spent")
+        ax.legend(loc="upper left")
+        eps_ax.legend(loc="lower right")
+        return ax

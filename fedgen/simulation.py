@@ -1,0 +1,202 @@
+"""Simulation: many virtual sites on one machine, on Flower's Ray-based engine.
+
+Each virtual site is set up as a real one would be: its own folder with its share of
+the data, a ``site.toml`` and a state directory holding its privacy ledger. The
+ServerApp runs in the caller's process, so rounds are reported as they commit.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import PrivacyConfig, SiteConfig, TrainingConfig, load_toml
+from .data import SequenceDataset, bundled_data_dir, load_bundled, load_dataset, train_test_split
+from .model import preset_config
+from .partition import partition
+from .results import RoundResult, RunResult
+from .tokenizers import make_tokenizer
+
+# Flower and Ray call home by default; a sovereign deployment never does.
+NO_PHONE_HOME = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+PARTITIONS = ("iid", "label-skew", "dirichlet")
+TEST_FRACTION = 0.15
+
+
+def disable_phone_home() -> None:
+    """Set Flower's and Ray's no-phone-home switches in this process and its children."""
+    os.environ.update(NO_PHONE_HOME)
+
+
+def split_for_simulation(data: str | Path | None, seed: int) -> tuple[SequenceDataset, SequenceDataset]:
+    """Train and held-out sets: bundled split, Genomic Benchmarks' own, or a seeded split."""
+    if data is None:
+        return load_bundled("train"), load_bundled("test")
+    path = Path(data)
+    if path.is_dir() and (path / "train").is_dir() and (path / "test").is_dir():
+        return load_dataset(path, split="train"), load_dataset(path, split="test")
+    return train_test_split(load_dataset(path), TEST_FRACTION, seed)
+
+
+def write_sites(train: SequenceDataset, shares: list, root: Path, privacy: PrivacyConfig,
+                device: str) -> list[Path]:
+    """Give each virtual site its folder: data.csv, site.toml, state/. Return the tomls."""
+    configs = []
+    for index, share in enumerate(shares):
+        site_dir = root / f"site-{index}"
+        site_dir.mkdir(parents=True, exist_ok=True)
+        with open(site_dir / "data.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["sequence", "label"])
+            for i in share:
+                writer.writerow([train.sequences[i], train.label_names[train.labels[i]]])
+        site = SiteConfig(site_id=f"site-{index}", data=Path("data.csv"), state_dir=Path("state"),
+                          device=device, privacy=privacy)
+        (site_dir / "site.toml").write_text(site_toml(site), encoding="utf-8")
+        configs.append(site_dir / "site.toml")
+    return configs
+
+
+def site_toml(site: SiteConfig) -> str:
+    """Render a SiteConfig as the TOML a site operator would write."""
+    p = site.privacy
+    lines = [
+        f'site_id = "{site.site_id}"', f'data = "{site.data.as_posix()}"',
+        f'state_dir = "{site.state_dir.as_posix()}"', f'device = "{site.device}"', "",
+        "[privacy]", f"enabled = {str(p.enabled).lower()}", f"epsilon = {p.epsilon!r}",
+        f"delta = {p.delta!r}", f"max_grad_norm = {p.max_grad_norm!r}", f'accountant = "{p.accountant}"',
+    ]
+    if p.noise_multiplier is not None:
+        lines.append(f"noise_multiplier = {p.noise_multiplier!r}")
+    return "\n".join(lines) + "\n"
+
+
+def simulate(
+    data: str | Path | None = None,
+    *,
+    sites: int = 3,
+    rounds: int = 3,
+    strategy: str = "fedavg",
+    strategy_options: dict[str, float] | None = None,
+    partition_scheme: str = "dirichlet",
+    alpha: float = 0.5,
+    epsilon: float | None = 8.0,
+    delta: float = 1e-5,
+    noise_multiplier: float | None = None,
+    max_grad_norm: float = 1.0,
+    model: str = "tiny",
+    tokenizer: str = "kmer4",
+    local_epochs: float = 1.0,
+    batch_size: int = 64,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    cpus_per_site: float = 1.0,
+    on_round: Callable[[RoundResult], None] | None = None,
+) -> RunResult:
+    """Fine-tune a DNA language model across ``sites`` simulated sites.
+
+    Parameters
+    ----------
+    data : path, optional
+        CSV/TSV, FASTA or Genomic Benchmarks folder; default the bundled promoter set.
+    epsilon : float or None
+        Each site's ε ceiling; ``None`` trains without differential privacy.
+    partition_scheme : {"iid", "label-skew", "dirichlet"}
+        How the training set is split across sites (``alpha`` for Dirichlet).
+    out : path, optional
+        Where site folders, checkpoints and ``result.json`` go (default: a new temp dir).
+    on_round : callable, optional
+        Called with each `RoundResult` as the round commits.
+
+    Returns
+    -------
+    RunResult
+        Per-round accuracy and loss, per-site ε, checkpoint paths.
+    """
+    if sites < 1:
+        raise ValueError("sites must be at least 1")
+    if partition_scheme not in PARTITIONS:
+        raise ValueError(f"unknown partition {partition_scheme!r}; choose one of {', '.join(PARTITIONS)}")
+    training = TrainingConfig(
+        rounds=rounds, strategy=strategy, strategy_options=strategy_options or {},
+        local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
+        model=model, tokenizer=tokenizer, seed=seed,
+    )
+    privacy = PrivacyConfig(
+        enabled=epsilon is not None, epsilon=epsilon or 8.0, delta=delta,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+    )
+    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-sim-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    train, test = split_for_simulation(data, seed)
+    shares = partition(train.labels, sites, partition_scheme, seed, alpha=alpha)
+    site_tomls = write_sites(train, shares, out_dir / "sites", privacy, device)
+    token_ids = make_tokenizer(tokenizer)
+    longest = max(len(s) for s in (*train.sequences, *test.sequences))
+    model_config = preset_config(
+        model, vocab_size=token_ids.vocab_size, max_len=token_ids.token_length(longest),
+        num_labels=len(train.label_names), pad_id=token_ids.pad_id,
+    )
+    config_summary = {
+        "data": str(data) if data is not None else str(bundled_data_dir()),
+        "sites": sites, "partition": partition_scheme, "alpha": alpha,
+        "site_examples": [len(share) for share in shares], "test_examples": len(test),
+        "privacy": privacy.model_dump(), "training": training.model_dump(),
+    }
+    result = _run(training, model_config, train.label_names, site_tomls, test, out_dir,
+                  config_summary, cpus_per_site, on_round)
+    result.save(out_dir / "result.json")
+    return result
+
+
+def _run(training: TrainingConfig, model_config, label_names, site_tomls: list[Path],
+         test: SequenceDataset, out_dir: Path, config_summary: dict, cpus_per_site: float,
+         on_round) -> RunResult:
+    disable_phone_home()
+    # Imported here: fedgen's core does not depend on the client and server packages.
+    from flwr.simulation import run_simulation
+
+    from fedgen.client.app import make_client_app
+    from fedgen.server.app import ServerPlan, make_server_app
+
+    plan = ServerPlan(training=training, model_config=model_config, label_names=list(label_names),
+                      num_sites=len(site_tomls), out_dir=out_dir, eval_data=test,
+                      config_summary=config_summary)
+    server_app, outcome = make_server_app(plan, on_round)
+    client_app = make_client_app(_SimulatedSites([str(p) for p in site_tomls]))
+    # Flower logs every message exchange at INFO; rounds are reported through on_round.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    run_simulation(
+        server_app=server_app, client_app=client_app, num_supernodes=len(site_tomls),
+        backend_config={
+            "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "log_to_driver": False},
+        },
+    )
+    if outcome.error is not None:
+        raise RuntimeError(f"simulation failed: {outcome.error}") from outcome.error
+    if outcome.result is None:
+        raise RuntimeError("simulation ended without a result; see the log above")
+    return outcome.result
+
+
+class _SimulatedSites:
+    """Maps a virtual SuperNode (by partition id) to its site.toml; picklable for Ray."""
+
+    def __init__(self, site_tomls: list[str]) -> None:
+        self.site_tomls = site_tomls
+
+    def __call__(self, context) -> SiteConfig:
+        return load_toml(self.site_tomls[int(context.node_config["partition-id"])], SiteConfig)

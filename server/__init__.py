@@ -1,0 +1,1 @@
+"""The sovereign aggregator: ServerApp round loop and checkpoints."""

@@ -1,0 +1,148 @@
+"""fedgen's Flower ServerApp: the aggregator's round loop.
+
+Each round: send the global trainable tensors and instructions to the sites, let the
+chosen strategy aggregate what they return, save the new global model as a checkpoint,
+evaluate it on the aggregator's held-out set and report the round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedgen.config import TrainingConfig
+from fedgen.data import SequenceDataset
+from fedgen.model import ModelConfig, build_model, evaluate_classifier, resolve_device
+from fedgen.params import arrays_to_record, load_trainable, record_to_arrays, to_numpy, trainable_tensors
+from fedgen.protocol import TrainInstructions
+from fedgen.results import RoundResult, RunResult, SiteRound
+from fedgen.strategies.recorder import RecordingStrategy, RoundLog
+from fedgen.strategies.registry import make_strategy
+from fedgen.tokenizers import make_tokenizer
+
+from .checkpoints import save_checkpoint
+
+RoundCallback = Callable[[RoundResult], None]
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    """Everything the aggregator needs to run a federation."""
+
+    training: TrainingConfig
+    model_config: ModelConfig
+    label_names: list[str]
+    num_sites: int
+    out_dir: Path
+    eval_data: SequenceDataset | None = None
+    config_summary: dict = field(default_factory=dict)
+
+
+def site_rounds(log: RoundLog | None) -> list[SiteRound]:
+    """Per-site outcomes of a round, as reported to people and `--json`."""
+    if log is None:
+        return []
+    rows = []
+    for outcome in log.outcomes:
+        if outcome.report is not None:
+            r = outcome.report
+            rows.append(SiteRound(
+                site=outcome.site, status="trained", examples=r.num_examples,
+                train_loss=r.train_loss, epsilon=r.epsilon if r.dp else None,
+                delta=r.delta if r.dp else None,
+                noise_multiplier=r.noise_multiplier if r.dp else None, steps=r.steps,
+            ))
+        else:
+            status = "refused" if outcome.refused else "failed"
+            rows.append(SiteRound(site=outcome.site, status=status, reason=outcome.refused or outcome.failed))
+    return sorted(rows, key=lambda row: row.site)
+
+
+def run_federation(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None = None) -> RunResult:
+    """Run ``plan.training.rounds`` rounds on ``grid`` and return what they produced."""
+    training = plan.training
+    model = build_model(plan.model_config, seed=training.seed)
+    device = resolve_device("auto")
+    evaluate_set = None
+    if plan.eval_data is not None:
+        tokenizer = make_tokenizer(training.tokenizer)
+        evaluate_set = (
+            tokenizer.encode(plan.eval_data.sequences, max_length=plan.model_config.max_len),
+            torch.tensor(plan.eval_data.labels, dtype=torch.long),
+        )
+    strategy = RecordingStrategy(make_strategy(
+        training.strategy, num_sites=plan.num_sites, options=training.strategy_options,
+    ))
+    instructions = TrainInstructions(
+        server_round=0,  # the strategy sets "server-round" in every round's config
+        num_rounds=training.rounds, model_config=plan.model_config.to_json(),
+        tokenizer=training.tokenizer, label_names=list(plan.label_names),
+        local_epochs=training.local_epochs, batch_size=training.batch_size,
+        learning_rate=training.learning_rate, seed=training.seed,
+    )
+    rounds: list[RoundResult] = []
+    initial: dict[str, float] = {}
+
+    def evaluate_and_commit(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        named = record_to_arrays(arrays)
+        path, model_digest = save_checkpoint(
+            plan.out_dir / "checkpoints", server_round, named, plan.model_config.to_json()
+        )
+        loss, accuracy = math.nan, math.nan
+        if evaluate_set is not None:
+            load_trainable(model, named)
+            loss, accuracy = evaluate_classifier(model, *evaluate_set, device)
+        if server_round == 0:
+            initial["accuracy"] = accuracy
+        else:
+            result = RoundResult(
+                round=server_round, accuracy=accuracy, loss=loss,
+                sites=site_rounds(strategy.rounds.get(server_round)),
+                checkpoint=str(path), model_digest=model_digest,
+            )
+            rounds.append(result)
+            if on_round is not None:
+                on_round(result)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=arrays_to_record(to_numpy(trainable_tensors(model))),
+        num_rounds=training.rounds,
+        timeout=training.round_timeout,
+        train_config=instructions.to_record(),
+        evaluate_fn=evaluate_and_commit,
+    )
+    return RunResult(rounds=rounds, initial_accuracy=initial.get("accuracy", math.nan),
+                     out_dir=str(plan.out_dir), config=plan.config_summary)
+
+
+class ServerOutcome:
+    """Where a ServerApp built by `make_server_app` leaves its result or its error."""
+
+    def __init__(self) -> None:
+        self.result: RunResult | None = None
+        self.error: BaseException | None = None
+
+
+def make_server_app(plan: ServerPlan, on_round: RoundCallback | None = None
+                    ) -> tuple[ServerApp, ServerOutcome]:
+    """A ServerApp running ``plan``; its result lands in the returned `ServerOutcome`."""
+    app = ServerApp()
+    outcome = ServerOutcome()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:  # noqa: ARG001 - Flower's signature
+        try:
+            outcome.result = run_federation(grid, plan, on_round)
+        except BaseException as exc:  # surfaced to the caller; Flower only logs it
+            outcome.error = exc
+            raise
+
+    return app, outcome

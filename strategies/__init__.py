@@ -1,0 +1,1 @@
+"""Aggregation strategies (Flower's, by name) and the recording wrapper."""
