@@ -25,7 +25,7 @@ from fedgen.protocol import (
 from fedgen.tokenizers import make_tokenizer
 
 from .ledger import BudgetExceeded, PrivacyLedger
-from .trainer import DPSettings, LocalPlan, local_steps, train_local
+from .trainer import DPSettings, LocalPlan, local_steps, poisson_sample_rate, train_local
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
         seed=_site_seed(site.site_id, instructions), proximal_mu=instructions.proximal_mu,
     )
     privacy = site.privacy
-    sample_rate = batch_size / n
+    sample_rate = poisson_sample_rate(n, batch_size)
     dp = None
     ledger = None
     if privacy.enabled:

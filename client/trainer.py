@@ -44,6 +44,11 @@ class LocalResult:
     history: list[Mechanism]  # the accountant's history after training (DP only)
 
 
+def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
+    """The sampling rate Opacus uses for a loader of ``batch_size``: 1 / batches per epoch."""
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
 def local_steps(num_examples: int, batch_size: int, epochs: float) -> int:
     """Optimizer steps for ``epochs`` passes over ``num_examples`` at ``batch_size``."""
     return max(1, round(epochs * num_examples / batch_size))
@@ -104,6 +109,10 @@ def train_local(
     if trained_module is not model:
         trained_module._close()  # remove Opacus hooks and grad samples; weights live in ``model``
     history = [] if engine is None else [tuple(h) for h in engine.accountant.history]
+    expected_rate = poisson_sample_rate(len(ids), plan.batch_size)
+    if history and history[-1][1] != expected_rate:
+        # The budget check used expected_rate; a different one means the check was wrong.
+        raise RuntimeError(f"Opacus sampled at rate {history[-1][1]}, fedgen accounted for {expected_rate}")
     return LocalResult(mean_loss=float(np.mean(losses)) if losses else math.nan, history=history)
 
 

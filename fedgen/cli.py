@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import STRATEGY_NAMES, ConfigError
+from .config import STRATEGY_NAMES, ConfigError, TrainingConfig
 from .data import DataError
 from .model import PRESETS
 from .results import RoundResult, RunResult
@@ -21,6 +21,7 @@ app = typer.Typer(help="Sovereign federated fine-tuning of genomic language mode
                   no_args_is_help=True, add_completion=False)
 err = Console(stderr=True)
 
+DEFAULTS = TrainingConfig()
 Strategy = Enum("Strategy", {name: name for name in STRATEGY_NAMES}, type=str)
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
 
@@ -86,24 +87,26 @@ def _root(
 @app.command()
 def simulate(
     data: Path = typer.Option(None, "--data", help="CSV/TSV, FASTA or Genomic Benchmarks folder "
-                              "[default: bundled promoter set]"),
+                              "(default: the bundled promoter set)."),
     sites: int = typer.Option(3, "--sites", min=1, help="Number of simulated sites."),
-    rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
-    strategy: Strategy = typer.Option("fedavg", "--strategy", help="Aggregation strategy."),
+    rounds: int = typer.Option(DEFAULTS.rounds, "--rounds", min=1, help="Federated rounds."),
+    strategy: Strategy = typer.Option(DEFAULTS.strategy, "--strategy", help="Aggregation strategy."),
     partition: Partition = typer.Option(Partition.dirichlet, "--partition",
                                         help="How training data is split across sites."),
-    alpha: float = typer.Option(0.5, "--alpha", min=0.0, help="Dirichlet concentration (lower = more skew)."),
+    alpha: float = typer.Option(1.0, "--alpha", min=0.0, help="Dirichlet concentration (lower = more skew)."),
     epsilon: float = typer.Option(8.0, "--epsilon", min=0.0, help="Each site's ε ceiling (δ=1e-5)."),
     no_dp: bool = typer.Option(False, "--no-dp", help="Train without differential privacy (baseline)."),
     noise_multiplier: float = typer.Option(None, "--noise-multiplier", min=0.0,
                                            help="Fixed DP noise multiplier instead of calibrating to ε."),
-    model: Preset = typer.Option("tiny", "--model", help="Built-in model preset."),
-    tokenizer: str = typer.Option("kmer4", "--tokenizer", help="nucleotide or kmerK (K=3..6)."),
-    local_epochs: float = typer.Option(1.0, "--local-epochs", min=0.0, help="Local epochs per round."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Expected local batch size."),
-    lr: float = typer.Option(2e-3, "--lr", min=0.0, help="Local learning rate."),
-    seed: int = typer.Option(0, "--seed", help="Seed for split, partition, init and training."),
-    out: Path = typer.Option(None, "--out", help="Where checkpoints and run records go [default: temp dir]."),
+    model: Preset = typer.Option(DEFAULTS.model, "--model", help="Built-in model preset."),
+    tokenizer: str = typer.Option(DEFAULTS.tokenizer, "--tokenizer",
+                                 help="nucleotide, kmerK (non-overlapping) or kmerKsS (stride S)."),
+    local_epochs: float = typer.Option(DEFAULTS.local_epochs, "--local-epochs", min=0.0, help="Local epochs per round."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1, help="Expected local batch size."),
+    lr: float = typer.Option(DEFAULTS.learning_rate, "--lr", min=0.0, help="Local learning rate."),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed for split, partition, init and training."),
+    out: Path = typer.Option(None, "--out", help="Where site folders, checkpoints and result.json go "
+                             "(default: a new temporary folder)."),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N for every site."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
 ) -> None:

@@ -58,14 +58,14 @@ class SiteConfig(StrictModel):
 class TrainingConfig(StrictModel):
     """What the coordinator chooses for a run: rounds, strategy, model, local training."""
 
-    rounds: int = Field(3, ge=1)
+    rounds: int = Field(5, ge=1)
     strategy: str = "fedavg"
     strategy_options: dict[str, float] = {}
-    local_epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
-    model: str = "tiny"
-    tokenizer: str = "kmer4"
+    local_epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(128, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    model: str = "nano"
+    tokenizer: str = "kmer3s1"
     seed: int = 0
     round_timeout: float = Field(900.0, gt=0)
 

@@ -68,7 +68,7 @@ class ModelConfig:
 # Width, depth, heads, feed-forward. Parameter counts are for vocab 261 (4-mer tokenizer)
 # and max_len 512; `count_parameters(build_model(...))` gives the exact figure for yours.
 PRESETS: dict[str, dict[str, int]] = {
-    "test": dict(d_model=32, n_layers=1, n_heads=2, d_ff=64),  # ~33 K
+    "nano": dict(d_model=32, n_layers=1, n_heads=2, d_ff=64),  # ~33 K: tests, and small data under DP
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, d_ff=128),  # ~0.12 M
     "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024),  # ~3.4 M
     "base": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048),  # ~25.6 M

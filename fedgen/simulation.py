@@ -29,6 +29,7 @@ NO_PHONE_HOME = {
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 PARTITIONS = ("iid", "label-skew", "dirichlet")
+DEFAULTS = TrainingConfig()
 TEST_FRACTION = 0.15
 
 
@@ -84,21 +85,21 @@ def simulate(
     data: str | Path | None = None,
     *,
     sites: int = 3,
-    rounds: int = 3,
-    strategy: str = "fedavg",
+    rounds: int = DEFAULTS.rounds,
+    strategy: str = DEFAULTS.strategy,
     strategy_options: dict[str, float] | None = None,
     partition_scheme: str = "dirichlet",
-    alpha: float = 0.5,
-    epsilon: float | None = 8.0,
-    delta: float = 1e-5,
+    alpha: float = 1.0,
+    epsilon: float | None = PrivacyConfig().epsilon,
+    delta: float = PrivacyConfig().delta,
     noise_multiplier: float | None = None,
-    max_grad_norm: float = 1.0,
-    model: str = "tiny",
-    tokenizer: str = "kmer4",
-    local_epochs: float = 1.0,
-    batch_size: int = 64,
-    learning_rate: float = 2e-3,
-    seed: int = 0,
+    max_grad_norm: float = PrivacyConfig().max_grad_norm,
+    model: str = DEFAULTS.model,
+    tokenizer: str = DEFAULTS.tokenizer,
+    local_epochs: float = DEFAULTS.local_epochs,
+    batch_size: int = DEFAULTS.batch_size,
+    learning_rate: float = DEFAULTS.learning_rate,
+    seed: int = DEFAULTS.seed,
     out: str | Path | None = None,
     device: str = "cpu",
     cpus_per_site: float = 1.0,

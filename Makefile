@@ -1,0 +1,27 @@
+# Two commands: `make demo` (the main job on bundled data) and `make test`.
+# Both create .venv on first use: torch 2.13.0 (CPU build) first, then fedgen.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedgen-installed
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# Pinned first: an unpinned torch would resolve to a CUDA build of several GB.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/fedgen simulate --out runs/demo
+
+test: venv
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

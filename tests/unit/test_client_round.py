@@ -1,0 +1,111 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common.serde import recorddict_to_proto
+
+from fedgen.client.app import train_round
+from fedgen.client.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
+from fedgen.config import SiteConfig, load_toml
+from fedgen.data import DataError, load_dataset
+from fedgen.params import digest, record_to_arrays
+from fedgen.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY, TrainReport
+
+from ..conftest import train_message, write_site
+
+
+def test_reply_carries_only_tensors_metrics_and_site_id(site_toml):
+    site = load_toml(site_toml, SiteConfig)
+    sent = train_message()
+    reply = train_round(site, sent, run_id=1)
+    assert set(reply.keys()) == {ARRAYS_KEY, METRICS_KEY, SITE_KEY}
+    assert dict(reply[SITE_KEY]) == {"site-id": "site-a"}
+    before, after = record_to_arrays(sent[ARRAYS_KEY]), record_to_arrays(reply[ARRAYS_KEY])
+    assert sorted(before) == sorted(after) and digest(before) != digest(after)
+    report = TrainReport.from_record(reply[METRICS_KEY])
+    assert report.dp and report.num_examples == 120 and report.steps == round(120 / 16)
+    assert report.sample_rate == pytest.approx(1 / 8)  # Opacus: 1 / ceil(120 / 16)
+    assert np.isfinite(report.train_loss) and report.noise_multiplier > 0 and report.delta == 1e-5
+
+
+def test_reported_epsilon_is_the_persisted_accountants(site_toml):
+    site = load_toml(site_toml, SiteConfig)
+    report = TrainReport.from_record(train_round(site, train_message(), run_id=1)[METRICS_KEY])
+    ledger = PrivacyLedger.open(site.state_dir, accountant="rdp", delta=1e-5)
+    assert report.epsilon == pytest.approx(ledger.epsilon) and report.epsilon > 0
+    steps = sum(n for _, _, n in ledger.history)
+    assert steps == report.steps
+    # Calibrated so that all 3 planned rounds fit the ceiling of 8.
+    assert ledger.epsilon_after(report.noise_multiplier, report.sample_rate, 2 * report.steps) <= 8.0
+
+
+def test_no_sequence_or_path_appears_in_the_serialised_reply(site_toml):
+    site = load_toml(site_toml, SiteConfig)
+    reply = train_round(site, train_message(), run_id=1)
+    wire = recorddict_to_proto(reply).SerializeToString()
+    for sequence in load_dataset(site.data).sequences:
+        assert sequence.encode() not in wire
+        assert sequence[:20].encode() not in wire
+    assert str(site.data).encode() not in wire and b"data.csv" not in wire
+
+
+def test_round_past_the_ceiling_is_refused_and_spends_nothing(tmp_path):
+    sigma, q, steps = 2.0, 1 / 8, round(120 / 16)
+    probe = PrivacyLedger(path=Path("unused"), accountant="rdp", delta=1e-5)
+    one, two = probe.epsilon_of([(sigma, q, steps)]), probe.epsilon_of([(sigma, q, 2 * steps)])
+    ceiling = (one + two) / 2  # room for one round, not two
+    site = load_toml(write_site(tmp_path / "site-b", epsilon=ceiling, noise_multiplier=sigma), SiteConfig)
+    first = TrainReport.from_record(train_round(site, train_message(1), run_id=1)[METRICS_KEY])
+    assert first.epsilon == pytest.approx(one)
+    ledger_bytes = (site.state_dir / LEDGER_FILE).read_bytes()
+    with pytest.raises(BudgetExceeded, match="past the site's ceiling"):
+        train_round(site, train_message(2), run_id=1)
+    # The refused round left the ledger exactly as the trained round wrote it.
+    assert (site.state_dir / LEDGER_FILE).read_bytes() == ledger_bytes
+
+
+def test_no_dp_mode_trains_without_a_ledger(tmp_path):
+    site = load_toml(write_site(tmp_path / "site-c", enabled=False), SiteConfig)
+    report = TrainReport.from_record(train_round(site, train_message(), run_id=1)[METRICS_KEY])
+    assert not report.dp and report.epsilon == 0.0 and report.noise_multiplier == 0.0
+    assert not (site.state_dir / LEDGER_FILE).exists()
+
+
+def test_labels_outside_the_run_are_a_data_error(tmp_path):
+    toml = write_site(tmp_path / "site-d")
+    data = toml.parent / "data.csv"
+    data.write_text(data.read_text().replace(",1\n", ",promoter\n"))
+    with pytest.raises(DataError, match="not among the expected labels"):
+        train_round(load_toml(toml, SiteConfig), train_message(), run_id=1)
+
+
+_ROUND_IN_FRESH_PROCESS = """
+import json, sys
+from fedgen.client.app import train_round
+from fedgen.config import SiteConfig, load_toml
+from fedgen.protocol import METRICS_KEY, TrainReport
+from tests.conftest import train_message
+site = load_toml(sys.argv[1], SiteConfig)
+report = TrainReport.from_record(train_round(site, train_message(int(sys.argv[2])), run_id=1)[METRICS_KEY])
+print(json.dumps([report.epsilon, report.noise_multiplier, report.sample_rate, report.steps]))
+"""
+
+
+def test_epsilon_accumulates_across_fresh_processes(site_toml):
+    root = Path(__file__).resolve().parents[2]
+    spent = []
+    for server_round in (1, 2):
+        out = subprocess.run([sys.executable, "-c", _ROUND_IN_FRESH_PROCESS, str(site_toml), str(server_round)],
+                             capture_output=True, text=True, check=True, cwd=root)
+        spent.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    (eps1, sigma1, q, steps), (eps2, sigma2, _, _) = spent
+    assert eps2 > eps1 > 0
+    # Round 2 recalibrates for the 2 rounds left and lands on (nearly) the same σ.
+    assert sigma2 == pytest.approx(sigma1, rel=1e-3)
+    site = load_toml(site_toml, SiteConfig)
+    fresh = PrivacyLedger(path=Path("unused"), accountant="rdp", delta=1e-5)
+    assert eps2 == pytest.approx(fresh.epsilon_of([(sigma1, q, steps), (sigma2, q, steps)]), rel=1e-9)
+    assert len(PrivacyLedger.open(site.state_dir, accountant="rdp", delta=1e-5).rounds) == 2

@@ -1,0 +1,79 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedgen.client.ledger import LEDGER_FILE, BudgetExceeded, LedgerError, PrivacyLedger
+
+
+def test_accountant_anchor_rdp(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
+    assert ledger.epsilon == 0.0
+    assert ledger.epsilon_after(1.0, 0.01, 1000) == pytest.approx(2.10137, abs=1e-4)
+
+
+def test_accountant_anchor_prv(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, accountant="prv", delta=1e-5)
+    assert ledger.epsilon_after(1.0, 0.01, 1000) == pytest.approx(1.838, abs=0.02)
+
+
+def test_ledger_survives_a_fresh_process(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
+    spent = ledger.commit([(1.0, 0.01, 500)], run_id=1, server_round=1, steps=500,
+                          noise_multiplier=1.0, sample_rate=0.01)
+    code = (
+        "import sys, json; from fedgen.client.ledger import PrivacyLedger\n"
+        "l = PrivacyLedger.open(sys.argv[1], accountant='rdp', delta=1e-5)\n"
+        "e = l.commit(l.history + [(1.0, 0.01, 500)], run_id=1, server_round=2, steps=500,"
+        " noise_multiplier=1.0, sample_rate=0.01)\n"
+        "print(json.dumps([l.epsilon, len(l.rounds)]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, check=True)
+    epsilon, rounds = json.loads(out.stdout)
+    assert rounds == 2
+    # Two halves compose to the same ε as 1000 steps at once: nothing was forgotten.
+    assert epsilon == pytest.approx(2.10137, abs=1e-4) and epsilon > spent
+    reopened = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
+    assert reopened.epsilon == pytest.approx(epsilon)
+    assert [r["round"] for r in reopened.rounds] == [1, 2]
+
+
+def test_check_refuses_a_round_past_the_ceiling(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
+    assert ledger.check(1.0, 0.01, 1000, ceiling=3.0) == pytest.approx(2.10137, abs=1e-4)
+    with pytest.raises(BudgetExceeded, match="past the site's ceiling 2"):
+        ledger.check(1.0, 0.01, 1000, ceiling=2.0)
+
+
+def test_calibrate_spends_the_remaining_budget_exactly(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
+    ledger.commit([(1.5, 0.02, 200)], run_id=1, server_round=1, steps=200,
+                  noise_multiplier=1.5, sample_rate=0.02)
+    sigma = ledger.calibrate(0.02, 600, ceiling=8.0)
+    assert ledger.epsilon_after(sigma, 0.02, 600) <= 8.0
+    assert ledger.epsilon_after(sigma * 0.99, 0.02, 600) > 8.0
+    with pytest.raises(BudgetExceeded, match="budget exhausted"):
+        ledger.calibrate(0.02, 600, ceiling=ledger.epsilon)
+
+
+def test_changed_delta_or_accountant_is_refused(tmp_path):
+    PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5).commit(
+        [(1.0, 0.01, 10)], run_id=1, server_round=1, steps=10, noise_multiplier=1.0, sample_rate=0.01)
+    with pytest.raises(LedgerError, match="delta=1e-05"):
+        PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-6)
+    with pytest.raises(LedgerError, match="accountant=rdp"):
+        PrivacyLedger.open(tmp_path, accountant="prv", delta=1e-5)
+
+
+def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path):
+    (tmp_path / LEDGER_FILE).write_text('{"history": [[1.0, 0.01')
+    with pytest.raises(LedgerError, match="unreadable"):
+        PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
+
+
+def test_commit_leaves_no_temporary_file(tmp_path):
+    PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5).commit(
+        [(1.0, 0.01, 10)], run_id=1, server_round=1, steps=10, noise_multiplier=1.0, sample_rate=0.01)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER_FILE]

@@ -1,0 +1,50 @@
+import pytest
+from flwr.app import ConfigRecord, MetricRecord
+
+from fedgen.protocol import ProtocolError, TrainInstructions, TrainReport
+
+
+def _instructions(**kw):
+    base = dict(server_round=2, num_rounds=5, model_config="{}", tokenizer="kmer4",
+                label_names=["0", "1"], local_epochs=1.0, batch_size=32, learning_rate=0.01, seed=7)
+    return TrainInstructions(**{**base, **kw})
+
+
+def test_instructions_round_trip_through_a_config_record():
+    sent = _instructions(proximal_mu=0.1)
+    assert TrainInstructions.from_record(sent.to_record()) == sent
+
+
+def test_instructions_accept_integer_floats_and_missing_mu():
+    record = _instructions().to_record()
+    record["lr"] = 1
+    del record["proximal-mu"]
+    parsed = TrainInstructions.from_record(record)
+    assert parsed.learning_rate == 1.0 and parsed.proximal_mu == 0.0
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("batch-size", None, "lacks config key 'batch-size'"),
+    ("batch-size", "32", "should be int"),
+    ("label-names", "0,1", "should be list"),
+])
+def test_instructions_reject_missing_or_mistyped_keys(key, value, words):
+    record = _instructions().to_record()
+    if value is None:
+        del record[key]
+    else:
+        record[key] = value
+    with pytest.raises(ProtocolError, match=words):
+        TrainInstructions.from_record(record)
+
+
+def test_report_round_trip_and_missing_metric():
+    report = TrainReport(num_examples=100, train_loss=0.5, steps=4, sample_rate=0.25,
+                         noise_multiplier=1.1, max_grad_norm=1.0, epsilon=2.5, delta=1e-5, dp=True)
+    record = report.to_record()
+    assert isinstance(record, MetricRecord)
+    assert TrainReport.from_record(record) == report
+    del record["epsilon"]
+    with pytest.raises(ProtocolError, match="epsilon"):
+        TrainReport.from_record(record)
+    assert isinstance(_instructions().to_record(), ConfigRecord)
