@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import STRATEGY_NAMES, ConfigError, TrainingConfig
@@ -33,7 +34,7 @@ class Partition(str, Enum):
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -139,3 +140,7 @@ def simulate(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -83,7 +83,11 @@ class RunResult:
         }
 
     def to_dict(self) -> dict:
-        return {**asdict(self), **self.summary()}
+        """Everything: the `summary` keys plus per-site detail, checkpoints and config."""
+        record = asdict(self)
+        for row, result in zip(record["rounds"], self.rounds):
+            row["epsilon"] = result.epsilon
+        return {**record, "final_accuracy": self.final_accuracy}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")

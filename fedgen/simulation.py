@@ -14,9 +14,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .config import PrivacyConfig, SiteConfig, TrainingConfig, load_toml
 from .data import SequenceDataset, bundled_data_dir, load_bundled, load_dataset, train_test_split
-from .model import preset_config
+from .model import ModelConfig, preset_config
 from .partition import partition
 from .results import RoundResult, RunResult
 from .tokenizers import make_tokenizer
@@ -138,18 +140,21 @@ def simulate(
         enabled=epsilon is not None, epsilon=epsilon or 8.0, delta=delta,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
     )
-    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-sim-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+    token_ids = make_tokenizer(tokenizer)
     train, test = split_for_simulation(data, seed)
     shares = partition(train.labels, sites, partition_scheme, seed, alpha=alpha)
-    site_tomls = write_sites(train, shares, out_dir / "sites", privacy, device)
-    token_ids = make_tokenizer(tokenizer)
     longest = max(len(s) for s in (*train.sequences, *test.sequences))
     model_config = preset_config(
         model, vocab_size=token_ids.vocab_size, max_len=token_ids.token_length(longest),
         num_labels=len(train.label_names), pad_id=token_ids.pad_id,
     )
+    if out is not None and Path(out).exists() and any(Path(out).iterdir()):
+        # Its sites' privacy ledgers and checkpoints belong to another run: never mix them.
+        raise ValueError(f"{out}: folder is not empty; choose a new --out or remove the old run")
+    # Only now that every input checked out does anything get written.
+    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-sim-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    site_tomls = write_sites(train, shares, out_dir / "sites", privacy, device)
     config_summary = {
         "data": str(data) if data is not None else str(bundled_data_dir()),
         "sites": sites, "partition": partition_scheme, "alpha": alpha,
@@ -157,14 +162,15 @@ def simulate(
         "privacy": privacy.model_dump(), "training": training.model_dump(),
     }
     result = _run(training, model_config, train.label_names, site_tomls, test, out_dir,
-                  config_summary, cpus_per_site, on_round)
+                  config_summary, cpus_per_site, device, on_round)
     result.save(out_dir / "result.json")
     return result
 
 
-def _run(training: TrainingConfig, model_config, label_names, site_tomls: list[Path],
-         test: SequenceDataset, out_dir: Path, config_summary: dict, cpus_per_site: float,
-         on_round) -> RunResult:
+def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple[str, ...],
+         site_tomls: list[Path], test: SequenceDataset, out_dir: Path, config_summary: dict,
+         cpus_per_site: float, device: str, on_round: Callable[[RoundResult], None] | None,
+         ) -> RunResult:
     disable_phone_home()
     # Imported here: fedgen's core does not depend on the client and server packages.
     from flwr.simulation import run_simulation
@@ -179,10 +185,13 @@ def _run(training: TrainingConfig, model_config, label_names, site_tomls: list[P
     client_app = make_client_app(_SimulatedSites([str(p) for p in site_tomls]))
     # Flower logs every message exchange at INFO; rounds are reported through on_round.
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    # Ray hides GPUs from actors that reserve none; sites that train on a GPU share it.
+    gpus_per_site = 0.0 if device == "cpu" or not torch.cuda.is_available() else 1.0 / len(site_tomls)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=len(site_tomls),
         backend_config={
-            "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
             "init_args": {"include_dashboard": False, "log_to_driver": False},
         },
     )

@@ -245,7 +245,10 @@ def make_tokenizer(name: str) -> Tokenizer:
             f"or 'kmer<k>s<stride>' (e.g. 'kmer6s1' for overlapping 6-mers)"
         )
     k = int(match.group(1))
-    return KmerTokenizer(k, int(match.group(2)) if match.group(2) else None)
+    try:
+        return KmerTokenizer(k, int(match.group(2)) if match.group(2) else None)
+    except ValueError as exc:
+        raise ValueError(f"tokenizer {name!r}: {exc}") from None
 
 
 def tokenizer_from_config(config: dict[str, Any]) -> Tokenizer:

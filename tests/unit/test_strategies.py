@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+
+from fedgen.config import STRATEGY_NAMES
+from fedgen.params import arrays_to_record, record_to_arrays
+from fedgen.protocol import ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, TrainReport, site_record
+from fedgen.strategies.recorder import RecordingStrategy
+from fedgen.strategies.registry import STRATEGIES, make_strategy
+
+
+@pytest.fixture
+def server_task():
+    """configure_train builds Messages, which need the identity of a running ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+
+
+class _Grid:
+    """Just enough of a Grid for configure_train: three connected nodes."""
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+
+def _metadata(node: int) -> Metadata:
+    return Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="m",
+                    group_id="1", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
+
+
+def _reply(node: int, value: float, examples: int) -> Message:
+    report = TrainReport(num_examples=examples, train_loss=0.5, steps=3, sample_rate=0.1,
+                         noise_multiplier=1.0, max_grad_norm=1.0, epsilon=0.1 * node, delta=1e-5, dp=True)
+    content = RecordDict({
+        ARRAYS_KEY: arrays_to_record({"w": np.full(4, value, dtype=np.float32)}),
+        METRICS_KEY: report.to_record(),
+        SITE_KEY: site_record(f"site-{node}"),
+    })
+    return Message(metadata=_metadata(node), content=content)
+
+
+def test_every_configured_name_is_a_flower_strategy():
+    assert tuple(STRATEGIES) == STRATEGY_NAMES
+    expected = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam,
+                "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "median": FedMedian}
+    for name, cls in expected.items():
+        assert type(make_strategy(name, num_sites=3)) is cls
+
+
+def test_strategy_options_are_checked():
+    assert make_strategy("fedprox", num_sites=2, options={"proximal_mu": 0.5}).proximal_mu == 0.5
+    with pytest.raises(ValueError, match="takes no option \\['beta'\\]"):
+        make_strategy("fedavg", num_sites=2, options={"beta": 0.1})
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make_strategy("fedsgd", num_sites=2)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("fedavg", (1 * 100 + 2 * 100 + 9 * 200) / 400),
+    ("median", 2.0),
+    ("krum", None),  # one of the honest updates
+    ("fedtrimmedavg", None),
+    ("fedprox", (1 * 100 + 2 * 100 + 9 * 200) / 400),
+    ("fedadam", None),
+])
+def test_each_strategy_aggregates_fedgen_replies(server_task, name, expected):
+    strategy = RecordingStrategy(make_strategy(name, num_sites=3))
+    initial = arrays_to_record({"w": np.zeros(4, dtype=np.float32)})
+    messages = list(strategy.configure_train(1, initial, ConfigRecord({"lr": 0.1}), _Grid()))
+    assert len(messages) == 3
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, 1.0, 100), _reply(2, 2.0, 100), _reply(3, 9.0, 200)])
+    w = record_to_arrays(arrays)["w"]
+    assert np.all(np.isfinite(w)) and w.shape == (4,)
+    if expected is not None:
+        np.testing.assert_allclose(w, expected, rtol=1e-6)
+    if name == "krum":
+        assert w[0] in (1.0, 2.0)
+    log = strategy.rounds[1]
+    assert [o.site for o in log.outcomes] == ["site-1", "site-2", "site-3"]
+    assert [o.report.epsilon for o in log.outcomes] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_recorder_keeps_refusals_and_failures_with_the_site_name():
+    strategy = RecordingStrategy(make_strategy("fedavg", num_sites=2))
+    strategy.aggregate_train(1, [_reply(1, 1.0, 10), _reply(2, 1.0, 10)])
+    refused = Message(metadata=_metadata(1), error=Error(code=BUDGET_REFUSED, reason="site-1: budget"))
+    crashed = Message(metadata=_metadata(2), error=Error(code=2, reason="boom"))
+    arrays, _ = strategy.aggregate_train(2, [refused, crashed])
+    assert arrays is None
+    first, second = strategy.rounds[2].outcomes
+    assert (first.site, first.refused, first.failed) == ("site-1", "site-1: budget", None)
+    assert (second.site, second.refused, second.failed) == ("site-2", None, "boom")
