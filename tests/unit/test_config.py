@@ -46,3 +46,10 @@ def test_missing_and_malformed_files(tmp_path):
 def test_training_config_rejects_unknown_strategy():
     with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
         TrainingConfig(strategy="fedsgd")
+
+
+def test_example_site_config_is_valid():
+    example = Path(__file__).resolve().parents[2] / "examples" / "site.toml"
+    site = load_toml(example, SiteConfig)
+    assert site.site_id == "hospital-a" and site.privacy.epsilon == 8.0
+    assert site.state_dir == example.parent / "state"

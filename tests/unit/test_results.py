@@ -1,0 +1,48 @@
+import json
+
+import matplotlib
+
+from fedgen.results import RoundResult, RunResult, SiteRound
+
+matplotlib.use("Agg")
+
+
+def _result(tmp_path):
+    rounds = [
+        RoundResult(round=1, accuracy=0.6, loss=0.7, checkpoint=str(tmp_path / "r1.safetensors"), sites=[
+            SiteRound("site-0", "trained", examples=10, epsilon=1.5),
+            SiteRound("site-1", "trained", examples=12, epsilon=1.2)]),
+        RoundResult(round=2, accuracy=0.7, loss=0.6, checkpoint=str(tmp_path / "r2.safetensors"), sites=[
+            SiteRound("site-0", "trained", examples=10, epsilon=2.5),
+            SiteRound("site-1", "refused", reason="ceiling")]),
+    ]
+    return RunResult(rounds=rounds, initial_accuracy=0.5, out_dir=str(tmp_path), config={"sites": 2})
+
+
+def test_summary_is_the_json_contract(tmp_path):
+    summary = _result(tmp_path).summary()
+    assert summary == {
+        "rounds": [
+            {"round": 1, "accuracy": 0.6, "loss": 0.7, "epsilon": {"site-0": 1.5, "site-1": 1.2}},
+            {"round": 2, "accuracy": 0.7, "loss": 0.6, "epsilon": {"site-0": 2.5}},
+        ],
+        "final_accuracy": 0.7,
+    }
+
+
+def test_series_for_notebooks(tmp_path):
+    result = _result(tmp_path)
+    assert result.accuracy == [0.6, 0.7] and result.loss == [0.7, 0.6]
+    assert result.epsilon_by_site() == {"site-0": [1.5, 2.5], "site-1": [1.2]}
+    assert [p.name for p in result.checkpoints] == ["r1.safetensors", "r2.safetensors"]
+
+
+def test_save_keeps_site_detail_and_plot_draws(tmp_path):
+    result = _result(tmp_path)
+    result.save(tmp_path / "result.json")
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["final_accuracy"] == 0.7
+    assert saved["rounds"][1]["sites"][1]["status"] == "refused"
+    assert saved["rounds"][1]["epsilon"] == {"site-0": 2.5}
+    ax = result.plot()
+    assert len(ax.lines) == 1 and len(ax.figure.axes) == 2
