@@ -8,6 +8,7 @@ its metrics and its site id. The data path and the sequences stay on the site.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -19,7 +20,7 @@ from fedgen.data import DataError, load_dataset
 from fedgen.model import ModelConfig, build_model, resolve_device
 from fedgen.params import arrays_to_record, load_trainable, record_to_arrays, to_numpy, trainable_tensors
 from fedgen.protocol import (
-    ARRAYS_KEY, BUDGET_REFUSED, CONFIG_KEY, METRICS_KEY, SITE_DATA_ERROR, SITE_KEY,
+    ARRAYS_KEY, BUDGET_REFUSED, CONFIG_KEY, METRICS_KEY, SITE_DATA_ERROR, SITE_ERROR, SITE_KEY,
     TrainInstructions, TrainReport, site_record,
 )
 from fedgen.tokenizers import make_tokenizer
@@ -46,8 +47,7 @@ def site_from_node_config(context: Context) -> SiteConfig:
 
 def _site_seed(site_id: str, instructions: TrainInstructions) -> int:
     # Stable across processes (unlike hash()): different per site, round and run seed.
-    return (instructions.seed * 1_000_003 + instructions.server_round * 7919
-            + sum(site_id.encode())) % (2**31)
+    return zlib.crc32(f"{instructions.seed}/{instructions.server_round}/{site_id}".encode())
 
 
 def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDict:
@@ -116,23 +116,30 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
 
 
 def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
-    """Build the ClientApp; ``resolve_site`` maps a node's context to its SiteConfig."""
+    """Build the ClientApp; ``resolve_site`` maps a node's context to its SiteConfig.
+
+    Every failure becomes an error reply whose reason names no path and no sequence:
+    exception messages can carry both, so the detail goes to the site's own log only.
+    """
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site = resolve_site(context)
+        site_id = "unknown-site"
         try:
-            content = train_round(site, msg.content, msg.metadata.run_id)
+            site = resolve_site(context)
+            site_id = site.site_id
+            return Message(train_round(site, msg.content, msg.metadata.run_id), reply_to=msg)
         except BudgetExceeded as exc:
-            log.warning("site %s: %s", site.site_id, exc)
-            return Message(Error(code=BUDGET_REFUSED, reason=f"site {site.site_id}: {exc}"), reply_to=msg)
+            log.warning("site %s: %s", site_id, exc)
+            code, reason = BUDGET_REFUSED, str(exc)
         except DataError as exc:
-            # Name the problem but not the path: the site's file layout is its own business.
-            reason = f"site {site.site_id}: local data rejected: {exc.reason}"
-            log.error("site %s: %s", site.site_id, exc)
-            return Message(Error(code=SITE_DATA_ERROR, reason=reason), reply_to=msg)
-        return Message(content, reply_to=msg)
+            log.error("site %s: %s", site_id, exc)
+            code, reason = SITE_DATA_ERROR, f"local data rejected: {exc.reason}"
+        except Exception as exc:  # noqa: BLE001 - reported to the aggregator without detail
+            log.exception("site %s: round failed", site_id)
+            code, reason = SITE_ERROR, f"{type(exc).__name__} (details in the site's log)"
+        return Message(Error(code=code, reason=f"site {site_id}: {reason}"), reply_to=msg)
 
     return app
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_certs import certs_app
 from .config import STRATEGY_NAMES, ConfigError, TrainingConfig
 from .data import DataError
 from .model import PRESETS
@@ -20,6 +21,7 @@ from .results import RoundResult, RunResult
 
 app = typer.Typer(help="Sovereign federated fine-tuning of genomic language models.",
                   no_args_is_help=True, add_completion=False)
+app.add_typer(certs_app, name="certs")
 err = Console(stderr=True)
 
 DEFAULTS = TrainingConfig()

@@ -22,6 +22,8 @@ WEIGHT_KEY = "num-examples"
 BUDGET_REFUSED = 1001
 # Custom error code of a site whose local data does not fit the run (labels, format).
 SITE_DATA_ERROR = 1002
+# Custom error code of any other failure on a site; details stay in the site's own log.
+SITE_ERROR = 1003
 
 
 class ProtocolError(ValueError):

@@ -57,3 +57,14 @@ def train_message(server_round: int = 1, num_rounds: int = 3, *, batch_size: int
 @pytest.fixture
 def site_toml(tmp_path: Path) -> Path:
     return write_site(tmp_path / "site-a")
+
+
+@pytest.fixture
+def flower_task():
+    """Building a Message needs the identity of the running Flower task (set by Flower itself
+    inside a ServerApp or ClientApp process; here, by hand)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None

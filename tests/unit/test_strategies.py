@@ -10,16 +10,6 @@ from fedgen.strategies.recorder import RecordingStrategy
 from fedgen.strategies.registry import STRATEGIES, make_strategy
 
 
-@pytest.fixture
-def server_task():
-    """configure_train builds Messages, which need the identity of a running ServerApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
-
-
 class _Grid:
     """Just enough of a Grid for configure_train: three connected nodes."""
 
@@ -67,7 +57,7 @@ def test_strategy_options_are_checked():
     ("fedprox", (1 * 100 + 2 * 100 + 9 * 200) / 400),
     ("fedadam", None),
 ])
-def test_each_strategy_aggregates_fedgen_replies(server_task, name, expected):
+def test_each_strategy_aggregates_fedgen_replies(flower_task, name, expected):
     strategy = RecordingStrategy(make_strategy(name, num_sites=3))
     initial = arrays_to_record({"w": np.zeros(4, dtype=np.float32)})
     messages = list(strategy.configure_train(1, initial, ConfigRecord({"lr": 0.1}), _Grid()))
