@@ -22,7 +22,8 @@ from fedgen.data import (
     train_test_split,
 )
 
-PROMOTER_SOURCE = Path("/work/shared/data/promoter_core_70bp/promoters.csv")
+# The original file sits in ../shared beside the checkout (as in CI).
+PROMOTER_SOURCE = Path(__file__).resolve().parents[3] / "shared" / "data" / "promoter_core_70bp" / "promoters.csv"
 
 
 def write(path: Path, text: str) -> Path:
