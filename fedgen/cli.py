@@ -7,6 +7,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -14,7 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cli_certs import certs_app
-from .config import STRATEGY_NAMES, ConfigError, TrainingConfig
+from .config import (
+    STRATEGY_NAMES, AggregatorConfig, ConfigError, RunConfig, SiteConfig, TrainingConfig, load_toml,
+)
 from .data import DataError
 from .model import PRESETS
 from .results import RoundResult, RunResult
@@ -35,9 +38,9 @@ class Partition(str, Enum):
     dirichlet = "dirichlet"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def _round_line(result: RoundResult) -> str:
@@ -53,9 +56,9 @@ def _round_line(result: RoundResult) -> str:
     return "  |  ".join(parts)
 
 
-def _result_table(result: RunResult) -> Table:
+def _result_table(result: RunResult, title: str) -> Table:
     sites = sorted({s.site for r in result.rounds for s in r.sites})
-    table = Table(title="fedgen simulation", show_lines=False)
+    table = Table(title=title, show_lines=False)
     table.add_column("round", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("loss", justify="right")
@@ -116,9 +119,6 @@ def simulate(
     """Fine-tune across simulated sites on this machine (Flower + Ray)."""
     from .simulation import simulate as run
 
-    def report(result: RoundResult) -> None:
-        err.print(_round_line(result), highlight=False, soft_wrap=True)
-
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for --json alone
             result = run(
@@ -127,17 +127,131 @@ def simulate(
                 epsilon=None if no_dp else epsilon, noise_multiplier=noise_multiplier,
                 model=model.value, tokenizer=tokenizer, local_epochs=local_epochs,
                 batch_size=batch_size, learning_rate=lr, seed=seed, out=out, device=device,
-                on_round=report,
+                on_round=_report_round,
             )
     except (DataError, ConfigError, ValueError) as exc:
         _fail(str(exc))
+    _print_result(result, as_json, "fedgen simulation")
+
+
+aggregator_app = typer.Typer(help="The consortium's aggregator (Flower SuperLink behind mutual TLS).",
+                              no_args_is_help=True)
+site_app = typer.Typer(help="A site: join a federation, inspect its privacy budget.", no_args_is_help=True)
+app.add_typer(aggregator_app, name="aggregator")
+app.add_typer(site_app, name="site")
+CONFIG_OPTION = typer.Option(..., "--config", "-c", help="TOML configuration file.")
+
+
+@aggregator_app.command("start")
+def aggregator_start(config: Path = CONFIG_OPTION) -> None:
+    """Start the aggregator: Fleet API public with mutual TLS, Control/Runtime on loopback."""
+    from .server.aggregator import start_aggregator
+
+    try:
+        settings = load_toml(config, AggregatorConfig)
+        err.print(f"aggregator: Fleet API on {settings.fleet_host}:{settings.fleet_port} (mutual TLS), "
+                  f"Control API on 127.0.0.1:{settings.control_port}; state in {settings.state_dir}",
+                  highlight=False, soft_wrap=True)
+        start_aggregator(settings, str(config))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@site_app.command("start")
+def site_start(config: Path = CONFIG_OPTION) -> None:
+    """Join the federation: run this site's SuperNode with its consortium certificate."""
+    from .client.supernode import start_site
+
+    try:
+        start_site(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@site_app.command("budget")
+def site_budget(config: Path = CONFIG_OPTION,
+                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show the ε this site has spent, from its privacy ledger."""
+    from .client.ledger import LedgerError, PrivacyLedger
+
+    try:
+        site = load_toml(config, SiteConfig)
+        p = site.privacy
+        ledger = PrivacyLedger.open(site.state_dir, accountant=p.accountant, delta=p.delta)
+    except (ConfigError, LedgerError) as exc:
+        _fail(str(exc))
+    spent = ledger.epsilon
+    summary = {"site": site.site_id, "epsilon_spent": spent, "epsilon_ceiling": p.epsilon,
+               "delta": p.delta, "accountant": p.accountant, "rounds": ledger.rounds}
+    if as_json:
+        print(json.dumps(summary))
+        return
+    console = Console()
+    console.print(f"site {site.site_id}: ε spent {spent:.4f} of {p.epsilon:g} (δ={p.delta:g}, "
+                  f"{p.accountant}), {max(p.epsilon - spent, 0):.4f} left", highlight=False)
+    table = Table("run", "round", "steps", "σ", "q", "ε after", "time")
+    for r in ledger.rounds:
+        table.add_row(str(r["run_id"]), str(r["round"]), str(r["steps"]), f"{r['noise_multiplier']:.4f}",
+                      f"{r['sample_rate']:.4f}", f"{r['epsilon_after']:.4f}", r["time"])
+    console.print(table)
+
+
+def _print_result(result: RunResult, as_json: bool, title: str) -> None:
     if as_json:
         print(json.dumps(result.summary()))
         return
     console = Console()
-    console.print(_result_table(result))
+    console.print(_result_table(result, title))
     console.print(f"final accuracy {result.final_accuracy:.4f}; checkpoints and result.json in "
                   f"{result.out_dir}", highlight=False)
+
+
+def _report_round(result: RoundResult) -> None:
+    err.print(_round_line(result), highlight=False, soft_wrap=True)
+
+
+@app.command("run")
+def run_command(
+    config: Path = CONFIG_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
+) -> None:
+    """Submit a run to the aggregator (on its host) and follow it round by round."""
+    from .server.coordinator import RunFailed, follow, submit
+
+    try:
+        submitted = submit(load_toml(config, RunConfig), str(config))
+        err.print(f"run {submitted.run_id} submitted; following it (checkpoints in "
+                  f"{submitted.run_dir / 'checkpoints'})", highlight=False, soft_wrap=True)
+        result = follow(submitted, _report_round)
+    except (ConfigError, RunFailed) as exc:
+        _fail(str(exc), code=1 if isinstance(exc, RunFailed) else 2)
+    _print_result(result, as_json, f"fedgen run {submitted.run_id}")
+
+
+@app.command()
+def demo(
+    sites: int = typer.Option(3, "--sites", min=1, help="Sites to start, each its own process."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
+    epsilon: float = typer.Option(8.0, "--epsilon", min=0.0, help="Each site's ε ceiling (δ=1e-5)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the data split and training."),
+    out: Path = typer.Option(None, "--out", help="Where certificates, configs, logs and checkpoints go "
+                             "(default: a new temporary folder)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
+) -> None:
+    """A consortium on this machine: CA, aggregator and sites as real processes over mutual TLS."""
+    from .demo import run_demo
+    from .server.coordinator import RunFailed
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_demo(sites=sites, rounds=rounds, epsilon=epsilon, seed=seed, out=out,
+                              on_round=_report_round,
+                              on_event=lambda m: err.print(m, highlight=False, soft_wrap=True))
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc), code=1 if isinstance(exc, RunFailed) else 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; every process the demo started was stopped", code=130)
+    _print_result(result, as_json, "fedgen demo")
 
 
 def main() -> None:

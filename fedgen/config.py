@@ -6,6 +6,7 @@ an operator's config stops the launcher before any process starts.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -36,14 +37,29 @@ class PrivacyConfig(StrictModel):
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
+class SiteTLSConfig(StrictModel):
+    """The site's consortium-issued certificate and key, and the CA it trusts."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificate: Path
+
+
 class SiteConfig(StrictModel):
-    """What a site operator configures: identity, local data, device and privacy budget."""
+    """What a site operator configures: identity, local data, device and privacy budget.
+
+    ``aggregator`` and ``tls`` are needed to join a deployment (`fedgen site start`),
+    not in simulation.
+    """
 
     site_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: Path
     state_dir: Path
     device: str = "auto"
     privacy: PrivacyConfig = PrivacyConfig()
+    aggregator: str | None = Field(None, pattern=r"^\S+:\d+$", description="host:port of the Fleet API")
+    tls: SiteTLSConfig | None = None
+    runtime_port: int = Field(9094, ge=1, le=65535, description="loopback port for ClientApp processes")
 
     @field_validator("device")
     @classmethod
@@ -77,7 +93,63 @@ class TrainingConfig(StrictModel):
         return value
 
 
+class AggregatorTLSConfig(StrictModel):
+    """The aggregator's server certificate and key, the consortium CA and its CRL."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificate: Path
+    crl: Path
+
+
+class AggregatorConfig(StrictModel):
+    """What the consortium operator configures for the aggregator (SuperLink)."""
+
+    state_dir: Path
+    fleet_host: str = Field("0.0.0.0", description="interface of the public, mutual-TLS Fleet API")
+    fleet_port: int = Field(9092, ge=1, le=65535)
+    control_port: int = Field(9093, ge=1, le=65535, description="loopback-only Control and Runtime APIs")
+    tls: AggregatorTLSConfig
+
+
+class RunConfig(StrictModel):
+    """What the coordinator submits: the training plan and the aggregator's held-out set."""
+
+    aggregator: Path = Field(description="the aggregator.toml of the SuperLink to run on")
+    sites: int = Field(ge=1, description="sites that must be connected; all train each round")
+    labels: list[str] = Field(min_length=2, description="class labels every site agrees on")
+    max_length: int = Field(512, ge=1, description="longest sequence in bases the model accepts")
+    eval_data: Path | None = Field(None, description="held-out set on the aggregator")
+    training: TrainingConfig = TrainingConfig()
+
+
 Model = TypeVar("Model", bound=BaseModel)
+
+
+def to_toml(config: BaseModel) -> str:
+    """Render a config as TOML that `load_toml` reads back (unset optional fields omitted)."""
+    return _toml_table(config.model_dump(exclude_none=True), prefix="")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Path):
+        return json.dumps(value.as_posix())
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))  # JSON string escapes are valid TOML basic strings
+
+
+def _toml_table(values: dict, prefix: str) -> str:
+    scalars = [f"{key} = {_toml_value(value)}" for key, value in values.items() if not isinstance(value, dict)]
+    tables = [
+        f"\n[{prefix}{key}]\n" + _toml_table(value, f"{prefix}{key}.")
+        for key, value in values.items() if isinstance(value, dict)
+    ]
+    return "\n".join(scalars) + ("\n" if scalars else "") + "".join(tables)
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:
@@ -115,9 +187,10 @@ def load_toml(path: str | Path, model: type[Model]) -> Model:
 
 
 def _resolve_paths(config: Model, base: Path) -> Model:
-    updates = {
-        name: (base / value) if not value.is_absolute() else value
-        for name, value in config
-        if isinstance(value, Path)
-    }
+    updates: dict[str, object] = {}
+    for name, value in config:
+        if isinstance(value, Path) and not value.is_absolute():
+            updates[name] = base / value
+        elif isinstance(value, BaseModel):
+            updates[name] = _resolve_paths(value, base)
     return config.model_copy(update=updates) if updates else config

@@ -33,6 +33,13 @@ class RoundResult:
     checkpoint: str | None = None
     model_digest: str | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict) -> RoundResult:
+        """Inverse of the round entries of `RunResult.to_dict` (``epsilon`` is derived)."""
+        fields = {k: v for k, v in data.items() if k != "epsilon"}
+        fields["sites"] = [SiteRound(**site) for site in fields.get("sites", [])]
+        return cls(**fields)
+
     @property
     def epsilon(self) -> dict[str, float]:
         """ε spent so far by each site that trained this round (its accountant's)."""
@@ -81,6 +88,12 @@ class RunResult:
             ],
             "final_accuracy": self.final_accuracy,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunResult:
+        return cls(rounds=[RoundResult.from_dict(r) for r in data["rounds"]],
+                   initial_accuracy=data["initial_accuracy"], out_dir=data["out_dir"],
+                   config=data["config"])
 
     def to_dict(self) -> dict:
         """Everything: the `summary` keys plus per-site detail, checkpoints and config."""

@@ -16,28 +16,17 @@ from pathlib import Path
 
 import torch
 
-from .config import PrivacyConfig, SiteConfig, TrainingConfig, load_toml
+from .config import PrivacyConfig, SiteConfig, TrainingConfig, load_toml, to_toml
 from .data import SequenceDataset, bundled_data_dir, load_bundled, load_dataset, train_test_split
 from .model import ModelConfig, preset_config
 from .partition import partition
 from .results import RoundResult, RunResult
+from .sovereignty import apply_sovereign_environment
 from .tokenizers import make_tokenizer
 
-# Flower and Ray call home by default; a sovereign deployment never does.
-NO_PHONE_HOME = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 PARTITIONS = ("iid", "label-skew", "dirichlet")
 DEFAULTS = TrainingConfig()
 TEST_FRACTION = 0.15
-
-
-def disable_phone_home() -> None:
-    """Set Flower's and Ray's no-phone-home switches in this process and its children."""
-    os.environ.update(NO_PHONE_HOME)
 
 
 def split_for_simulation(data: str | Path | None, seed: int) -> tuple[SequenceDataset, SequenceDataset]:
@@ -50,9 +39,12 @@ def split_for_simulation(data: str | Path | None, seed: int) -> tuple[SequenceDa
     return train_test_split(load_dataset(path), TEST_FRACTION, seed)
 
 
-def write_sites(train: SequenceDataset, shares: list, root: Path, privacy: PrivacyConfig,
-                device: str) -> list[Path]:
-    """Give each virtual site its folder: data.csv, site.toml, state/. Return the tomls."""
+def write_sites(train: SequenceDataset, shares: list, root: Path, privacy: PrivacyConfig, device: str,
+                extra: Callable[[int], dict] | None = None) -> list[Path]:
+    """Give each site its folder: data.csv, site.toml, state/. Return the site.toml paths.
+
+    ``extra(index)`` adds fields to a site's config (a deployment's address and certificates).
+    """
     configs = []
     for index, share in enumerate(shares):
         site_dir = root / f"site-{index}"
@@ -63,24 +55,10 @@ def write_sites(train: SequenceDataset, shares: list, root: Path, privacy: Priva
             for i in share:
                 writer.writerow([train.sequences[i], train.label_names[train.labels[i]]])
         site = SiteConfig(site_id=f"site-{index}", data=Path("data.csv"), state_dir=Path("state"),
-                          device=device, privacy=privacy)
-        (site_dir / "site.toml").write_text(site_toml(site), encoding="utf-8")
+                          device=device, privacy=privacy, **(extra(index) if extra else {}))
+        (site_dir / "site.toml").write_text(to_toml(site), encoding="utf-8")
         configs.append(site_dir / "site.toml")
     return configs
-
-
-def site_toml(site: SiteConfig) -> str:
-    """Render a SiteConfig as the TOML a site operator would write."""
-    p = site.privacy
-    lines = [
-        f'site_id = "{site.site_id}"', f'data = "{site.data.as_posix()}"',
-        f'state_dir = "{site.state_dir.as_posix()}"', f'device = "{site.device}"', "",
-        "[privacy]", f"enabled = {str(p.enabled).lower()}", f"epsilon = {p.epsilon!r}",
-        f"delta = {p.delta!r}", f"max_grad_norm = {p.max_grad_norm!r}", f'accountant = "{p.accountant}"',
-    ]
-    if p.noise_multiplier is not None:
-        lines.append(f"noise_multiplier = {p.noise_multiplier!r}")
-    return "\n".join(lines) + "\n"
 
 
 def simulate(
@@ -171,7 +149,7 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
          site_tomls: list[Path], test: SequenceDataset, out_dir: Path, config_summary: dict,
          cpus_per_site: float, device: str, on_round: Callable[[RoundResult], None] | None,
          ) -> RunResult:
-    disable_phone_home()
+    apply_sovereign_environment()
     # Imported here: fedgen's core does not depend on the client and server packages.
     from flwr.simulation import run_simulation
 

@@ -7,9 +7,11 @@ evaluate it on the aggregator's held-out set and report the round.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedgen.config import TrainingConfig
-from fedgen.data import SequenceDataset
+from fedgen.data import SequenceDataset, load_dataset
 from fedgen.model import ModelConfig, build_model, evaluate_classifier, resolve_device
 from fedgen.params import arrays_to_record, load_trainable, record_to_arrays, to_numpy, trainable_tensors
 from fedgen.protocol import TrainInstructions
@@ -131,6 +133,41 @@ class ServerOutcome:
         self.error: BaseException | None = None
 
 
+PLAN_FILE_KEY = "plan-file"
+PROGRESS_FILE = "progress.jsonl"
+RESULT_FILE = "result.json"
+
+
+def write_plan(plan: ServerPlan, eval_data: Path | None, path: Path) -> None:
+    """Write the plan a deployed ServerApp reads (it runs in a process of Flower's)."""
+    path.write_text(json.dumps({
+        "training": plan.training.model_dump(), "model_config": plan.model_config.to_json(),
+        "label_names": list(plan.label_names), "num_sites": plan.num_sites,
+        "out_dir": str(plan.out_dir), "eval_data": str(eval_data) if eval_data else None,
+        "config_summary": plan.config_summary,
+    }, indent=2), encoding="utf-8")
+
+
+def read_plan(path: Path) -> ServerPlan:
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    eval_data = None
+    if raw["eval_data"]:
+        eval_data = load_dataset(raw["eval_data"]).with_label_names(raw["label_names"])
+    return ServerPlan(
+        training=TrainingConfig(**raw["training"]), model_config=ModelConfig.from_json(raw["model_config"]),
+        label_names=list(raw["label_names"]), num_sites=int(raw["num_sites"]),
+        out_dir=Path(raw["out_dir"]), eval_data=eval_data, config_summary=raw["config_summary"],
+    )
+
+
+def append_progress(out_dir: Path, result: RoundResult) -> None:
+    """Append a committed round to ``progress.jsonl`` for the coordinator to follow."""
+    with open(out_dir / PROGRESS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(asdict(result)) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def make_server_app(plan: ServerPlan, on_round: RoundCallback | None = None
                     ) -> tuple[ServerApp, ServerOutcome]:
     """A ServerApp running ``plan``; its result lands in the returned `ServerOutcome`."""
@@ -146,3 +183,18 @@ def make_server_app(plan: ServerPlan, on_round: RoundCallback | None = None
             raise
 
     return app, outcome
+
+
+app = ServerApp()
+
+
+@app.main()
+def deployed_main(grid: Grid, context: Context) -> None:
+    """Deployment entry: the coordinator's plan file names everything the run needs."""
+    plan_file = context.run_config.get(PLAN_FILE_KEY)
+    if not plan_file:
+        raise RuntimeError(f"run config lacks {PLAN_FILE_KEY!r}; submit runs with `fedgen run`")
+    plan = read_plan(Path(str(plan_file)))
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    result = run_federation(grid, plan, on_round=lambda r: append_progress(plan.out_dir, r))
+    result.save(plan.out_dir / RESULT_FILE)

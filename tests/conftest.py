@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedgen.simulation import NO_PHONE_HOME
+from fedgen.sovereignty import NO_PHONE_HOME
 
 # Every test runs with Flower's and Ray's phone-home switched off, as launchers do.
 os.environ.update(NO_PHONE_HOME)

@@ -46,3 +46,9 @@ def test_save_keeps_site_detail_and_plot_draws(tmp_path):
     assert saved["rounds"][1]["epsilon"] == {"site-0": 2.5}
     ax = result.plot()
     assert len(ax.lines) == 1 and len(ax.figure.axes) == 2
+
+
+def test_round_trip_through_a_dict(tmp_path):
+    result = _result(tmp_path)
+    again = RunResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert again == result

@@ -1,0 +1,175 @@
+"""`fedgen demo`: a whole consortium on one machine, as real processes over mutual TLS.
+
+A throwaway consortium CA issues the aggregator's and each site's certificates; the
+aggregator (`fedgen aggregator start`) and every site (`fedgen site start`) run as
+separate processes on loopback, each site with its own share of the bundled data; the
+coordinator submits a DP run and follows it. Every process started is stopped at the
+end, also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import pki
+from .config import (
+    AggregatorConfig, AggregatorTLSConfig, PrivacyConfig, RunConfig, SiteTLSConfig, TrainingConfig,
+    to_toml,
+)
+from .data import bundled_data_dir, load_bundled
+from .partition import partition
+from .results import RoundResult, RunResult
+from .simulation import write_sites
+from .sovereignty import sovereign_environment
+
+STARTUP_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Wait until ``port`` accepts connections; fail with the log tail if ``process`` dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}; log {log}:\n"
+                               + log.read_text(errors="replace")[-2000:])
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listened on port {port} after {timeout:.0f} s; see {log}")
+
+
+class ProcessGroup:
+    """Processes started in their own sessions, stopped together with their children."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+        log = self.log_dir / f"{name}.log"
+        with open(log, "wb") as handle:
+            process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=sovereign_environment(), start_new_session=True)
+        self.processes.append(process)
+        return process, log
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every process group, then SIGKILL what is left after ``grace`` seconds."""
+        for process in self.processes:
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process, signal.SIGKILL)  # also children left behind in the group
+            process.wait()
+        self.processes.clear()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so cleanup runs either way."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed: int) -> tuple[Path, list[Path], Path]:
+    """Certificates, data shares and configs of a loopback consortium; (aggregator, sites, run) tomls."""
+    certs = out / "certs"
+    pki.init_consortium(certs, "fedgen-demo", days=7)
+    pki.issue_aggregator(certs, ["127.0.0.1", "localhost"], days=7)
+    layout = pki.layout(certs)
+    fleet_port, control_port = free_port(), free_port()
+    aggregator = AggregatorConfig(
+        state_dir=Path("state"), fleet_host="127.0.0.1", fleet_port=fleet_port, control_port=control_port,
+        tls=AggregatorTLSConfig(certificate=layout.aggregator_cert, private_key=layout.aggregator_key,
+                                ca_certificate=layout.ca_cert, crl=layout.crl),
+    )
+    (out / "aggregator").mkdir()
+    aggregator_toml = out / "aggregator" / "aggregator.toml"
+    aggregator_toml.write_text(to_toml(aggregator), encoding="utf-8")
+
+    def deployment(index: int) -> dict:
+        site_id = f"site-{index}"
+        pki.issue_site(certs, site_id, days=7)
+        return {"aggregator": f"127.0.0.1:{fleet_port}", "runtime_port": free_port(),
+                "tls": SiteTLSConfig(certificate=layout.site_cert(site_id), private_key=layout.site_key(site_id),
+                                     ca_certificate=layout.ca_cert)}
+
+    train = load_bundled("train")
+    shares = partition(train.labels, sites, "dirichlet", seed, alpha=1.0)
+    site_tomls = write_sites(train, shares, out / "sites", PrivacyConfig(epsilon=epsilon), "cpu", deployment)
+    run = RunConfig(aggregator=aggregator_toml, sites=sites, labels=list(train.label_names),
+                    max_length=max(len(s) for s in train.sequences),
+                    eval_data=bundled_data_dir() / "test.csv",
+                    training=TrainingConfig(rounds=rounds, seed=seed))
+    run_toml = out / "run.toml"
+    run_toml.write_text(to_toml(run), encoding="utf-8")
+    return aggregator_toml, site_tomls, run_toml
+
+
+def run_demo(*, sites: int = 3, rounds: int = 3, epsilon: float = 8.0, seed: int = 0,
+             out: Path | None = None, on_round: Callable[[RoundResult], None] | None = None,
+             on_event: Callable[[str], None] | None = None) -> RunResult:
+    """Start a loopback consortium, run ``rounds`` DP rounds, stop everything, return the result."""
+    from fedgen.config import load_toml
+    from fedgen.server.coordinator import follow, submit
+
+    say = on_event or (lambda message: None)
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: folder is not empty; choose a new --out or remove the old demo")
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    aggregator_toml, site_tomls, run_toml = write_consortium(out, sites=sites, rounds=rounds,
+                                                             epsilon=epsilon, seed=seed)
+    aggregator = load_toml(aggregator_toml, AggregatorConfig)
+    (out / "logs").mkdir()
+    group = ProcessGroup(out / "logs")
+    fedgen = [sys.executable, "-m", "fedgen.cli"]
+    with _sigterm_as_interrupt():
+        try:
+            process, log = group.start("aggregator", [*fedgen, "aggregator", "start", "--config", str(aggregator_toml)])
+            wait_for_port(aggregator.fleet_port, process, log)
+            wait_for_port(aggregator.control_port, process, log)
+            say(f"aggregator up: Fleet API 127.0.0.1:{aggregator.fleet_port} (mutual TLS)")
+            for site_toml in site_tomls:
+                group.start(site_toml.parent.name, [*fedgen, "site", "start", "--config", str(site_toml)])
+            say(f"{len(site_tomls)} sites started, each with its own certificate and data")
+            submitted = submit(load_toml(run_toml, RunConfig), str(run_toml))
+            say(f"run {submitted.run_id} submitted; checkpoints go to {submitted.run_dir}")
+            return follow(submitted, on_round)
+        finally:
+            group.stop()
+            say(f"all processes stopped; logs in {out / 'logs'}")

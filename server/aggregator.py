@@ -1,0 +1,56 @@
+"""`fedgen aggregator start`: the consortium's SuperLink behind mutual TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from fedgen.config import AggregatorConfig, ConfigError
+from fedgen.pki import PKIError, check_key_pair, load_certificate, load_crl
+from fedgen.sovereignty import apply_sovereign_environment
+
+from .superlink import FleetTLS, build_superlink_app, check_flower_version, serve, superlink_servers
+
+log = logging.getLogger(__name__)
+FLOWER_DATABASE = "flower.db"
+
+
+def check_aggregator(config: AggregatorConfig, source: str) -> FleetTLS:
+    """Check every file the aggregator needs before anything starts.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and field at fault.
+    """
+    tls = config.tls
+    for field in ("certificate", "private_key", "ca_certificate", "crl"):
+        path = getattr(tls, field)
+        if not path.is_file():
+            raise ConfigError(f"{source}: tls.{field}: file {path} not found")
+    try:
+        check_key_pair(tls.certificate, tls.private_key)
+        load_certificate(tls.ca_certificate)
+        load_crl(tls.crl)
+    except PKIError as exc:
+        raise ConfigError(f"{source}: tls: {exc}") from None
+    if config.fleet_port == config.control_port:
+        raise ConfigError(f"{source}: control_port must differ from fleet_port ({config.fleet_port})")
+    return FleetTLS(certificate=tls.certificate, private_key=tls.private_key,
+                    ca_certificate=tls.ca_certificate, crl=tls.crl)
+
+
+def start_aggregator(config: AggregatorConfig, source: str = "aggregator config") -> None:
+    """Run the SuperLink until interrupted: Fleet API public with mTLS, the rest on loopback."""
+    check_flower_version()
+    tls = check_aggregator(config, source)
+    apply_sovereign_environment()
+    state_dir = Path(config.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    app = build_superlink_app(runtime_port=config.control_port, database=state_dir / FLOWER_DATABASE)
+    local, public = superlink_servers(app, public_host=config.fleet_host, fleet_port=config.fleet_port,
+                                      runtime_port=config.control_port, tls=tls)
+    log.info("Fleet API (mutual TLS) on %s:%d; Control and Runtime APIs on 127.0.0.1:%d",
+             config.fleet_host, config.fleet_port, config.control_port)
+    asyncio.run(serve(local, public))

@@ -1,0 +1,161 @@
+"""`fedgen run`: submit a federated run to the aggregator and follow it round by round.
+
+The coordinator runs on the aggregator's host: the Control API it submits through is
+served on loopback only. A run is submitted with Flower's own ``flwr run`` against a
+minimal app folder that names fedgen's installed ServerApp and ClientApp, so sites and
+aggregator run the fedgen they installed, never code shipped with the run. The
+ServerApp appends each committed round to ``progress.jsonl`` in the run's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedgen.config import AggregatorConfig, ConfigError, RunConfig, load_toml
+from fedgen.data import DataError, load_dataset
+from fedgen.model import preset_config
+from fedgen.results import RoundResult, RunResult
+from fedgen.sovereignty import sovereign_environment
+from fedgen.tokenizers import make_tokenizer
+
+from .app import PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, ServerPlan, write_plan
+
+FEDERATION = "fedgen"
+APP_PYPROJECT = f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedgen-run"
+version = "1.0.0"
+description = "A fedgen federated run: fedgen's installed ServerApp and ClientApp"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedgen"
+
+[tool.flwr.app.components]
+serverapp = "fedgen.server.app:app"
+clientapp = "fedgen.client.app:app"
+
+[tool.flwr.app.config]
+{PLAN_FILE_KEY} = ""
+"""
+
+
+class RunFailed(RuntimeError):
+    """The run could not be submitted, or Flower reports it failed."""
+
+
+@dataclass(frozen=True)
+class SubmittedRun:
+    run_id: str
+    run_dir: Path
+    flwr_home: Path
+
+
+def _flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> dict:
+    """Run a ``flwr`` CLI command with JSON output, with phone-home off."""
+    env = sovereign_environment() | {"FLWR_HOME": str(flwr_home)}
+    flwr = Path(sys.executable).parent / "flwr"
+    proc = subprocess.run([str(flwr), *args, "--format", "json"], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    try:
+        answer = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise RunFailed(f"flwr {args[0]} gave no answer: {proc.stderr.strip() or proc.stdout.strip()}") from None
+    if not answer.get("success", False):
+        raise RunFailed(f"flwr {args[0]} failed: {answer.get('error-message', answer)}")
+    return answer
+
+
+def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, ServerPlan]:
+    """Check the run configuration and turn it into the ServerApp's plan.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and field at fault, before anything is submitted.
+    """
+    aggregator = load_toml(run.aggregator, AggregatorConfig)
+    try:
+        tokenizer = make_tokenizer(run.training.tokenizer)
+        model_config = preset_config(run.training.model, vocab_size=tokenizer.vocab_size,
+                                     max_len=tokenizer.token_length(run.max_length),
+                                     num_labels=len(run.labels), pad_id=tokenizer.pad_id)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: training: {exc}") from None
+    if run.eval_data is not None:
+        try:
+            load_dataset(run.eval_data).with_label_names(run.labels)
+        except DataError as exc:
+            raise ConfigError(f"{source}: eval_data: {exc}") from None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    run_dir = Path(aggregator.state_dir).resolve() / "runs" / stamp
+    plan = ServerPlan(training=run.training, model_config=model_config, label_names=list(run.labels),
+                      num_sites=run.sites, out_dir=run_dir,
+                      config_summary={"run_config": source, "sites": run.sites,
+                                      "eval_data": str(run.eval_data) if run.eval_data else None})
+    return aggregator, plan
+
+
+def submit(run: RunConfig, source: str) -> SubmittedRun:
+    """Write the run's plan and app folder, and submit it to the aggregator's Control API."""
+    aggregator, plan = plan_run(run, source)
+    run_dir = plan.out_dir
+    run_dir.mkdir(parents=True, exist_ok=False)
+    write_plan(plan, run.eval_data.resolve() if run.eval_data else None, run_dir / "plan.json")
+    app_dir = run_dir / "app"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
+    flwr_home = run_dir / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+        f'address = "127.0.0.1:{aggregator.control_port}"\ninsecure = true\n', encoding="utf-8")
+    answer = _flwr(["run", str(app_dir), FEDERATION, "--run-config",
+                    f'{PLAN_FILE_KEY}="{run_dir / "plan.json"}"'], flwr_home)
+    return SubmittedRun(run_id=str(answer["run-id"]), run_dir=run_dir, flwr_home=flwr_home)
+
+
+def run_status(submitted: SubmittedRun) -> str:
+    """Flower's status of the run, e.g. ``running`` or ``finished:completed``."""
+    answer = _flwr(["ls", FEDERATION, "--run-id", submitted.run_id], submitted.flwr_home)
+    return str(answer["runs"][0]["status"])
+
+
+def follow(submitted: SubmittedRun, on_round: Callable[[RoundResult], None] | None = None,
+           poll_seconds: float = 2.0) -> RunResult:
+    """Report rounds as they commit until the run ends; return its result.
+
+    Raises
+    ------
+    RunFailed
+        If Flower reports the run failed or stopped, or it ended without a result.
+    """
+    seen = 0
+    progress = submitted.run_dir / PROGRESS_FILE
+    while True:
+        status = run_status(submitted)
+        if progress.exists():
+            text = progress.read_text(encoding="utf-8")
+            lines = text[: text.rfind("\n") + 1].splitlines()  # whole lines only
+            for line in lines[seen:]:
+                if on_round is not None:
+                    on_round(RoundResult.from_dict(json.loads(line)))
+            seen = len(lines)
+        if status.startswith("finished"):
+            break
+        time.sleep(poll_seconds)
+    result_file = submitted.run_dir / RESULT_FILE
+    if status != "finished:completed" or not result_file.exists():
+        raise RunFailed(f"run {submitted.run_id} ended as {status!r}; "
+                        f"see the aggregator's log and {submitted.run_dir}")
+    return RunResult.from_dict(json.loads(result_file.read_text(encoding="utf-8")))
