@@ -145,10 +145,11 @@ CONFIG_OPTION = typer.Option(..., "--config", "-c", help="TOML configuration fil
 @aggregator_app.command("start")
 def aggregator_start(config: Path = CONFIG_OPTION) -> None:
     """Start the aggregator: Fleet API public with mutual TLS, Control/Runtime on loopback."""
-    from .server.aggregator import start_aggregator
+    from .server.aggregator import check_aggregator, start_aggregator
 
     try:
         settings = load_toml(config, AggregatorConfig)
+        check_aggregator(settings, str(config))
         err.print(f"aggregator: Fleet API on {settings.fleet_host}:{settings.fleet_port} (mutual TLS), "
                   f"Control API on 127.0.0.1:{settings.control_port}; state in {settings.state_dir}",
                   highlight=False, soft_wrap=True)

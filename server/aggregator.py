@@ -53,4 +53,4 @@ def start_aggregator(config: AggregatorConfig, source: str = "aggregator config"
                                       runtime_port=config.control_port, tls=tls)
     log.info("Fleet API (mutual TLS) on %s:%d; Control and Runtime APIs on 127.0.0.1:%d",
              config.fleet_host, config.fleet_port, config.control_port)
-    asyncio.run(serve(local, public))
+    asyncio.run(serve(app, local, public))

@@ -19,10 +19,14 @@ Pinned to Flower 1.41; ``check_flower_version`` and the tests in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import ssl
 import sys
+import time
 from base64 import b64decode
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +171,16 @@ def fleet_ssl_context(tls: FleetTLS) -> ssl.SSLContext:
     return context
 
 
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to `serve`: two servers in one process must
+    stop together, and uvicorn would re-raise the signal (killing the process) before
+    the cleanup after them ran."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def superlink_servers(app: Any, *, public_host: str, fleet_port: int, runtime_port: int,
                       tls: FleetTLS, log_level: str = "warning") -> tuple[uvicorn.Server, uvicorn.Server]:
     """The two uvicorn servers over one app: (loopback Control+Runtime, public Fleet).
@@ -174,11 +188,11 @@ def superlink_servers(app: Any, *, public_host: str, fleet_port: int, runtime_po
     Only the loopback server runs the app's lifespan (which starts Flower's SuperExec),
     so it runs once.
     """
-    local = uvicorn.Server(uvicorn.Config(
+    local = _Server(uvicorn.Config(
         app, host="127.0.0.1", port=runtime_port, lifespan="on", log_level=log_level,
         access_log=False, workers=1,
     ))
-    public = uvicorn.Server(uvicorn.Config(
+    public = _Server(uvicorn.Config(
         fleet_gate(app), host=public_host, port=fleet_port, lifespan="off", log_level=log_level,
         access_log=False, workers=1, http=PeerCertificateProtocol,
         ssl_certfile=str(tls.certificate),  # uvicorn needs it set; the factory builds the context
@@ -187,17 +201,49 @@ def superlink_servers(app: Any, *, public_host: str, fleet_port: int, runtime_po
     return local, public
 
 
-async def serve(local: uvicorn.Server, public: uvicorn.Server) -> None:
-    """Run both servers until either stops; start the public one only once state is up."""
+def _superexec_pid(app: Any) -> int | None:
+    """Process id of the SuperExec that Flower's lifespan started (it starts ServerApps)."""
+    lifespan = getattr(app.state, "superlink_lifespan", None)
+    process = getattr(lifespan, "superexec_process", None)
+    return None if process is None else process.pid
+
+
+def _stop_session(leader: int) -> None:
+    """Stop a detached process session: Flower starts SuperExec in its own, and a stopped
+    SuperExec leaves its running ServerApp behind for a few seconds otherwise."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(leader, sig)
+        except ProcessLookupError:
+            return
+        time.sleep(1.0)
+
+
+async def serve(app: Any, local: uvicorn.Server, public: uvicorn.Server) -> None:
+    """Run both servers until either stops or SIGINT/SIGTERM arrives; the public one starts
+    only once state is up. Flower's SuperExec and its ServerApps are stopped last."""
+
+    def stop(signum: int, frame: object) -> None:
+        if local.should_exit and signum == signal.SIGINT:
+            local.force_exit = public.force_exit = True  # a second Ctrl-C
+        local.should_exit = public.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     local_task = asyncio.create_task(local.serve())
     while not local.started:
         if local_task.done():
             await local_task  # re-raise why the loopback server could not start
             return
         await asyncio.sleep(0.05)
+    superexec = _superexec_pid(app)
     public_task = asyncio.create_task(public.serve())
-    done, _ = await asyncio.wait({local_task, public_task}, return_when=asyncio.FIRST_COMPLETED)
-    local.should_exit = public.should_exit = True
-    await asyncio.gather(local_task, public_task, return_exceptions=True)
-    for task in done:
-        task.result()
+    try:
+        done, _ = await asyncio.wait({local_task, public_task}, return_when=asyncio.FIRST_COMPLETED)
+        local.should_exit = public.should_exit = True
+        await asyncio.gather(local_task, public_task, return_exceptions=True)
+        for task in done:
+            task.result()
+    finally:
+        if superexec is not None:
+            _stop_session(superexec)

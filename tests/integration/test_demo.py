@@ -1,0 +1,117 @@
+"""`fedgen demo`: a consortium of real processes over mutual TLS, and nothing calling home."""
+
+import json
+import os
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+CHANCE = 451 / 888
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+class _Tripwire(socketserver.ThreadingTCPServer):
+    """An HTTP(S) proxy on loopback that forwards nothing and records every attempt."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        self.attempts: list[bytes] = []
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(handler) -> None:  # noqa: N805
+                self.attempts.append(handler.rfile.readline(4096))
+                handler.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture
+def tripwire():
+    server = _Tripwire()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    env = dict(os.environ)
+    env.update({name: url for name in PROXY_VARIABLES})
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"  # the consortium itself is on loopback
+    try:
+        yield server, env
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """``pid args`` of every other process whose command line contains ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args and str(os.getpid()) != cmdline.parent.name:
+            found.append(f"{cmdline.parent.name} {args}")
+    return found
+
+
+def _flower_processes() -> set[str]:
+    """Flower's helper processes (SuperExec, ServerApp, ClientApp) running now, by pid."""
+    return {args.split(" ", 1)[0] for args in _processes_mentioning("flower-superexec")} | {
+        args.split(" ", 1)[0] for args in _processes_mentioning("flwr-")}
+
+
+def test_tripwire_catches_an_outbound_call(tripwire):
+    server, env = tripwire
+    subprocess.run([sys.executable, "-c", "import urllib.request\ntry:\n"
+                    "    urllib.request.urlopen('http://example.org/', timeout=5)\nexcept Exception:\n    pass"],
+                   env=env, timeout=30)
+    assert any(b"example.org" in attempt for attempt in server.attempts)
+
+
+def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_path, tripwire):
+    server, env = tripwire
+    out = tmp_path / "demo"
+    before = _flower_processes()
+    proc = subprocess.run([sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "2",
+                           "--out", str(out), "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout)
+    first, second = (r["epsilon"] for r in summary["rounds"])
+    assert set(first) == set(second) == {"site-0", "site-1"}
+    assert all(0 < first[s] < second[s] <= 8.0 + 1e-9 for s in first)
+    assert summary["final_accuracy"] > CHANCE + 0.1
+    assert len(list(out.glob("aggregator/state/runs/*/checkpoints/round-*.safetensors"))) == 3
+    assert server.attempts == []  # no outbound connection was tried
+    assert _processes_mentioning(str(out)) == []
+    assert _flower_processes() <= before
+    for site in ("site-0", "site-1"):  # each site trained in its own process, with its own ledger
+        assert (out / "sites" / site / "state" / "privacy-ledger.json").is_file()
+
+
+def test_demo_stops_every_process_on_ctrl_c(tmp_path):
+    out = tmp_path / "demo"
+    before = _flower_processes()
+    demo = subprocess.Popen([sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "5",
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in demo.stderr:
+            if "submitted" in line or time.monotonic() > deadline:
+                break
+        assert len(_processes_mentioning(str(out))) >= 3  # aggregator and two sites are up
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 130
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert _processes_mentioning(str(out)) == []
+    assert _flower_processes() <= before
