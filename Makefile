@@ -1,4 +1,4 @@
-# Two commands: `make demo` (the main job on bundled data) and `make test`.
+# Two commands: `make demo` (the main job: a consortium on this machine) and `make test`.
 # Both create .venv on first use: torch 2.13.0 (CPU build) first, then fedgen.
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/fedgen simulate --out runs/demo
+	$(BIN)/fedgen demo --out runs/demo-$$(date -u +%Y%m%dT%H%M%SZ)
 
 test: venv
 	$(BIN)/python -m pytest

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from fedgen.config import ConfigError, SiteConfig, TrainingConfig, load_toml
+from fedgen.config import (
+    AggregatorConfig, ConfigError, RunConfig, SiteConfig, TrainingConfig, load_toml, to_toml,
+)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -48,8 +50,20 @@ def test_training_config_rejects_unknown_strategy():
         TrainingConfig(strategy="fedsgd")
 
 
-def test_example_site_config_is_valid():
-    example = Path(__file__).resolve().parents[2] / "examples" / "site.toml"
-    site = load_toml(example, SiteConfig)
+def test_example_configs_are_valid():
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    site = load_toml(examples / "site.toml", SiteConfig)
     assert site.site_id == "hospital-a" and site.privacy.epsilon == 8.0
-    assert site.state_dir == example.parent / "state"
+    assert site.state_dir == examples / "state" and site.tls.ca_certificate == examples / "certs" / "ca.pem"
+    aggregator = load_toml(examples / "aggregator.toml", AggregatorConfig)
+    assert aggregator.tls.crl == examples / "certs" / "crl.pem" and aggregator.control_port == 9093
+    run = load_toml(examples / "run.toml", RunConfig)
+    assert run.aggregator == examples / "aggregator.toml" and run.training.rounds == 5
+
+
+def test_to_toml_round_trips_nested_configs(tmp_path):
+    run = RunConfig(aggregator=tmp_path / "a.toml", sites=2, labels=["x", "y"],
+                    training=TrainingConfig(strategy="fedprox", strategy_options={"proximal_mu": 0.1}))
+    path = tmp_path / "run.toml"
+    path.write_text(to_toml(run))
+    assert load_toml(path, RunConfig) == run
