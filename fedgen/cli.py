@@ -45,7 +45,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 def _round_line(result: RoundResult) -> str:
     trained = [s for s in result.sites if s.status == "trained"]
-    others = [f"{s.site} {s.status}" for s in result.sites if s.status != "trained"]
+    others = [f"{s.site} {s.status} ({s.reason})" for s in result.sites if s.status != "trained"]
     eps = ", ".join(f"{site} {value:.2f}" for site, value in sorted(result.epsilon.items()))
     parts = [f"round {result.round}: accuracy {result.accuracy:.4f}  loss {result.loss:.4f}",
              f"sites {len(trained)}/{len(result.sites)}"]

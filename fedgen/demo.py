@@ -61,6 +61,7 @@ class ProcessGroup:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
 
     def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         log = self.log_dir / f"{name}.log"
@@ -68,7 +69,15 @@ class ProcessGroup:
             process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=sovereign_environment(), start_new_session=True)
         self.processes.append(process)
+        self.logs.append(log)
         return process, log
+
+    def check_alive(self) -> None:
+        """Raise if a process stopped before it was asked to, with the end of its log."""
+        for process, log in zip(self.processes, self.logs):
+            if process.poll() is not None:
+                raise RuntimeError(f"{log.stem} exited with code {process.returncode}; {log}:\n"
+                                   + log.read_text(errors="replace")[-2000:])
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every process group, then SIGKILL what is left after ``grace`` seconds."""
@@ -83,6 +92,7 @@ class ProcessGroup:
             _signal_group(process, signal.SIGKILL)  # also children left behind in the group
             process.wait()
         self.processes.clear()
+        self.logs.clear()
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
@@ -169,7 +179,7 @@ def run_demo(*, sites: int = 3, rounds: int = 3, epsilon: float = 8.0, seed: int
             say(f"{len(site_tomls)} sites started, each with its own certificate and data")
             submitted = submit(load_toml(run_toml, RunConfig), str(run_toml))
             say(f"run {submitted.run_id} submitted; checkpoints go to {submitted.run_dir}")
-            return follow(submitted, on_round)
+            return follow(submitted, on_round, check=group.check_alive)
         finally:
             group.stop()
             say(f"all processes stopped; logs in {out / 'logs'}")

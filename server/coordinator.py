@@ -132,8 +132,11 @@ def run_status(submitted: SubmittedRun) -> str:
 
 
 def follow(submitted: SubmittedRun, on_round: Callable[[RoundResult], None] | None = None,
-           poll_seconds: float = 2.0) -> RunResult:
+           poll_seconds: float = 2.0, check: Callable[[], None] | None = None) -> RunResult:
     """Report rounds as they commit until the run ends; return its result.
+
+    ``check`` is called at every poll and may raise to abandon following (a launcher
+    uses it to notice that a process it started has died).
 
     Raises
     ------
@@ -153,6 +156,8 @@ def follow(submitted: SubmittedRun, on_round: Callable[[RoundResult], None] | No
             seen = len(lines)
         if status.startswith("finished"):
             break
+        if check is not None:
+            check()
         time.sleep(poll_seconds)
     result_file = submitted.run_dir / RESULT_FILE
     if status != "finished:completed" or not result_file.exists():
