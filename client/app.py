@@ -12,13 +12,16 @@ import zlib
 from collections.abc import Callable
 
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedgen.config import SiteConfig, load_toml
 from fedgen.data import DataError, load_dataset
 from fedgen.model import ModelConfig, build_model, resolve_device
-from fedgen.params import arrays_to_record, load_trainable, record_to_arrays, to_numpy, trainable_tensors
+from fedgen.params import (
+    arrays_to_record, digest, load_trainable, record_to_arrays, to_numpy, trainable_tensors,
+)
+from fedgen.pki import load_private_key, sign_digest
 from fedgen.protocol import (
     ARRAYS_KEY, BUDGET_REFUSED, CONFIG_KEY, METRICS_KEY, SITE_DATA_ERROR, SITE_ERROR, SITE_KEY,
     TrainInstructions, TrainReport, site_record,
@@ -108,11 +111,21 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
         max_grad_norm=dp.max_grad_norm if dp else 0.0,
         epsilon=epsilon, delta=privacy.delta if dp else 0.0, dp=dp is not None,
     )
+    update = to_numpy(trainable_tensors(model))
     return RecordDict({
-        ARRAYS_KEY: arrays_to_record(to_numpy(trainable_tensors(model))),
+        ARRAYS_KEY: arrays_to_record(update),
         METRICS_KEY: report.to_record(),
-        SITE_KEY: site_record(site.site_id),
+        SITE_KEY: _signed_site_record(site, digest(update)),
     })
+
+
+def _signed_site_record(site: SiteConfig, update_digest: str) -> ConfigRecord:
+    """The site's identity and update digest, signed with its certificate's key when it has one."""
+    if site.tls is None:  # a simulated site: no certificate, no signature
+        return site_record(site.site_id, update_digest)
+    key = load_private_key(site.tls.private_key)
+    certificate_pem = site.tls.certificate.read_text(encoding="ascii")
+    return site_record(site.site_id, update_digest, sign_digest(key, update_digest), certificate_pem)
 
 
 def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cli_certs import certs_app
+from .cli_lineage import lineage_app, model_app
 from .config import (
     STRATEGY_NAMES, AggregatorConfig, ConfigError, RunConfig, SiteConfig, TrainingConfig, load_toml,
 )
@@ -25,6 +26,8 @@ from .results import RoundResult, RunResult
 app = typer.Typer(help="Sovereign federated fine-tuning of genomic language models.",
                   no_args_is_help=True, add_completion=False)
 app.add_typer(certs_app, name="certs")
+app.add_typer(lineage_app, name="lineage")
+app.add_typer(model_app, name="model")
 err = Console(stderr=True)
 
 DEFAULTS = TrainingConfig()

@@ -133,5 +133,16 @@ class TrainReport:
         return cls(**kwargs)
 
 
-def site_record(site_id: str) -> ConfigRecord:
-    return ConfigRecord({"site-id": site_id})
+def site_record(site_id: str, update_digest: str, signature: bytes | None = None,
+                certificate_pem: str | None = None) -> ConfigRecord:
+    """Who sent an update, its digest and, in deployment, the site's signature over it.
+
+    The signature is the site key's ECDSA signature over the update digest
+    (`fedgen.pki.sign_digest`); the certificate lets the aggregator and later an auditor
+    check it against the consortium CA.
+    """
+    record = ConfigRecord({"site-id": site_id, "update-digest": update_digest})
+    if signature is not None and certificate_pem is not None:
+        record["signature"] = signature
+        record["certificate"] = certificate_pem
+    return record

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import pki
 from .config import PrivacyConfig, SiteConfig, TrainingConfig, load_toml, to_toml
 from .data import SequenceDataset, bundled_data_dir, load_bundled, load_dataset, train_test_split
 from .model import ModelConfig, preset_config
@@ -26,6 +27,7 @@ from .tokenizers import make_tokenizer
 
 PARTITIONS = ("iid", "label-skew", "dirichlet")
 DEFAULTS = TrainingConfig()
+LEDGER_FILE = "lineage.jsonl"
 TEST_FRACTION = 0.15
 
 
@@ -154,11 +156,11 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
     from flwr.simulation import run_simulation
 
     from fedgen.client.app import make_client_app
-    from fedgen.server.app import ServerPlan, make_server_app
+    from fedgen.server.app import LineageFiles, ServerPlan, make_server_app
 
     plan = ServerPlan(training=training, model_config=model_config, label_names=list(label_names),
                       num_sites=len(site_tomls), out_dir=out_dir, eval_data=test,
-                      config_summary=config_summary)
+                      config_summary=config_summary, lineage=LineageFiles(*simulation_signer(out_dir)))
     server_app, outcome = make_server_app(plan, on_round)
     client_app = make_client_app(_SimulatedSites([str(p) for p in site_tomls]))
     # Flower logs every message exchange at INFO; rounds are reported through on_round.
@@ -178,6 +180,16 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
     if outcome.result is None:
         raise RuntimeError("simulation ended without a result; see the log above")
     return outcome.result
+
+
+def simulation_signer(out_dir: Path) -> tuple[Path, Path, Path]:
+    """(ledger, key, certificate): a simulation's lineage is signed like a deployment's,
+    by an aggregator certificate of a throwaway CA kept in ``out_dir/pki``."""
+    folder = out_dir / "pki"
+    pki.init_consortium(folder, "fedgen-simulation", days=30)
+    pki.issue_aggregator(folder, ["simulation.invalid"], days=30)
+    layout = pki.layout(folder)
+    return out_dir / LEDGER_FILE, layout.aggregator_key, layout.aggregator_cert
 
 
 class _SimulatedSites:

@@ -21,14 +21,19 @@ from flwr.serverapp import Grid, ServerApp
 from fedgen.config import TrainingConfig
 from fedgen.data import SequenceDataset, load_dataset
 from fedgen.model import ModelConfig, build_model, evaluate_classifier, resolve_device
-from fedgen.params import arrays_to_record, load_trainable, record_to_arrays, to_numpy, trainable_tensors
+from fedgen.lineage import LineageWriter
+from fedgen.params import (
+    arrays_to_record, digest, load_trainable, record_to_arrays, to_numpy, trainable_tensors,
+)
+from fedgen.pki import load_certificate, load_crl, load_private_key
 from fedgen.protocol import TrainInstructions
 from fedgen.results import RoundResult, RunResult, SiteRound
-from fedgen.strategies.recorder import RecordingStrategy, RoundLog
+from fedgen.strategies.recorder import RecordingStrategy, RoundLog, SiteTrust
 from fedgen.strategies.registry import make_strategy
 from fedgen.tokenizers import make_tokenizer
 
 from .checkpoints import save_checkpoint
+from .lineage_records import code_digest, round_records, software_versions
 
 RoundCallback = Callable[[RoundResult], None]
 
@@ -44,6 +49,33 @@ class ServerPlan:
     out_dir: Path
     eval_data: SequenceDataset | None = None
     config_summary: dict = field(default_factory=dict)
+    checkpoints_dir: Path | None = None  # default: out_dir/checkpoints
+    lineage: LineageFiles | None = None
+    trust: TrustFiles | None = None  # deployment: site signatures are checked against these
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoints_dir or self.out_dir / "checkpoints"
+
+
+@dataclass(frozen=True)
+class LineageFiles:
+    """The ledger and the aggregator key and certificate that sign its records."""
+
+    ledger: Path
+    private_key: Path
+    certificate: Path
+
+
+@dataclass(frozen=True)
+class TrustFiles:
+    """The consortium CA and CRL that site certificates are checked against."""
+
+    ca_certificate: Path
+    crl: Path
+
+    def load(self) -> SiteTrust:
+        return SiteTrust(load_certificate(self.ca_certificate), load_crl(self.crl))
 
 
 def site_rounds(log: RoundLog | None) -> list[SiteRound]:
@@ -52,7 +84,7 @@ def site_rounds(log: RoundLog | None) -> list[SiteRound]:
         return []
     rows = []
     for outcome in log.outcomes:
-        if outcome.report is not None:
+        if outcome.contributed:
             r = outcome.report
             rows.append(SiteRound(
                 site=outcome.site, status="trained", examples=r.num_examples,
@@ -61,13 +93,37 @@ def site_rounds(log: RoundLog | None) -> list[SiteRound]:
                 noise_multiplier=r.noise_multiplier if r.dp else None, steps=r.steps,
             ))
         else:
-            status = "refused" if outcome.refused else "failed"
-            rows.append(SiteRound(site=outcome.site, status=status, reason=outcome.refused or outcome.failed))
+            status = "refused" if outcome.refused else "rejected" if outcome.rejected else "failed"
+            rows.append(SiteRound(site=outcome.site, status=status,
+                                  reason=outcome.refused or outcome.rejected or outcome.failed))
     return sorted(rows, key=lambda row: row.site)
 
 
-def run_federation(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None = None) -> RunResult:
-    """Run ``plan.training.rounds`` rounds on ``grid`` and return what they produced."""
+def run_federation(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None = None,
+                   run_id: str = "local") -> RunResult:
+    """Run ``plan.training.rounds`` rounds on ``grid`` and return what they produced.
+
+    With ``plan.lineage``, every round is written to the lineage ledger as it commits,
+    between a ``run_started`` and a ``run_finished`` (or ``run_failed``) record.
+    """
+    writer = None
+    if plan.lineage is not None:
+        writer = LineageWriter.open(plan.lineage.ledger, load_private_key(plan.lineage.private_key),
+                                    load_certificate(plan.lineage.certificate))
+    try:
+        result = _run_rounds(grid, plan, on_round, run_id, writer)
+    except BaseException as exc:
+        if writer is not None:
+            writer.append("run_failed", {"error": f"{type(exc).__name__}: {exc}"}, run_id)
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    return result
+
+
+def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, run_id: str,
+                writer: LineageWriter | None) -> RunResult:
     training = plan.training
     model = build_model(plan.model_config, seed=training.seed)
     device = resolve_device("auto")
@@ -78,9 +134,11 @@ def run_federation(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None 
             tokenizer.encode(plan.eval_data.sequences, max_length=plan.model_config.max_len),
             torch.tensor(plan.eval_data.labels, dtype=torch.long),
         )
-    strategy = RecordingStrategy(make_strategy(
-        training.strategy, num_sites=plan.num_sites, options=training.strategy_options,
-    ))
+    strategy = RecordingStrategy(
+        make_strategy(training.strategy, num_sites=plan.num_sites, options=training.strategy_options),
+        trust=plan.trust.load() if plan.trust is not None else None,
+    )
+    strategy_record = {"name": training.strategy, "options": dict(training.strategy_options)}
     instructions = TrainInstructions(
         server_round=0,  # the strategy sets "server-round" in every round's config
         num_rounds=training.rounds, model_config=plan.model_config.to_json(),
@@ -88,39 +146,53 @@ def run_federation(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None 
         local_epochs=training.local_epochs, batch_size=training.batch_size,
         learning_rate=training.learning_rate, seed=training.seed,
     )
+    initial_arrays = to_numpy(trainable_tensors(model))
     rounds: list[RoundResult] = []
     initial: dict[str, float] = {}
+    current = {"digest": digest(initial_arrays)}
+    if writer is not None:
+        writer.append("run_started", {
+            "config": plan.config_summary, "training": training.model_dump(),
+            "model_config": json.loads(plan.model_config.to_json()), "labels": list(plan.label_names),
+            "sites": plan.num_sites, "strategy": strategy_record, "initial_model": current["digest"],
+            "versions": software_versions(), "code_digest": code_digest(),
+        }, run_id)
 
     def evaluate_and_commit(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         named = record_to_arrays(arrays)
-        path, model_digest = save_checkpoint(
-            plan.out_dir / "checkpoints", server_round, named, plan.model_config.to_json()
-        )
+        path, model_digest = save_checkpoint(plan.checkpoints, server_round, named, plan.model_config.to_json())
         loss, accuracy = math.nan, math.nan
         if evaluate_set is not None:
             load_trainable(model, named)
             loss, accuracy = evaluate_classifier(model, *evaluate_set, device)
         if server_round == 0:
             initial["accuracy"] = accuracy
-        else:
-            result = RoundResult(
-                round=server_round, accuracy=accuracy, loss=loss,
-                sites=site_rounds(strategy.rounds.get(server_round)),
-                checkpoint=str(path), model_digest=model_digest,
-            )
-            rounds.append(result)
-            if on_round is not None:
-                on_round(result)
+            return MetricRecord({"accuracy": accuracy, "loss": loss})
+        log = strategy.rounds.get(server_round)
+        if writer is not None:
+            for kind, body in round_records(log, server_round=server_round, model_in=current["digest"],
+                                            model_out=model_digest, checkpoint=path, strategy=strategy_record,
+                                            metrics={"accuracy": accuracy, "loss": loss}):
+                writer.append(kind, body, run_id)
+        current["digest"] = model_digest
+        result = RoundResult(round=server_round, accuracy=accuracy, loss=loss, sites=site_rounds(log),
+                             checkpoint=str(path), model_digest=model_digest)
+        rounds.append(result)
+        if on_round is not None:
+            on_round(result)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     strategy.start(
         grid=grid,
-        initial_arrays=arrays_to_record(to_numpy(trainable_tensors(model))),
+        initial_arrays=arrays_to_record(initial_arrays),
         num_rounds=training.rounds,
         timeout=training.round_timeout,
         train_config=instructions.to_record(),
         evaluate_fn=evaluate_and_commit,
     )
+    if writer is not None:
+        writer.append("run_finished", {"rounds": len(rounds), "model_digest": current["digest"],
+                                       "head": writer.head_hash}, run_id)
     return RunResult(rounds=rounds, initial_accuracy=initial.get("accuracy", math.nan),
                      out_dir=str(plan.out_dir), config=plan.config_summary)
 
@@ -144,7 +216,9 @@ def write_plan(plan: ServerPlan, eval_data: Path | None, path: Path) -> None:
         "training": plan.training.model_dump(), "model_config": plan.model_config.to_json(),
         "label_names": list(plan.label_names), "num_sites": plan.num_sites,
         "out_dir": str(plan.out_dir), "eval_data": str(eval_data) if eval_data else None,
-        "config_summary": plan.config_summary,
+        "config_summary": plan.config_summary, "checkpoints_dir": str(plan.checkpoints),
+        "lineage": {k: str(v) for k, v in asdict(plan.lineage).items()} if plan.lineage else None,
+        "trust": {k: str(v) for k, v in asdict(plan.trust).items()} if plan.trust else None,
     }, indent=2), encoding="utf-8")
 
 
@@ -157,6 +231,9 @@ def read_plan(path: Path) -> ServerPlan:
         training=TrainingConfig(**raw["training"]), model_config=ModelConfig.from_json(raw["model_config"]),
         label_names=list(raw["label_names"]), num_sites=int(raw["num_sites"]),
         out_dir=Path(raw["out_dir"]), eval_data=eval_data, config_summary=raw["config_summary"],
+        checkpoints_dir=Path(raw["checkpoints_dir"]),
+        lineage=LineageFiles(**{k: Path(v) for k, v in raw["lineage"].items()}) if raw["lineage"] else None,
+        trust=TrustFiles(**{k: Path(v) for k, v in raw["trust"].items()}) if raw["trust"] else None,
     )
 
 
@@ -175,9 +252,9 @@ def make_server_app(plan: ServerPlan, on_round: RoundCallback | None = None
     outcome = ServerOutcome()
 
     @app.main()
-    def main(grid: Grid, context: Context) -> None:  # noqa: ARG001 - Flower's signature
+    def main(grid: Grid, context: Context) -> None:
         try:
-            outcome.result = run_federation(grid, plan, on_round)
+            outcome.result = run_federation(grid, plan, on_round, run_id=str(context.run_id))
         except BaseException as exc:  # surfaced to the caller; Flower only logs it
             outcome.error = exc
             raise
@@ -196,5 +273,6 @@ def deployed_main(grid: Grid, context: Context) -> None:
         raise RuntimeError(f"run config lacks {PLAN_FILE_KEY!r}; submit runs with `fedgen run`")
     plan = read_plan(Path(str(plan_file)))
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    result = run_federation(grid, plan, on_round=lambda r: append_progress(plan.out_dir, r))
+    result = run_federation(grid, plan, on_round=lambda r: append_progress(plan.out_dir, r),
+                            run_id=str(context.run_id))
     result.save(plan.out_dir / RESULT_FILE)

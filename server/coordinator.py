@@ -24,9 +24,15 @@ from fedgen.results import RoundResult, RunResult
 from fedgen.sovereignty import sovereign_environment
 from fedgen.tokenizers import make_tokenizer
 
-from .app import PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, ServerPlan, write_plan
+from .app import (
+    PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, LineageFiles, ServerPlan, TrustFiles, write_plan,
+)
 
 FEDERATION = "fedgen"
+# In the aggregator's state folder: one ledger and one checkpoint folder for all runs
+# (checkpoint names carry their digest, so runs never collide).
+LEDGER_FILE = "lineage.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
 APP_PYPROJECT = f"""[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -98,11 +104,16 @@ def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, ServerPlan]
         except DataError as exc:
             raise ConfigError(f"{source}: eval_data: {exc}") from None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    run_dir = Path(aggregator.state_dir).resolve() / "runs" / stamp
+    state = Path(aggregator.state_dir).resolve()
+    tls = aggregator.tls
     plan = ServerPlan(training=run.training, model_config=model_config, label_names=list(run.labels),
-                      num_sites=run.sites, out_dir=run_dir,
+                      num_sites=run.sites, out_dir=state / "runs" / stamp,
                       config_summary={"run_config": source, "sites": run.sites,
-                                      "eval_data": str(run.eval_data) if run.eval_data else None})
+                                      "eval_data": str(run.eval_data) if run.eval_data else None},
+                      checkpoints_dir=state / CHECKPOINTS_DIR,
+                      lineage=LineageFiles(ledger=state / LEDGER_FILE, private_key=tls.private_key.resolve(),
+                                           certificate=tls.certificate.resolve()),
+                      trust=TrustFiles(ca_certificate=tls.ca_certificate.resolve(), crl=tls.crl.resolve()))
     return aggregator, plan
 
 

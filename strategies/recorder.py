@@ -1,19 +1,36 @@
-"""A strategy wrapper that keeps what every site replied, round by round.
+"""A strategy wrapper that checks and keeps what every site replied, round by round.
 
 A wrapper rather than a subclass, so it sits around any strategy, Flower's DP wrappers
-included, and sees each reply before the inner strategy aggregates it.
+included, and sees each reply before the inner strategy aggregates it. An update whose
+digest or site signature does not hold is rejected here and never reaches aggregation;
+what each site sent (or why not) is kept for the round's lineage record.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
+from cryptography import x509
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedgen.protocol import BUDGET_REFUSED, METRICS_KEY, SITE_KEY, ProtocolError, TrainReport
+from fedgen import pki
+from fedgen.params import digest, record_to_arrays
+from fedgen.protocol import (
+    ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, ProtocolError, TrainReport,
+)
+
+
+@dataclass(frozen=True)
+class SiteTrust:
+    """What a site's signature is checked against: the consortium CA and its CRL."""
+
+    ca_certificate: x509.Certificate
+    crl: x509.CertificateRevocationList
 
 
 @dataclass
@@ -24,19 +41,40 @@ class SiteOutcome:
     report: TrainReport | None = None
     refused: str | None = None
     failed: str | None = None
+    rejected: str | None = None
+    update_digest: str | None = None
+    signature: str | None = None  # base64
+    certificate: str | None = None  # PEM
+    fingerprint: str | None = None
+
+    @property
+    def contributed(self) -> bool:
+        return self.report is not None and self.rejected is None
 
 
 @dataclass
 class RoundLog:
     server_round: int
+    started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     outcomes: list[SiteOutcome] = field(default_factory=list)
 
 
 class RecordingStrategy(Strategy):
-    """Delegate everything to ``inner``; remember each train reply per round."""
+    """Delegate to ``inner``; check each train reply and remember it per round.
 
-    def __init__(self, inner: Strategy) -> None:
+    Parameters
+    ----------
+    inner : Strategy
+        The aggregation strategy.
+    trust : SiteTrust, optional
+        In deployment, every update must carry a valid signature by a certificate the
+        consortium CA issued to the site named in the reply, not revoked. Without it
+        (simulation), only the update digest is checked.
+    """
+
+    def __init__(self, inner: Strategy, trust: SiteTrust | None = None) -> None:
         self.inner = inner
+        self.trust = trust
         self.rounds: dict[int, RoundLog] = {}
         self._site_of_node: dict[int, str] = {}
 
@@ -45,15 +83,21 @@ class RecordingStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self.rounds[server_round] = RoundLog(server_round)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
         log = self.rounds.setdefault(server_round, RoundLog(server_round))
+        admitted = []
         for reply in replies:
-            log.outcomes.append(self._outcome(reply))
-        return self.inner.aggregate_train(server_round, replies)
+            outcome = self._outcome(reply)
+            log.outcomes.append(outcome)
+            if outcome.rejected is None:
+                admitted.append(reply)
+        if not any(outcome.contributed for outcome in log.outcomes):
+            return None, None
+        return self.inner.aggregate_train(server_round, admitted)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -71,10 +115,40 @@ class RecordingStrategy(Strategy):
                 return SiteOutcome(site, refused=reason)
             return SiteOutcome(site, failed=reason)
         content = reply.content
-        site = str(content[SITE_KEY]["site-id"]) if SITE_KEY in content else f"node-{node}"
+        identity = content[SITE_KEY] if SITE_KEY in content else ConfigRecord()
+        site = str(identity.get("site-id", f"node-{node}"))
         self._site_of_node[node] = site
         try:
             report = TrainReport.from_record(content[METRICS_KEY])
+            update_digest = digest(record_to_arrays(content[ARRAYS_KEY]))
         except (KeyError, ProtocolError) as exc:
-            return SiteOutcome(site, failed=f"malformed reply: {exc}")
-        return SiteOutcome(site, report=report)
+            return SiteOutcome(site, rejected=f"malformed reply: {exc}")
+        outcome = SiteOutcome(site, report=report, update_digest=update_digest)
+        outcome.rejected = self._check_identity(outcome, identity)
+        return outcome
+
+    def _check_identity(self, outcome: SiteOutcome, identity: ConfigRecord) -> str | None:
+        """Why the update's claimed digest or signature does not hold, or None."""
+        if identity.get("update-digest") != outcome.update_digest:
+            return "update digest does not match the tensors sent"
+        signature, certificate_pem = identity.get("signature"), identity.get("certificate")
+        if self.trust is None:
+            return None
+        if not isinstance(signature, bytes) or not isinstance(certificate_pem, str):
+            return "update is not signed by the site"
+        try:
+            certificate = x509.load_pem_x509_certificate(certificate_pem.encode("ascii"))
+            pki.verify_issued_by(certificate, self.trust.ca_certificate)
+            owner = pki.site_id_of(certificate)
+        except (ValueError, pki.PKIError) as exc:
+            return f"site certificate not trusted: {exc}"
+        if pki.is_revoked(certificate, self.trust.crl):
+            return "site certificate is revoked"
+        if owner != outcome.site:
+            return f"certificate belongs to {owner!r}, not {outcome.site!r}"
+        if not pki.verify_digest_signature(certificate, outcome.update_digest, signature):
+            return "site signature over the update digest does not verify"
+        outcome.signature = base64.b64encode(signature).decode("ascii")
+        outcome.certificate = certificate_pem
+        outcome.fingerprint = pki.fingerprint(certificate)
+        return None

@@ -41,6 +41,39 @@ def test_two_sites_two_rounds_learn_under_dp(tmp_path):
     saved = json.loads((out / "result.json").read_text())
     assert saved["final_accuracy"] == summary["final_accuracy"]
     assert [r["checkpoint"] for r in saved["rounds"]] == [str(p) for p in checkpoints[1:]]
+    _lineage_approval_and_export(out, checkpoints)
+
+
+def _fedgen(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedgen.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _lineage_approval_and_export(out, checkpoints):
+    """The run's lineage verifies; a model is exported only once a person approved it."""
+    ledger = str(out / "lineage.jsonl")
+    verified = _fedgen("lineage", "verify", "--ledger", ledger)
+    assert verified.returncode == 0, verified.stderr
+    assert "OK, 4 records" in verified.stdout and "2 checkpoint digests" in verified.stdout
+    refused = _fedgen("model", "export", "--round", "2", "--ledger", ledger, "--out", str(out / "release"))
+    assert refused.returncode == 2 and "not approved" in refused.stderr
+    approved = _fedgen("model", "approve", "--round", "2", "--ledger", ledger, "--by", "Dr. Ada Lovelace",
+                       "--reason", "held-out accuracy reviewed")
+    assert approved.returncode == 0, approved.stderr
+    exported = _fedgen("model", "export", "--round", "2", "--ledger", ledger, "--out", str(out / "release"))
+    assert exported.returncode == 0, exported.stderr
+    card = (out / "release" / "MODEL_CARD.md").read_text()
+    head = _fedgen("lineage", "verify", "--ledger", ledger).stdout.split("head ")[1].split(";")[0]
+    assert "Approved by Dr. Ada Lovelace" in card and head in card and "| site-0 |" in card
+    assert (out / "release" / "model.safetensors").read_bytes() == checkpoints[2].read_bytes()
+    prov = json.loads(_fedgen("lineage", "export", "--format", "prov-json", "--ledger", ledger).stdout)
+    assert {"entity", "activity", "agent", "wasGeneratedBy", "used", "wasAssociatedWith"} <= set(prov)
+    # One changed byte in a checkpoint is named by verify, with the record it breaks.
+    blob = bytearray(checkpoints[1].read_bytes())
+    blob[-1] ^= 1
+    checkpoints[1].write_bytes(bytes(blob))
+    broken = _fedgen("lineage", "verify", "--ledger", ledger)
+    assert broken.returncode == 1 and "BROKEN at record seq 1" in broken.stderr
 
 
 def test_site_refuses_the_round_that_would_pass_its_ceiling(tmp_path):

@@ -22,9 +22,10 @@ def test_reply_carries_only_tensors_metrics_and_site_id(site_toml):
     sent = train_message()
     reply = train_round(site, sent, run_id=1)
     assert set(reply.keys()) == {ARRAYS_KEY, METRICS_KEY, SITE_KEY}
-    assert dict(reply[SITE_KEY]) == {"site-id": "site-a"}
     before, after = record_to_arrays(sent[ARRAYS_KEY]), record_to_arrays(reply[ARRAYS_KEY])
     assert sorted(before) == sorted(after) and digest(before) != digest(after)
+    # A simulated site (no certificate) names itself and its update's digest, unsigned.
+    assert dict(reply[SITE_KEY]) == {"site-id": "site-a", "update-digest": digest(after)}
     report = TrainReport.from_record(reply[METRICS_KEY])
     assert report.dp and report.num_examples == 120 and report.steps == round(120 / 16)
     assert report.sample_rate == pytest.approx(1 / 8)  # Opacus: 1 / ceil(120 / 16)
@@ -109,3 +110,24 @@ def test_epsilon_accumulates_across_fresh_processes(site_toml):
     fresh = PrivacyLedger(path=Path("unused"), accountant="rdp", delta=1e-5)
     assert eps2 == pytest.approx(fresh.epsilon_of([(sigma1, q, steps), (sigma2, q, steps)]), rel=1e-9)
     assert len(PrivacyLedger.open(site.state_dir, accountant="rdp", delta=1e-5).rounds) == 2
+
+
+def test_a_deployed_site_signs_its_update_digest(tmp_path):
+    from fedgen import pki
+    from fedgen.config import SiteTLSConfig
+
+    certs = tmp_path / "certs"
+    pki.init_consortium(certs, "t")
+    pki.issue_site(certs, "site-s")
+    layout = pki.layout(certs)
+    site = load_toml(write_site(tmp_path / "site-s"), SiteConfig).model_copy(update={"tls": SiteTLSConfig(
+        certificate=layout.site_cert("site-s"), private_key=layout.site_key("site-s"),
+        ca_certificate=layout.ca_cert)})
+    reply = train_round(site, train_message(), run_id=1)
+    signed = reply[SITE_KEY]
+    update_digest = digest(record_to_arrays(reply[ARRAYS_KEY]))
+    assert signed["update-digest"] == update_digest
+    certificate = pki.x509.load_pem_x509_certificate(signed["certificate"].encode())
+    assert pki.site_id_of(certificate) == "site-s"
+    assert pki.verify_digest_signature(certificate, update_digest, signed["signature"])
+    assert b"PRIVATE KEY" not in recorddict_to_proto(reply).SerializeToString()

@@ -4,9 +4,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from fedgen.config import STRATEGY_NAMES
-from fedgen.params import arrays_to_record, record_to_arrays
+from fedgen import pki
+from fedgen.params import arrays_to_record, digest, record_to_arrays
 from fedgen.protocol import ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, TrainReport, site_record
-from fedgen.strategies.recorder import RecordingStrategy
+from fedgen.strategies.recorder import RecordingStrategy, SiteTrust
 from fedgen.strategies.registry import STRATEGIES, make_strategy
 
 
@@ -22,14 +23,20 @@ def _metadata(node: int) -> Metadata:
                     group_id="1", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
 
 
-def _reply(node: int, value: float, examples: int) -> Message:
+def _reply(node: int, value: float, examples: int, *, claimed_digest: str | None = None,
+           signer=None, site: str | None = None) -> Message:
+    """A train reply; ``signer`` = (private key, certificate PEM) signs its digest."""
     report = TrainReport(num_examples=examples, train_loss=0.5, steps=3, sample_rate=0.1,
                          noise_multiplier=1.0, max_grad_norm=1.0, epsilon=0.1 * node, delta=1e-5, dp=True)
-    content = RecordDict({
-        ARRAYS_KEY: arrays_to_record({"w": np.full(4, value, dtype=np.float32)}),
-        METRICS_KEY: report.to_record(),
-        SITE_KEY: site_record(f"site-{node}"),
-    })
+    arrays = {"w": np.full(4, value, dtype=np.float32)}
+    update_digest = claimed_digest or digest(arrays)
+    identity = site_record(site or f"site-{node}", update_digest)
+    if signer is not None:
+        key, certificate_pem = signer
+        identity = site_record(site or f"site-{node}", update_digest, pki.sign_digest(key, update_digest),
+                               certificate_pem)
+    content = RecordDict({ARRAYS_KEY: arrays_to_record(arrays), METRICS_KEY: report.to_record(),
+                          SITE_KEY: identity})
     return Message(metadata=_metadata(node), content=content)
 
 
@@ -84,3 +91,53 @@ def test_recorder_keeps_refusals_and_failures_with_the_site_name():
     first, second = strategy.rounds[2].outcomes
     assert (first.site, first.refused, first.failed) == ("site-1", "site-1: budget", None)
     assert (second.site, second.refused, second.failed) == ("site-2", None, "boom")
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pki")
+    pki.init_consortium(folder, "t")
+    for site in ("site-1", "site-2", "site-3"):
+        pki.issue_site(folder, site)
+    pki.revoke_site(folder, "site-3")
+    layout = pki.layout(folder)
+    trust = SiteTrust(pki.load_certificate(layout.ca_cert), pki.load_crl(layout.crl))
+
+    def signer(site: str):
+        return pki.load_private_key(layout.site_key(site)), layout.site_cert(site).read_text()
+
+    return trust, signer
+
+
+def _rejections(strategy, replies):
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays, {o.site: o.rejected for o in strategy.rounds[1].outcomes}
+
+
+def test_update_whose_digest_does_not_match_is_left_out():
+    strategy = RecordingStrategy(make_strategy("fedavg", num_sites=2))
+    arrays, rejected = _rejections(strategy, [_reply(1, 1.0, 10), _reply(2, 9.0, 10, claimed_digest="0" * 64)])
+    assert rejected == {"site-1": None, "site-2": "update digest does not match the tensors sent"}
+    np.testing.assert_allclose(record_to_arrays(arrays)["w"], 1.0)  # only site-1 was aggregated
+
+
+def test_signed_updates_are_checked_against_the_consortium(consortium):
+    trust, signer = consortium
+    strategy = RecordingStrategy(make_strategy("fedavg", num_sites=2), trust=trust)
+    arrays, _ = _rejections(strategy, [
+        _reply(1, 1.0, 10, signer=signer("site-1")),
+        _reply(2, 5.0, 10),  # unsigned
+        _reply(4, 6.0, 10, signer=signer("site-2"), site="site-4"),  # site-2's certificate, posing as site-4
+        _reply(3, 7.0, 10, signer=signer("site-3")),  # revoked
+        _reply(5, 8.0, 10, signer=(signer("site-1")[0], signer("site-2")[1]), site="site-2"),  # forged
+    ])
+    assert [o.rejected for o in strategy.rounds[1].outcomes] == [
+        None,
+        "update is not signed by the site",
+        "certificate belongs to 'site-2', not 'site-4'",
+        "site certificate is revoked",
+        "site signature over the update digest does not verify",
+    ]
+    np.testing.assert_allclose(record_to_arrays(arrays)["w"], 1.0)
+    accepted = strategy.rounds[1].outcomes[0]
+    assert accepted.fingerprint and accepted.certificate.startswith("-----BEGIN CERTIFICATE")

@@ -1,0 +1,200 @@
+"""`fedgen lineage …` and `fedgen model …`: read, verify, export and act on the ledger.
+
+Files can be named one by one, or found from an aggregator config (``--config``: its
+state folder's ``lineage.jsonl`` and ``checkpoints/``, its TLS certificate, key and CA)
+or, for a simulation, next to the ledger (``pki/aggregator.pem``, ``checkpoints/``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import pki
+from .config import AggregatorConfig, ConfigError, load_toml
+from .lineage import LineageError, export_prov, read_records, verify
+from .model_release import ReleaseError, approve, export_model
+
+lineage_app = typer.Typer(help="The signed, hash-chained lineage of every run and round.", no_args_is_help=True)
+model_app = typer.Typer(help="Approve a committed model (human oversight) and export it.", no_args_is_help=True)
+err = Console(stderr=True)
+
+LEDGER = typer.Option(None, "--ledger", help="lineage.jsonl (default: from --config).")
+CONFIG = typer.Option(None, "--config", "-c", help="aggregator.toml: finds ledger, checkpoints, certificates.")
+CERT = typer.Option(None, "--cert", help="The aggregator certificate that signs the ledger.")
+CA = typer.Option(None, "--ca", help="Consortium CA: also check the aggregator's and sites' certificates.")
+CHECKPOINTS = typer.Option(None, "--checkpoints", help="Folder of round checkpoints to check digests of.")
+RUN = typer.Option(None, "--run", help="Run id (default: the latest run in the ledger).")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@dataclass
+class LedgerFiles:
+    ledger: Path
+    certificate: Path | None
+    private_key: Path | None
+    ca: Path | None
+    checkpoints: Path | None
+
+
+def _files(ledger: Path | None, config: Path | None, cert: Path | None, ca: Path | None,
+           checkpoints: Path | None, key: Path | None = None) -> LedgerFiles:
+    """Explicit options first, then the aggregator config, then a simulation's layout."""
+    if config is not None:
+        try:
+            aggregator = load_toml(config, AggregatorConfig)
+        except ConfigError as exc:
+            _fail(str(exc))
+        state = Path(aggregator.state_dir)
+        ledger = ledger or state / "lineage.jsonl"
+        cert, key = cert or aggregator.tls.certificate, key or aggregator.tls.private_key
+        ca, checkpoints = ca or aggregator.tls.ca_certificate, checkpoints or state / "checkpoints"
+    if ledger is None:
+        _fail("name the ledger with --ledger, or the aggregator with --config")
+    simulation_pki = ledger.parent / "pki"
+    if cert is None and (simulation_pki / "aggregator.pem").exists():
+        cert, key = simulation_pki / "aggregator.pem", key or simulation_pki / "aggregator.key"
+        ca = ca or simulation_pki / "ca.pem"
+    if checkpoints is None and (ledger.parent / "checkpoints").is_dir():
+        checkpoints = ledger.parent / "checkpoints"
+    return LedgerFiles(ledger, cert, key, ca, checkpoints)
+
+
+def _records(ledger: Path) -> list[dict]:
+    try:
+        return read_records(ledger)
+    except LineageError as exc:
+        _fail(str(exc))
+
+
+@lineage_app.command("show")
+def show(ledger: Path = LEDGER, config: Path = CONFIG,
+         as_json: bool = typer.Option(False, "--json", help="Print the records as JSON lines.")) -> None:
+    """A readable table of every record: runs, rounds, contributions, rejections, approvals."""
+    files = _files(ledger, config, None, None, None)
+    records = _records(files.ledger)
+    if as_json:
+        for record in records:
+            print(json.dumps(record))
+        return
+    table = Table(title=str(files.ledger))
+    for column in ("seq", "time", "run", "event", "round", "model", "detail"):
+        table.add_column(column)
+    for r in records:
+        body = r["body"]
+        model, detail = "", ""
+        if r["type"] == "round_committed":
+            model = body["model_out"]["digest"][:12]
+            sites = [f"{c['site']} n={c['examples']} ε={c['epsilon']:.2f}" for c in body["contributions"]]
+            left_out = [f"{x['site']} {kind}" for kind in ("rejected", "refused", "failed") for x in body[kind]]
+            accuracy = body["metrics"].get("accuracy")
+            detail = "; ".join(sites + left_out) + (f"; accuracy {accuracy:.4f}" if accuracy is not None else "")
+        elif r["type"] in ("update_rejected", "site_refused"):
+            detail = f"{body['site']}: {body['reason']}"
+        elif r["type"] == "model_approved":
+            model, detail = body["model_digest"][:12], f"by {body['by']}: {body['reason']}"
+        elif r["type"] == "run_started":
+            detail = f"{body['strategy']['name']}, {body['sites']} sites, " + \
+                     ", ".join(f"{k} {v}" for k, v in body["versions"].items())
+        elif r["type"] == "run_finished":
+            model = body["model_digest"][:12]
+        elif r["type"] == "run_failed":
+            detail = body["error"]
+        table.add_row(str(r["seq"]), r["time"][:19], r["run_id"][-8:], r["type"],
+                      str(body.get("round", "")), model, escape(detail))
+    Console().print(table)
+
+
+@lineage_app.command("verify")
+def verify_command(ledger: Path = LEDGER, config: Path = CONFIG, cert: Path = CERT, ca: Path = CA,
+                   checkpoints: Path = CHECKPOINTS) -> None:
+    """Walk the chain: every hash, signature, site signature and (given) checkpoint digest."""
+    files = _files(ledger, config, cert, ca, checkpoints)
+    if files.certificate is None:
+        _fail("name the aggregator certificate with --cert (or --config)")
+    try:
+        report = verify(files.ledger, pki.load_certificate(files.certificate), checkpoints_dir=files.checkpoints,
+                        ca_certificate=pki.load_certificate(files.ca) if files.ca else None)
+    except (LineageError, pki.PKIError) as exc:
+        _fail(str(exc))
+    if not report.ok:
+        _fail(f"{files.ledger}: BROKEN at record seq {report.error_seq} (line {report.error_line}): "
+              f"{report.error}", code=1)
+    tail = " (an incomplete last append was ignored)" if report.incomplete_tail else ""
+    print(f"{files.ledger}: OK, {report.records} records, head {report.head_hash}; "
+          f"{report.checkpoints_checked} checkpoint digests and {report.site_signatures_checked} "
+          f"site signatures checked{tail}")
+
+
+@lineage_app.command("export")
+def export(ledger: Path = LEDGER, config: Path = CONFIG,
+           format: str = typer.Option("prov-json", "--format", help="prov-json (W3C PROV-JSON)."),  # noqa: A002
+           out: Path = typer.Option(None, "--out", help="File to write (default: stdout).")) -> None:
+    """Export the lineage for compliance tools."""
+    if format not in ("prov-json", "prov"):
+        _fail(f"unknown format {format!r}; supported: prov-json")
+    files = _files(ledger, config, None, None, None)
+    try:
+        document = json.dumps(export_prov(files.ledger), indent=2)
+    except LineageError as exc:
+        _fail(str(exc))
+    if out is None:
+        print(document)
+    else:
+        out.write_text(document + "\n", encoding="utf-8")
+        err.print(f"wrote {out}", highlight=False)
+
+
+@model_app.command("approve")
+def approve_command(
+    round: int = typer.Option(..., "--round", min=1, help="The committed round whose model is approved."),  # noqa: A002
+    by: str = typer.Option(..., "--by", help="Who approves (name, role)."),
+    reason: str = typer.Option(..., "--reason", help="Why: the review that was done."),
+    run: str = RUN, ledger: Path = LEDGER, config: Path = CONFIG,
+    key: Path = typer.Option(None, "--key", help="Aggregator key that signs the ledger (default: from --config)."),
+    cert: Path = CERT,
+) -> None:
+    """Record a signed approval of a round's model in the ledger."""
+    files = _files(ledger, config, cert, None, None, key)
+    if files.certificate is None or files.private_key is None:
+        _fail("the aggregator's --key and --cert (or --config) are needed to sign the approval")
+    try:
+        record = approve(files.ledger, pki.load_private_key(files.private_key),
+                         pki.load_certificate(files.certificate), server_round=round, by=by, reason=reason,
+                         run_id=run)
+    except (ReleaseError, pki.PKIError, LineageError) as exc:
+        _fail(str(exc))
+    print(f"approved run {record['run_id']} round {round}: model {record['body']['model_digest']} "
+          f"(record seq {record['seq']}, hash {record['hash']})")
+
+
+@model_app.command("export")
+def export_command(
+    round: int = typer.Option(..., "--round", min=1, help="The committed round to export."),  # noqa: A002
+    out: Path = typer.Option(..., "--out", help="New folder for weights, config.json and MODEL_CARD.md."),
+    run: str = RUN, ledger: Path = LEDGER, config: Path = CONFIG, cert: Path = CERT, ca: Path = CA,
+    checkpoints: Path = CHECKPOINTS,
+    allow_unapproved: bool = typer.Option(False, "--allow-unapproved", help="Export without an approval."),
+) -> None:
+    """Export a round's model with a model card (refuses unapproved rounds by default)."""
+    files = _files(ledger, config, cert, ca, checkpoints)
+    if files.certificate is None or files.checkpoints is None:
+        _fail("the aggregator --cert and --checkpoints (or --config) are needed")
+    try:
+        path = export_model(files.ledger, pki.load_certificate(files.certificate), files.checkpoints, out,
+                            server_round=round, run_id=run, allow_unapproved=allow_unapproved,
+                            ca_certificate=pki.load_certificate(files.ca) if files.ca else None)
+    except (ReleaseError, pki.PKIError, LineageError) as exc:
+        _fail(str(exc))
+    print(f"exported to {path}: model.safetensors, config.json, MODEL_CARD.md")

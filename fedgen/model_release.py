@@ -1,0 +1,141 @@
+"""Human oversight before a model is used: approving a committed round and exporting it.
+
+An approval is a signed ``model_approved`` record in the lineage ledger; an export is the
+round's checkpoint with its configuration and a model card that cites the ledger's head
+hash, each site's privacy spend and the approval. Export refuses an unapproved round
+unless told otherwise, and always refuses a ledger that does not verify.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .lineage import LineageError, LineageWriter, read_records, verify
+
+
+class ReleaseError(ValueError):
+    """The round, run or ledger does not allow the approval or export asked for."""
+
+
+@dataclass(frozen=True)
+class RoundEntry:
+    run_id: str
+    round: int
+    record: dict[str, Any]
+    run_started: dict[str, Any]
+
+
+def find_round(ledger: Path, server_round: int, run_id: str | None = None) -> RoundEntry:
+    """The ``round_committed`` record of ``server_round`` in ``run_id`` (default: the latest run)."""
+    records = read_records(ledger)
+    started = {r["run_id"]: r for r in records if r["type"] == "run_started"}
+    if not started:
+        raise ReleaseError(f"{ledger}: no run in this ledger")
+    run_id = run_id or next(r["run_id"] for r in reversed(records) if r["type"] == "run_started")
+    if run_id not in started:
+        raise ReleaseError(f"{ledger}: no run {run_id!r}; runs: {', '.join(started)}")
+    for record in records:
+        if record["type"] == "round_committed" and record["run_id"] == run_id \
+                and record["body"].get("round") == server_round:
+            return RoundEntry(run_id, server_round, record, started[run_id])
+    raise ReleaseError(f"{ledger}: run {run_id} has no committed round {server_round}")
+
+
+def approvals_of(ledger: Path, entry: RoundEntry) -> list[dict[str, Any]]:
+    """``model_approved`` records for exactly this round's model."""
+    digest = entry.record["body"]["model_out"]["digest"]
+    return [r for r in read_records(ledger) if r["type"] == "model_approved"
+            and r["run_id"] == entry.run_id and r["body"].get("model_digest") == digest]
+
+
+def approve(ledger: Path, private_key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate, *,
+            server_round: int, by: str, reason: str, run_id: str | None = None) -> dict[str, Any]:
+    """Append a signed approval of a committed round's model; return the record."""
+    if not by.strip() or not reason.strip():
+        raise ReleaseError("an approval needs who approves (--by) and why (--reason)")
+    entry = find_round(ledger, server_round, run_id)
+    body = {"round": server_round, "by": by, "reason": reason,
+            "model_digest": entry.record["body"]["model_out"]["digest"],
+            "checkpoint": entry.record["body"]["model_out"]["checkpoint"],
+            "round_record": entry.record["hash"]}
+    try:
+        with LineageWriter.open(ledger, private_key, certificate) as writer:
+            return writer.append("model_approved", body, entry.run_id)
+    except LineageError as exc:
+        raise ReleaseError(str(exc)) from None
+
+
+def privacy_spend(ledger: Path, entry: RoundEntry) -> dict[str, dict[str, float]]:
+    """Each site's latest reported ε (and δ) in the run, up to and including the round."""
+    spend: dict[str, dict[str, float]] = {}
+    for record in read_records(ledger):
+        body = record["body"]
+        if record["type"] == "round_committed" and record["run_id"] == entry.run_id \
+                and body["round"] <= entry.round:
+            for c in body["contributions"]:
+                if c.get("dp"):
+                    spend[c["site"]] = {"epsilon": c["epsilon"], "delta": c["delta"]}
+    return spend
+
+
+def export_model(ledger: Path, aggregator_certificate: x509.Certificate, checkpoints: Path, out: Path, *,
+                 server_round: int, run_id: str | None = None, allow_unapproved: bool = False,
+                 ca_certificate: x509.Certificate | None = None) -> Path:
+    """Write weights, configuration and a model card for a committed round into ``out``."""
+    report = verify(ledger, aggregator_certificate, checkpoints_dir=checkpoints, ca_certificate=ca_certificate)
+    if not report.ok:
+        raise ReleaseError(f"{ledger}: lineage does not verify: {report.error}")
+    entry = find_round(ledger, server_round, run_id)
+    approvals = approvals_of(ledger, entry)
+    if not approvals and not allow_unapproved:
+        raise ReleaseError(f"run {entry.run_id} round {server_round} is not approved; "
+                           "approve it with `fedgen model approve` or pass --allow-unapproved")
+    model_out = entry.record["body"]["model_out"]
+    checkpoint = checkpoints / model_out["checkpoint"]
+    if not checkpoint.is_file():
+        raise ReleaseError(f"checkpoint {checkpoint} not found")
+    if out.exists() and any(out.iterdir()):
+        raise ReleaseError(f"{out}: folder is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, out / "model.safetensors")
+    started = entry.run_started["body"]
+    config = {"model_config": started["model_config"], "tokenizer": started["training"]["tokenizer"],
+              "labels": started["labels"], "model_digest": model_out["digest"], "run_id": entry.run_id,
+              "round": server_round, "lineage_head": report.head_hash}
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out / "MODEL_CARD.md").write_text(
+        model_card(entry, approvals, privacy_spend(ledger, entry), report.head_hash), encoding="utf-8")
+    return out
+
+
+def model_card(entry: RoundEntry, approvals: list[dict[str, Any]], spend: dict[str, dict[str, float]],
+               head_hash: str | None) -> str:
+    body, started = entry.record["body"], entry.run_started["body"]
+    lines = [
+        f"# Model card: run {entry.run_id}, round {entry.round}", "",
+        f"- Model digest (SHA-256 of the named tensors): `{body['model_out']['digest']}`",
+        f"- Lineage head hash at export: `{head_hash}`",
+        f"- Round record hash: `{entry.record['hash']}`",
+        f"- Model: {started['training']['model']} ({started['training']['tokenizer']}), labels {started['labels']}",
+        f"- Strategy: {started['strategy']['name']}, {started['training']['rounds']} rounds planned",
+        f"- Software: " + ", ".join(f"{k} {v}" for k, v in started["versions"].items()),
+        f"- Held-out accuracy at this round: {body['metrics'].get('accuracy')}", "",
+        "## Approval", "",
+    ]
+    if approvals:
+        lines += [f"- Approved by {a['body']['by']} at {a['time']}: {a['body']['reason']}" for a in approvals]
+    else:
+        lines.append("- **NOT APPROVED**: exported with --allow-unapproved; do not use in production.")
+    lines += ["", "## Privacy spent per site (sample-level DP, the site's own accountant)", "",
+              "| site | ε | δ |", "|---|---|---|"]
+    lines += [f"| {site} | {s['epsilon']:.4f} | {s['delta']:g} |" for site, s in sorted(spend.items())]
+    if not spend:
+        lines.append("| (no site trained under DP) | | |")
+    return "\n".join(lines) + "\n"
