@@ -206,8 +206,13 @@ def _print_result(result: RunResult, as_json: bool, title: str) -> None:
         return
     console = Console()
     console.print(_result_table(result, title))
-    console.print(f"final accuracy {result.final_accuracy:.4f}; checkpoints and result.json in "
-                  f"{result.out_dir}", highlight=False)
+    where = [f"result.json in {result.out_dir}"]
+    if result.checkpoints:
+        where.append(f"checkpoints in {result.checkpoints[0].parent}")
+    if result.lineage:
+        where.append(f"lineage in {result.lineage}")
+    console.print(f"final accuracy {result.final_accuracy:.4f}; " + "; ".join(where), highlight=False,
+                  soft_wrap=True)
 
 
 def _report_round(result: RoundResult) -> None:

@@ -54,6 +54,7 @@ class RunResult:
     initial_accuracy: float
     out_dir: str
     config: dict
+    lineage: str | None = None  # the signed ledger the run was recorded in
 
     @property
     def final_accuracy(self) -> float:
@@ -93,7 +94,7 @@ class RunResult:
     def from_dict(cls, data: dict) -> RunResult:
         return cls(rounds=[RoundResult.from_dict(r) for r in data["rounds"]],
                    initial_accuracy=data["initial_accuracy"], out_dir=data["out_dir"],
-                   config=data["config"])
+                   config=data["config"], lineage=data.get("lineage"))
 
     def to_dict(self) -> dict:
         """Everything: the `summary` keys plus per-site detail, checkpoints and config."""

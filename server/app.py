@@ -194,7 +194,8 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
         writer.append("run_finished", {"rounds": len(rounds), "model_digest": current["digest"],
                                        "head": writer.head_hash}, run_id)
     return RunResult(rounds=rounds, initial_accuracy=initial.get("accuracy", math.nan),
-                     out_dir=str(plan.out_dir), config=plan.config_summary)
+                     out_dir=str(plan.out_dir), config=plan.config_summary,
+                     lineage=str(plan.lineage.ledger) if plan.lineage else None)
 
 
 class ServerOutcome:
