@@ -229,8 +229,8 @@ def run_command(
 
     try:
         submitted = submit(load_toml(config, RunConfig), str(config))
-        err.print(f"run {submitted.run_id} submitted; following it (checkpoints in "
-                  f"{submitted.run_dir / 'checkpoints'})", highlight=False, soft_wrap=True)
+        err.print(f"run {submitted.run_id} submitted; following it (records in {submitted.run_dir})",
+                  highlight=False, soft_wrap=True)
         result = follow(submitted, _report_round)
     except (ConfigError, RunFailed) as exc:
         _fail(str(exc), code=1 if isinstance(exc, RunFailed) else 2)

@@ -178,7 +178,7 @@ def run_demo(*, sites: int = 3, rounds: int = 3, epsilon: float = 8.0, seed: int
                 group.start(site_toml.parent.name, [*fedgen, "site", "start", "--config", str(site_toml)])
             say(f"{len(site_tomls)} sites started, each with its own certificate and data")
             submitted = submit(load_toml(run_toml, RunConfig), str(run_toml))
-            say(f"run {submitted.run_id} submitted; checkpoints go to {submitted.run_dir}")
+            say(f"run {submitted.run_id} submitted; its records go to {submitted.run_dir}")
             return follow(submitted, on_round, check=group.check_alive)
         finally:
             group.stop()
