@@ -83,7 +83,11 @@ class TrainingConfig(StrictModel):
     model: str = "nano"
     tokenizer: str = "kmer3s1"
     seed: int = 0
-    round_timeout: float = Field(900.0, gt=0)
+    round_timeout: float = Field(900.0, gt=0, description="seconds to wait for the sites' replies")
+    site_wait: float = Field(600.0, gt=0, description="seconds to wait for the sites to connect")
+    min_updates: int = Field(1, ge=1, description="quorum: valid updates a round needs to commit")
+    max_update_norm: float | None = Field(None, gt=0, description="bound on ||site - global||; unset = none")
+    max_update_mb: float = Field(512.0, gt=0, description="largest update accepted from one site")
 
     @field_validator("strategy")
     @classmethod

@@ -28,12 +28,13 @@ from fedgen.params import (
 from fedgen.pki import load_certificate, load_crl, load_private_key
 from fedgen.protocol import TrainInstructions
 from fedgen.results import RoundResult, RunResult, SiteRound
-from fedgen.strategies.recorder import RecordingStrategy, RoundLog, SiteTrust
+from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, RoundLog, SiteTrust
+from fedgen.strategies.validation import UpdatePolicy
 from fedgen.strategies.registry import make_strategy
 from fedgen.tokenizers import make_tokenizer
 
 from .checkpoints import save_checkpoint
-from .lineage_records import code_digest, round_records, software_versions
+from .lineage_records import code_digest, left_out_records, round_records, software_versions
 
 RoundCallback = Callable[[RoundResult], None]
 
@@ -114,6 +115,9 @@ def run_federation(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None 
         result = _run_rounds(grid, plan, on_round, run_id, writer)
     except BaseException as exc:
         if writer is not None:
+            if isinstance(exc, QuorumNotMet):
+                for kind, body in left_out_records(exc.log):
+                    writer.append(kind, body, run_id)
             writer.append("run_failed", {"error": f"{type(exc).__name__}: {exc}"}, run_id)
         raise
     finally:
@@ -137,6 +141,9 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
     strategy = RecordingStrategy(
         make_strategy(training.strategy, num_sites=plan.num_sites, options=training.strategy_options),
         trust=plan.trust.load() if plan.trust is not None else None,
+        policy=UpdatePolicy(max_update_norm=training.max_update_norm, min_updates=training.min_updates,
+                            max_update_bytes=int(training.max_update_mb * 2**20)),
+        wait_for_sites=(plan.num_sites, training.site_wait),
     )
     strategy_record = {"name": training.strategy, "options": dict(training.strategy_options)}
     instructions = TrainInstructions(

@@ -52,17 +52,23 @@ def contribution(outcome: SiteOutcome) -> dict[str, Any]:
     }
 
 
+def left_out_records(log: RoundLog | None) -> list[tuple[str, dict]]:
+    """A record for each update the round rejected and each site that refused it."""
+    records: list[tuple[str, dict]] = []
+    for o in log.outcomes if log is not None else []:
+        if o.rejected is not None:
+            records.append(("update_rejected", {"round": log.server_round, "site": o.site,
+                                                "update_digest": o.update_digest, "reason": o.rejected}))
+        elif o.refused is not None:
+            records.append(("site_refused", {"round": log.server_round, "site": o.site, "reason": o.refused}))
+    return records
+
+
 def round_records(log: RoundLog | None, *, server_round: int, model_in: str, model_out: str,
                   checkpoint: Path, strategy: dict, metrics: dict[str, float]) -> list[tuple[str, dict]]:
     """The records of one committed round: each rejected update, each refusal, then the commit."""
     outcomes = log.outcomes if log is not None else []
-    records: list[tuple[str, dict]] = []
-    for o in outcomes:
-        if o.rejected is not None:
-            records.append(("update_rejected", {"round": server_round, "site": o.site,
-                                                "update_digest": o.update_digest, "reason": o.rejected}))
-        elif o.refused is not None:
-            records.append(("site_refused", {"round": server_round, "site": o.site, "reason": o.refused}))
+    records = left_out_records(log)
     records.append(("round_committed", {
         "round": server_round,
         "started_at": log.started_at if log is not None else None,

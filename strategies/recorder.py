@@ -9,10 +9,12 @@ what each site sent (or why not) is kept for the round's lineage record.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
 from cryptography import x509
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -23,6 +25,8 @@ from fedgen.params import digest, record_to_arrays
 from fedgen.protocol import (
     ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, ProtocolError, TrainReport,
 )
+
+from .validation import UpdatePolicy, update_problem
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,22 @@ class RoundLog:
     outcomes: list[SiteOutcome] = field(default_factory=list)
 
 
+class QuorumNotMet(RuntimeError):
+    """Too few valid updates for a round to commit."""
+
+    def __init__(self, log: RoundLog, quorum: int) -> None:
+        self.log = log
+        valid = sum(o.contributed for o in log.outcomes)
+        left_out = sorted(f"{o.site}: {o.rejected or o.refused or o.failed}"
+                          for o in log.outcomes if not o.contributed)
+        super().__init__(f"round {log.server_round} has {valid} valid update(s), fewer than the quorum of "
+                         f"{quorum}; left out: " + ("; ".join(left_out) or "no site replied"))
+
+
+class SitesMissing(RuntimeError):
+    """Fewer sites connected than a round needs, for longer than the wait allows."""
+
+
 class RecordingStrategy(Strategy):
     """Delegate to ``inner``; check each train reply and remember it per round.
 
@@ -70,13 +90,22 @@ class RecordingStrategy(Strategy):
         In deployment, every update must carry a valid signature by a certificate the
         consortium CA issued to the site named in the reply, not revoked. Without it
         (simulation), only the update digest is checked.
+    policy : UpdatePolicy
+        Shape, value and norm checks, the payload limit and the round's quorum.
+    wait_for_sites : tuple (sites, seconds), optional
+        Wait at most ``seconds`` for ``sites`` connected sites before a round, instead
+        of Flower's unbounded wait.
     """
 
-    def __init__(self, inner: Strategy, trust: SiteTrust | None = None) -> None:
+    def __init__(self, inner: Strategy, trust: SiteTrust | None = None,
+                 policy: UpdatePolicy = UpdatePolicy(), wait_for_sites: tuple[int, float] | None = None) -> None:
         self.inner = inner
         self.trust = trust
+        self.policy = policy
+        self.wait_for_sites = wait_for_sites
         self.rounds: dict[int, RoundLog] = {}
         self._site_of_node: dict[int, str] = {}
+        self._global: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -84,7 +113,19 @@ class RecordingStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.rounds[server_round] = RoundLog(server_round)
+        self._global = record_to_arrays(arrays)
+        if self.wait_for_sites is not None:
+            self._wait(grid, *self.wait_for_sites)
         return self.inner.configure_train(server_round, arrays, config, grid)
+
+    @staticmethod
+    def _wait(grid: Grid, sites: int, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (connected := len(list(grid.get_node_ids()))) < sites:
+            if time.monotonic() >= deadline:
+                raise SitesMissing(f"only {connected} of {sites} sites connected after waiting "
+                                   f"{seconds:g} s; check that every site runs `fedgen site start`")
+            time.sleep(0.5)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -95,7 +136,10 @@ class RecordingStrategy(Strategy):
             log.outcomes.append(outcome)
             if outcome.rejected is None:
                 admitted.append(reply)
-        if not any(outcome.contributed for outcome in log.outcomes):
+        valid = sum(outcome.contributed for outcome in log.outcomes)
+        if valid < self.policy.min_updates:
+            raise QuorumNotMet(log, self.policy.min_updates)
+        if valid == 0:
             return None, None
         return self.inner.aggregate_train(server_round, admitted)
 
@@ -120,11 +164,16 @@ class RecordingStrategy(Strategy):
         self._site_of_node[node] = site
         try:
             report = TrainReport.from_record(content[METRICS_KEY])
-            update_digest = digest(record_to_arrays(content[ARRAYS_KEY]))
+            payload = content[ARRAYS_KEY]
+            if payload.count_bytes() > self.policy.max_update_bytes:
+                return SiteOutcome(site, report=report, rejected=f"update of {payload.count_bytes()} bytes "
+                                   f"exceeds the limit of {self.policy.max_update_bytes}")
+            update = record_to_arrays(payload)
         except (KeyError, ProtocolError) as exc:
             return SiteOutcome(site, rejected=f"malformed reply: {exc}")
-        outcome = SiteOutcome(site, report=report, update_digest=update_digest)
-        outcome.rejected = self._check_identity(outcome, identity)
+        outcome = SiteOutcome(site, report=report, update_digest=digest(update))
+        outcome.rejected = self._check_identity(outcome, identity) or update_problem(
+            update, self._global, self.policy)
         return outcome
 
     def _check_identity(self, outcome: SiteOutcome, identity: ConfigRecord) -> str | None:

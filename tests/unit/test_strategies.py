@@ -1,3 +1,6 @@
+import re
+import time
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
@@ -7,7 +10,8 @@ from fedgen.config import STRATEGY_NAMES
 from fedgen import pki
 from fedgen.params import arrays_to_record, digest, record_to_arrays
 from fedgen.protocol import ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, TrainReport, site_record
-from fedgen.strategies.recorder import RecordingStrategy, SiteTrust
+from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
+from fedgen.strategies.validation import UpdatePolicy
 from fedgen.strategies.registry import STRATEGIES, make_strategy
 
 
@@ -81,16 +85,64 @@ def test_each_strategy_aggregates_fedgen_replies(flower_task, name, expected):
     assert [o.report.epsilon for o in log.outcomes] == pytest.approx([0.1, 0.2, 0.3])
 
 
-def test_recorder_keeps_refusals_and_failures_with_the_site_name():
-    strategy = RecordingStrategy(make_strategy("fedavg", num_sites=2))
+def _recording(name="fedavg", **kwargs) -> RecordingStrategy:
+    """A recording strategy that has sent round 1's global model (zeros) to three nodes."""
+    strategy = RecordingStrategy(make_strategy(name, num_sites=2), **kwargs)
+    strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, dtype=np.float32)}), ConfigRecord(), _Grid())
+    return strategy
+
+
+def test_recorder_keeps_refusals_and_failures_with_the_site_name(flower_task):
+    strategy = _recording()
     strategy.aggregate_train(1, [_reply(1, 1.0, 10), _reply(2, 1.0, 10)])
+    strategy.configure_train(2, arrays_to_record({"w": np.ones(4, dtype=np.float32)}), ConfigRecord(), _Grid())
     refused = Message(metadata=_metadata(1), error=Error(code=BUDGET_REFUSED, reason="site-1: budget"))
     crashed = Message(metadata=_metadata(2), error=Error(code=2, reason="boom"))
-    arrays, _ = strategy.aggregate_train(2, [refused, crashed])
-    assert arrays is None
-    first, second = strategy.rounds[2].outcomes
+    valid = _reply(3, 2.0, 10)
+    arrays, _ = strategy.aggregate_train(2, [refused, crashed, valid])
+    np.testing.assert_allclose(record_to_arrays(arrays)["w"], 2.0)  # the round goes on without them
+    first, second, third = strategy.rounds[2].outcomes
     assert (first.site, first.refused, first.failed) == ("site-1", "site-1: budget", None)
     assert (second.site, second.refused, second.failed) == ("site-2", None, "boom")
+    assert third.contributed
+
+
+def test_a_round_below_quorum_fails_with_the_reasons(flower_task):
+    strategy = _recording(policy=UpdatePolicy(min_updates=2))
+    refused = Message(metadata=_metadata(1), error=Error(code=BUDGET_REFUSED, reason="ε ceiling reached"))
+    with pytest.raises(QuorumNotMet, match=r"round 1 has 1 valid update\(s\), fewer than the quorum of 2; "
+                                           r"left out: node-1: ε ceiling reached"):
+        strategy.aggregate_train(1, [refused, _reply(2, 1.0, 10)])
+
+
+@pytest.mark.parametrize("arrays, policy, reason", [
+    ({"v": np.zeros(4, np.float32)}, UpdatePolicy(), r"names differ.*missing \['w'\], unexpected \['v'\]"),
+    ({"w": np.zeros(5, np.float32)}, UpdatePolicy(), r"shape \(5,\), the global model \(4,\)"),
+    ({"w": np.zeros(4, np.float64)}, UpdatePolicy(), "dtype float64, the global model float32"),
+    ({"w": np.array([0, np.nan, 0, 0], np.float32)}, UpdatePolicy(), "NaN or infinite"),
+    ({"w": np.array([0, np.inf, 0, 0], np.float32)}, UpdatePolicy(), "NaN or infinite"),
+    ({"w": np.full(4, 3.0, np.float32)}, UpdatePolicy(max_update_norm=5.0), "norm 6 exceeds the bound 5"),
+    ({"w": np.zeros(4000, np.float32)}, UpdatePolicy(max_update_bytes=1000),
+     r"update of \d+ bytes exceeds the limit of 1000"),
+])
+def test_bad_updates_are_rejected_with_the_reason(flower_task, arrays, policy, reason):
+    strategy = _recording(policy=policy)
+    good = _reply(1, 0.5, 10)
+    bad = _reply(2, 0.0, 10)
+    bad.content[ARRAYS_KEY] = arrays_to_record(arrays)
+    bad.content[SITE_KEY] = site_record("site-2", digest(arrays))
+    aggregated, _ = strategy.aggregate_train(1, [good, bad])
+    assert strategy.rounds[1].outcomes[0].rejected is None
+    assert re.search(reason, strategy.rounds[1].outcomes[1].rejected)
+    np.testing.assert_allclose(record_to_arrays(aggregated)["w"], 0.5)  # only the good update counts
+
+
+def test_sampling_waits_for_sites_only_as_long_as_allowed(flower_task):
+    strategy = RecordingStrategy(make_strategy("fedavg", num_sites=5), wait_for_sites=(5, 0.6))
+    started = time.monotonic()
+    with pytest.raises(SitesMissing, match="only 3 of 5 sites connected after waiting 0.6 s"):
+        strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, np.float32)}), ConfigRecord(), _Grid())
+    assert time.monotonic() - started < 5
 
 
 @pytest.fixture(scope="module")
@@ -114,16 +166,16 @@ def _rejections(strategy, replies):
     return arrays, {o.site: o.rejected for o in strategy.rounds[1].outcomes}
 
 
-def test_update_whose_digest_does_not_match_is_left_out():
-    strategy = RecordingStrategy(make_strategy("fedavg", num_sites=2))
+def test_update_whose_digest_does_not_match_is_left_out(flower_task):
+    strategy = _recording()
     arrays, rejected = _rejections(strategy, [_reply(1, 1.0, 10), _reply(2, 9.0, 10, claimed_digest="0" * 64)])
     assert rejected == {"site-1": None, "site-2": "update digest does not match the tensors sent"}
     np.testing.assert_allclose(record_to_arrays(arrays)["w"], 1.0)  # only site-1 was aggregated
 
 
-def test_signed_updates_are_checked_against_the_consortium(consortium):
+def test_signed_updates_are_checked_against_the_consortium(flower_task, consortium):
     trust, signer = consortium
-    strategy = RecordingStrategy(make_strategy("fedavg", num_sites=2), trust=trust)
+    strategy = _recording(trust=trust)
     arrays, _ = _rejections(strategy, [
         _reply(1, 1.0, 10, signer=signer("site-1")),
         _reply(2, 5.0, 10),  # unsigned
