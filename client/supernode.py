@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import flwr
+import httpx
 
 from fedgen.config import ConfigError, SiteConfig, load_toml
 from fedgen.pki import PKIError, check_key_pair, load_certificate, site_id_of
@@ -53,6 +54,8 @@ def install_mutual_tls(tls: SiteTLS) -> None:
             f"fedgen's mutual-TLS SuperNode glue is written for Flower {FLOWER_SERIES}x; "
             f"found {flwr.__version__}. Install flwr>=1.41,<1.42."
         )
+    from flwr.proto.fleet_pb2 import RegisterNodeFleetResponse
+    from flwr.supercore.error import ApiErrorCode, FlowerError
     from flwr.supernode import fleet_http_connection
 
     _, private_key = check_key_pair(tls.certificate, tls.private_key)
@@ -64,6 +67,17 @@ def install_mutual_tls(tls: SiteTLS) -> None:
                                 retry_invoker=None):  # noqa: ANN001, ANN206 - Flower's signature
             return cls(f"https://{server_address}", interceptors=interceptors, verify=context,
                        retry_invoker=retry_invoker)
+
+        def RegisterNode(self, request):  # noqa: N802, ANN001, ANN201 - Flower's method
+            # The certificate key is the site's lasting identity: a site that stopped
+            # without unregistering (crash, SIGKILL) rejoins as the node it already is.
+            try:
+                return super().RegisterNode(request)
+            except httpx.HTTPStatusError as exc:
+                error = FlowerError.from_json(exc.response.text)
+                if error is None or error.code != ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE:
+                    raise
+                return RegisterNodeFleetResponse()
 
     fleet_http_connection.FleetHttpClient = MutualTLSFleetClient
     fleet_http_connection.generate_key_pairs = lambda: (private_key, private_key.public_key())

@@ -118,7 +118,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed: int) -> tuple[Path, list[Path], Path]:
     """Certificates, data shares and configs of a loopback consortium; (aggregator, sites, run) tomls."""
     certs = out / "certs"
-    pki.init_consortium(certs, "fedgen-demo", days=7)
+    pki.init_consortium(certs, "fedgen-demo", days=8)  # outlives the 7-day certificates it issues
     pki.issue_aggregator(certs, ["127.0.0.1", "localhost"], days=7)
     layout = pki.layout(certs)
     fleet_port, control_port = free_port(), free_port()

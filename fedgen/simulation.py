@@ -186,7 +186,7 @@ def simulation_signer(out_dir: Path) -> tuple[Path, Path, Path]:
     """(ledger, key, certificate): a simulation's lineage is signed like a deployment's,
     by an aggregator certificate of a throwaway CA kept in ``out_dir/pki``."""
     folder = out_dir / "pki"
-    pki.init_consortium(folder, "fedgen-simulation", days=30)
+    pki.init_consortium(folder, "fedgen-simulation", days=31)  # outlives the aggregator certificate
     pki.issue_aggregator(folder, ["simulation.invalid"], days=30)
     layout = pki.layout(folder)
     return out_dir / LEDGER_FILE, layout.aggregator_key, layout.aggregator_cert

@@ -139,11 +139,11 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
             torch.tensor(plan.eval_data.labels, dtype=torch.long),
         )
     strategy = RecordingStrategy(
-        make_strategy(training.strategy, num_sites=plan.num_sites, options=training.strategy_options),
+        make_strategy(training.strategy, min_sites=training.min_updates, options=training.strategy_options),
         trust=plan.trust.load() if plan.trust is not None else None,
         policy=UpdatePolicy(max_update_norm=training.max_update_norm, min_updates=training.min_updates,
                             max_update_bytes=int(training.max_update_mb * 2**20)),
-        wait_for_sites=(plan.num_sites, training.site_wait),
+        wait_for_sites=(plan.num_sites, training.site_wait),  # the first round; later, the quorum
     )
     strategy_record = {"name": training.strategy, "options": dict(training.strategy_options)}
     instructions = TrainInstructions(

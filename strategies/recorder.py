@@ -60,6 +60,7 @@ class SiteOutcome:
 class RoundLog:
     server_round: int
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    sampled: list[int] = field(default_factory=list)  # node ids the round was sent to
     outcomes: list[SiteOutcome] = field(default_factory=list)
 
 
@@ -93,8 +94,9 @@ class RecordingStrategy(Strategy):
     policy : UpdatePolicy
         Shape, value and norm checks, the payload limit and the round's quorum.
     wait_for_sites : tuple (sites, seconds), optional
-        Wait at most ``seconds`` for ``sites`` connected sites before a round, instead
-        of Flower's unbounded wait.
+        Before the first round, wait at most ``seconds`` for ``sites`` connected sites;
+        before later rounds, for the quorum (a site that dropped out may rejoin later).
+        Flower's own wait is unbounded.
     """
 
     def __init__(self, inner: Strategy, trust: SiteTrust | None = None,
@@ -112,11 +114,14 @@ class RecordingStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.rounds[server_round] = RoundLog(server_round)
+        log = self.rounds[server_round] = RoundLog(server_round)
         self._global = record_to_arrays(arrays)
         if self.wait_for_sites is not None:
-            self._wait(grid, *self.wait_for_sites)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+            sites, seconds = self.wait_for_sites
+            self._wait(grid, sites if not self._site_of_node else self.policy.min_updates, seconds)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        log.sampled = [message.metadata.dst_node_id for message in messages]
+        return messages
 
     @staticmethod
     def _wait(grid: Grid, sites: int, seconds: float) -> None:
@@ -130,12 +135,23 @@ class RecordingStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         log = self.rounds.setdefault(server_round, RoundLog(server_round))
-        admitted = []
+        admitted, replied, unattributed = [], set(), []
         for reply in replies:
+            node = reply.metadata.src_node_id
             outcome = self._outcome(reply)
-            log.outcomes.append(outcome)
+            if reply.has_error() and log.sampled and node not in log.sampled:
+                unattributed.append(outcome)  # Flower's own error reply for a lost node
+            else:
+                replied.add(node)
+                log.outcomes.append(outcome)
             if outcome.rejected is None:
                 admitted.append(reply)
+        for node in (n for n in log.sampled if n not in replied):  # e.g. a site that died mid-round
+            outcome = unattributed.pop(0) if unattributed else SiteOutcome(
+                "", failed="no reply within the round timeout")
+            outcome.site = self._site_of_node.get(node, f"node-{node}")
+            log.outcomes.append(outcome)
+        log.outcomes.extend(unattributed)
         valid = sum(outcome.contributed for outcome in log.outcomes)
         if valid < self.policy.min_updates:
             raise QuorumNotMet(log, self.policy.min_updates)

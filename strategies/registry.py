@@ -37,8 +37,9 @@ def strategy_options(name: str) -> list[str]:
     return sorted(set(inspect.signature(STRATEGIES[name].__init__).parameters) - shared)
 
 
-def make_strategy(name: str, *, num_sites: int, options: Mapping[str, float] | None = None) -> Strategy:
-    """Build strategy ``name`` that trains on all ``num_sites`` connected sites each round.
+def make_strategy(name: str, *, min_sites: int, options: Mapping[str, float] | None = None) -> Strategy:
+    """Build strategy ``name`` that trains on every connected site each round, given at
+    least ``min_sites`` (the round's quorum) are connected.
 
     Raises
     ------
@@ -58,8 +59,8 @@ def make_strategy(name: str, *, num_sites: int, options: Mapping[str, float] | N
         fraction_train=1.0,
         # fedgen evaluates the global model at the aggregator, on a held-out set.
         fraction_evaluate=0.0,
-        min_train_nodes=num_sites,
-        min_available_nodes=num_sites,
+        min_train_nodes=min_sites,
+        min_available_nodes=min_sites,
         weighted_by_key=WEIGHT_KEY,
         arrayrecord_key=ARRAYS_KEY,
         configrecord_key=CONFIG_KEY,

@@ -49,15 +49,15 @@ def test_every_configured_name_is_a_flower_strategy():
     expected = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam,
                 "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "median": FedMedian}
     for name, cls in expected.items():
-        assert type(make_strategy(name, num_sites=3)) is cls
+        assert type(make_strategy(name, min_sites=3)) is cls
 
 
 def test_strategy_options_are_checked():
-    assert make_strategy("fedprox", num_sites=2, options={"proximal_mu": 0.5}).proximal_mu == 0.5
+    assert make_strategy("fedprox", min_sites=2, options={"proximal_mu": 0.5}).proximal_mu == 0.5
     with pytest.raises(ValueError, match="takes no option \\['beta'\\]"):
-        make_strategy("fedavg", num_sites=2, options={"beta": 0.1})
+        make_strategy("fedavg", min_sites=2, options={"beta": 0.1})
     with pytest.raises(ValueError, match="unknown strategy"):
-        make_strategy("fedsgd", num_sites=2)
+        make_strategy("fedsgd", min_sites=2)
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -69,7 +69,7 @@ def test_strategy_options_are_checked():
     ("fedadam", None),
 ])
 def test_each_strategy_aggregates_fedgen_replies(flower_task, name, expected):
-    strategy = RecordingStrategy(make_strategy(name, num_sites=3))
+    strategy = RecordingStrategy(make_strategy(name, min_sites=3))
     initial = arrays_to_record({"w": np.zeros(4, dtype=np.float32)})
     messages = list(strategy.configure_train(1, initial, ConfigRecord({"lr": 0.1}), _Grid()))
     assert len(messages) == 3
@@ -87,7 +87,7 @@ def test_each_strategy_aggregates_fedgen_replies(flower_task, name, expected):
 
 def _recording(name="fedavg", **kwargs) -> RecordingStrategy:
     """A recording strategy that has sent round 1's global model (zeros) to three nodes."""
-    strategy = RecordingStrategy(make_strategy(name, num_sites=2), **kwargs)
+    strategy = RecordingStrategy(make_strategy(name, min_sites=2), **kwargs)
     strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, dtype=np.float32)}), ConfigRecord(), _Grid())
     return strategy
 
@@ -138,7 +138,7 @@ def test_bad_updates_are_rejected_with_the_reason(flower_task, arrays, policy, r
 
 
 def test_sampling_waits_for_sites_only_as_long_as_allowed(flower_task):
-    strategy = RecordingStrategy(make_strategy("fedavg", num_sites=5), wait_for_sites=(5, 0.6))
+    strategy = RecordingStrategy(make_strategy("fedavg", min_sites=5), wait_for_sites=(5, 0.6))
     started = time.monotonic()
     with pytest.raises(SitesMissing, match="only 3 of 5 sites connected after waiting 0.6 s"):
         strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, np.float32)}), ConfigRecord(), _Grid())
@@ -169,8 +169,21 @@ def _rejections(strategy, replies):
 def test_update_whose_digest_does_not_match_is_left_out(flower_task):
     strategy = _recording()
     arrays, rejected = _rejections(strategy, [_reply(1, 1.0, 10), _reply(2, 9.0, 10, claimed_digest="0" * 64)])
-    assert rejected == {"site-1": None, "site-2": "update digest does not match the tensors sent"}
+    assert rejected == {"site-1": None, "site-2": "update digest does not match the tensors sent",
+                        "node-3": None}
     np.testing.assert_allclose(record_to_arrays(arrays)["w"], 1.0)  # only site-1 was aggregated
+
+
+def test_a_sampled_site_that_never_replies_is_reported(flower_task):
+    strategy = _recording()
+    strategy.aggregate_train(1, [_reply(1, 1.0, 10), _reply(2, 1.0, 10)])  # node 3 sampled, silent
+    silent = strategy.rounds[1].outcomes[-1]
+    assert (silent.site, silent.failed) == ("node-3", "no reply within the round timeout")
+    strategy.configure_train(2, arrays_to_record({"w": np.ones(4, np.float32)}), ConfigRecord(), _Grid())
+    strategy.aggregate_train(2, [_reply(3, 1.0, 10)])  # it came back: known by name from now on
+    strategy.configure_train(3, arrays_to_record({"w": np.ones(4, np.float32)}), ConfigRecord(), _Grid())
+    strategy.aggregate_train(3, [_reply(1, 1.0, 10), _reply(2, 1.0, 10)])
+    assert strategy.rounds[3].outcomes[-1].site == "site-3"
 
 
 def test_signed_updates_are_checked_against_the_consortium(flower_task, consortium):

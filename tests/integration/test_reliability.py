@@ -1,0 +1,64 @@
+"""Sites dying and coming back, with real processes over mutual TLS."""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedgen.client.ledger import PrivacyLedger
+from fedgen.config import AggregatorConfig, RunConfig, load_toml, to_toml
+from fedgen.demo import ProcessGroup, wait_for_port, write_consortium
+from fedgen.lineage import read_records
+from fedgen.server.coordinator import follow, submit
+
+pytestmark = pytest.mark.slow
+FEDGEN = [sys.executable, "-m", "fedgen.cli"]
+
+
+def test_a_site_killed_mid_round_is_reported_and_rejoins_later(tmp_path: Path):
+    aggregator_toml, site_tomls, run_toml = write_consortium(tmp_path, sites=3, rounds=3, epsilon=8.0, seed=0)
+    run = load_toml(run_toml, RunConfig)
+    training = run.training.model_copy(update={"round_timeout": 90.0, "min_updates": 2, "local_epochs": 0.5})
+    run_toml.write_text(to_toml(run.model_copy(update={"training": training})))
+    aggregator = load_toml(aggregator_toml, AggregatorConfig)
+    (tmp_path / "logs").mkdir()
+    group = ProcessGroup(tmp_path / "logs")
+    rounds, events = [], {"killed": False, "restarted": False}
+    try:
+        process, log = group.start("aggregator", [*FEDGEN, "aggregator", "start", "--config", str(aggregator_toml)])
+        wait_for_port(aggregator.fleet_port, process, log)
+        sites = [group.start(t.parent.name, [*FEDGEN, "site", "start", "--config", str(t)])[0] for t in site_tomls]
+        submitted = submit(load_toml(run_toml, RunConfig), str(run_toml))
+        started = time.monotonic()
+
+        def kill_site_2_mid_round() -> None:
+            if not events["killed"] and time.monotonic() - started > 6:
+                os.killpg(sites[2].pid, signal.SIGKILL)
+                events["killed"] = True
+
+        def on_round(result) -> None:
+            rounds.append(result)
+            if not events["restarted"]:  # bring site-2 back once round 1 is over
+                group.start("site-2-again", [*FEDGEN, "site", "start", "--config", str(site_tomls[2])])
+                events["restarted"] = True
+
+        result = follow(submitted, on_round, poll_seconds=1, check=kill_site_2_mid_round)
+    finally:
+        group.stop()
+
+    first = {s.site: s for s in result.rounds[0].sites}
+    assert first["site-0"].status == first["site-1"].status == "trained"
+    lost = [s for s in result.rounds[0].sites if s.site not in ("site-0", "site-1")]
+    assert len(lost) == 1 and lost[0].status == "failed" and lost[0].reason  # the dead site, reported
+    assert result.rounds[0].model_digest  # the round committed without it
+    later = [s.site for r in result.rounds[1:] for s in r.sites if s.status == "trained"]
+    assert "site-2" in later  # it rejoined as itself (same certificate, same node identity)
+    ledger = PrivacyLedger.open(site_tomls[2].parent / "state", accountant="rdp", delta=1e-5)
+    last_reported = [s.epsilon for r in result.rounds for s in r.sites if s.site == "site-2" and s.epsilon]
+    assert ledger.epsilon == pytest.approx(last_reported[-1])  # its budget carried across the restart
+    records = read_records(aggregator.state_dir / "lineage.jsonl")
+    assert [r["type"] for r in records] == ["run_started"] + ["round_committed"] * 3 + ["run_finished"]
+    assert records[1]["body"]["failed"][0]["reason"] == lost[0].reason
