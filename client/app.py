@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SITE_CONFIG_NODE_KEY = "site-config"
 SiteResolver = Callable[[Context], SiteConfig]
+# (site, what the aggregator sent, the honest reply) -> the reply actually sent.
+ReplyTamper = Callable[[SiteConfig, RecordDict, RecordDict], RecordDict]
 
 
 def site_from_node_config(context: Context) -> SiteConfig:
@@ -128,11 +130,13 @@ def _signed_site_record(site: SiteConfig, update_digest: str) -> ConfigRecord:
     return site_record(site.site_id, update_digest, sign_digest(key, update_digest), certificate_pem)
 
 
-def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
+def make_client_app(resolve_site: SiteResolver = site_from_node_config,
+                    tamper: ReplyTamper | None = None) -> ClientApp:
     """Build the ClientApp; ``resolve_site`` maps a node's context to its SiteConfig.
 
     Every failure becomes an error reply whose reason names no path and no sequence:
     exception messages can carry both, so the detail goes to the site's own log only.
+    ``tamper`` exists for simulations of misbehaving sites (`fedgen simulate --adversary`).
     """
     app = ClientApp()
 
@@ -142,7 +146,10 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
         try:
             site = resolve_site(context)
             site_id = site.site_id
-            return Message(train_round(site, msg.content, msg.metadata.run_id), reply_to=msg)
+            content = train_round(site, msg.content, msg.metadata.run_id)
+            if tamper is not None:
+                content = tamper(site, msg.content, content)
+            return Message(content, reply_to=msg)
         except BudgetExceeded as exc:
             log.warning("site %s: %s", site_id, exc)
             code, reason = BUDGET_REFUSED, str(exc)

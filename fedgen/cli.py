@@ -117,11 +117,19 @@ def simulate(
     out: Path = typer.Option(None, "--out", help="Where site folders, checkpoints and result.json go "
                              "(default: a new temporary folder)."),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N for every site."),
+    adversary: list[str] = typer.Option(None, "--adversary", help="SITE:ATTACK, a site that poisons its "
+                                        "updates (sign-flip or scale); repeatable."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
 ) -> None:
     """Fine-tune across simulated sites on this machine (Flower + Ray)."""
     from .simulation import simulate as run
 
+    adversaries = {}
+    for item in adversary or []:
+        site, _, attack = item.partition(":")
+        if not attack:
+            _fail(f"--adversary {item!r}: expected SITE:ATTACK, e.g. site-0:sign-flip")
+        adversaries[site] = attack
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for --json alone
             result = run(
@@ -130,7 +138,7 @@ def simulate(
                 epsilon=None if no_dp else epsilon, noise_multiplier=noise_multiplier,
                 model=model.value, tokenizer=tokenizer, local_epochs=local_epochs,
                 batch_size=batch_size, learning_rate=lr, seed=seed, out=out, device=device,
-                on_round=_report_round,
+                adversaries=adversaries, on_round=_report_round,
             )
     except (DataError, ConfigError, ValueError) as exc:
         _fail(str(exc))

@@ -85,6 +85,7 @@ def simulate(
     out: str | Path | None = None,
     device: str = "cpu",
     cpus_per_site: float = 1.0,
+    adversaries: dict[str, str] | None = None,
     on_round: Callable[[RoundResult], None] | None = None,
 ) -> RunResult:
     """Fine-tune a DNA language model across ``sites`` simulated sites.
@@ -99,6 +100,9 @@ def simulate(
         How the training set is split across sites (``alpha`` for Dirichlet).
     out : path, optional
         Where site folders, checkpoints and ``result.json`` go (default: a new temp dir).
+    adversaries : dict, optional
+        ``{"site-0": "sign-flip"}``: sites that poison their updates ("sign-flip" or
+        "scale"), to compare how strategies withstand them.
     on_round : callable, optional
         Called with each `RoundResult` as the round commits.
 
@@ -121,6 +125,10 @@ def simulate(
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
     )
     token_ids = make_tokenizer(tokenizer)
+    tamper = Adversaries(adversaries) if adversaries else None
+    unknown = sorted(set(adversaries or {}) - {f"site-{i}" for i in range(sites)})
+    if unknown:
+        raise ValueError(f"adversaries {unknown} are not among site-0 .. site-{sites - 1}")
     train, test = split_for_simulation(data, seed)
     shares = partition(train.labels, sites, partition_scheme, seed, alpha=alpha)
     longest = max(len(s) for s in (*train.sequences, *test.sequences))
@@ -140,17 +148,18 @@ def simulate(
         "sites": sites, "partition": partition_scheme, "alpha": alpha,
         "site_examples": [len(share) for share in shares], "test_examples": len(test),
         "privacy": privacy.model_dump(), "training": training.model_dump(),
+        "adversaries": dict(adversaries or {}),
     }
     result = _run(training, model_config, train.label_names, site_tomls, test, out_dir,
-                  config_summary, cpus_per_site, device, on_round)
+                  config_summary, cpus_per_site, device, tamper, on_round)
     result.save(out_dir / "result.json")
     return result
 
 
 def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple[str, ...],
          site_tomls: list[Path], test: SequenceDataset, out_dir: Path, config_summary: dict,
-         cpus_per_site: float, device: str, on_round: Callable[[RoundResult], None] | None,
-         ) -> RunResult:
+         cpus_per_site: float, device: str, tamper: Adversaries | None,
+         on_round: Callable[[RoundResult], None] | None) -> RunResult:
     apply_sovereign_environment()
     # Imported here: fedgen's core does not depend on the client and server packages.
     from flwr.simulation import run_simulation
@@ -162,7 +171,7 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
                       num_sites=len(site_tomls), out_dir=out_dir, eval_data=test,
                       config_summary=config_summary, lineage=LineageFiles(*simulation_signer(out_dir)))
     server_app, outcome = make_server_app(plan, on_round)
-    client_app = make_client_app(_SimulatedSites([str(p) for p in site_tomls]))
+    client_app = make_client_app(_SimulatedSites([str(p) for p in site_tomls]), tamper)
     # Flower logs every message exchange at INFO; rounds are reported through on_round.
     logging.getLogger("flwr").setLevel(logging.ERROR)
     # Ray hides GPUs from actors that reserve none; sites that train on a GPU share it.
@@ -190,6 +199,40 @@ def simulation_signer(out_dir: Path) -> tuple[Path, Path, Path]:
     pki.issue_aggregator(folder, ["simulation.invalid"], days=30)
     layout = pki.layout(folder)
     return out_dir / LEDGER_FILE, layout.aggregator_key, layout.aggregator_cert
+
+
+ATTACKS = ("sign-flip", "scale")
+ATTACK_FACTOR = 10.0
+
+
+class Adversaries:
+    """Simulated sites that poison their update (picklable for Ray's workers).
+
+    ``sign-flip`` sends global - 10 x (local - global); ``scale`` sends global + 10 x
+    (local - global). The digest is recomputed, as a real attacker would, so only the
+    aggregation strategy stands between the poison and the global model.
+    """
+
+    def __init__(self, attacks: dict[str, str]) -> None:
+        for site, kind in attacks.items():
+            if kind not in ATTACKS:
+                raise ValueError(f"adversary {site}: unknown attack {kind!r}; choose one of {', '.join(ATTACKS)}")
+        self.attacks = dict(attacks)
+
+    def __call__(self, site: SiteConfig, sent, reply):  # noqa: ANN001, ANN204 - RecordDicts
+        from .params import arrays_to_record, digest, record_to_arrays
+        from .protocol import ARRAYS_KEY, SITE_KEY
+
+        kind = self.attacks.get(site.site_id)
+        if kind is None:
+            return reply
+        start, honest = record_to_arrays(sent[ARRAYS_KEY]), record_to_arrays(reply[ARRAYS_KEY])
+        factor = -ATTACK_FACTOR if kind == "sign-flip" else ATTACK_FACTOR
+        poisoned = {name: (start[name] + factor * (honest[name] - start[name])).astype(honest[name].dtype)
+                    for name in honest}
+        reply[ARRAYS_KEY] = arrays_to_record(poisoned)
+        reply[SITE_KEY]["update-digest"] = digest(poisoned)
+        return reply
 
 
 class _SimulatedSites:

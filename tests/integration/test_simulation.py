@@ -193,3 +193,19 @@ def test_site_refuses_the_round_that_would_pass_its_ceiling(tmp_path):
     for site, spent in round1.epsilon.items():
         ledger = PrivacyLedger.open(tmp_path / "run" / "sites" / site / "state", accountant="rdp", delta=1e-5)
         assert ledger.epsilon == pytest.approx(spent) and spent <= ceiling
+
+
+def test_a_robust_strategy_bounds_the_damage_of_one_poisoned_site(tmp_path):
+    import fedgen
+
+    def final(strategy: str, adversaries: dict | None, name: str) -> float:
+        return fedgen.simulate(sites=3, rounds=3, epsilon=None, partition_scheme="iid", local_epochs=1.0,
+                               strategy=strategy, adversaries=adversaries, out=tmp_path / name).final_accuracy
+
+    flip = {"site-0": "sign-flip"}  # sends global - 10 x its honest change
+    honest = final("fedavg", None, "honest")
+    poisoned_fedavg = final("fedavg", flip, "fedavg")
+    poisoned_median = final("median", flip, "median")
+    assert honest > CHANCE + 0.15
+    assert poisoned_fedavg < honest - 0.15  # FedAvg follows the attacker
+    assert poisoned_median > honest - 0.05  # the coordinate-wise median does not
