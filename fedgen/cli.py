@@ -230,13 +230,15 @@ def _report_round(result: RoundResult) -> None:
 @app.command("run")
 def run_command(
     config: Path = CONFIG_OPTION,
+    resume: bool = typer.Option(False, "--resume", help="Continue the last, interrupted run after its "
+                                "last committed round (same run.toml)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
 ) -> None:
     """Submit a run to the aggregator (on its host) and follow it round by round."""
     from .server.coordinator import RunFailed, follow, submit
 
     try:
-        submitted = submit(load_toml(config, RunConfig), str(config))
+        submitted = submit(load_toml(config, RunConfig), str(config), resume=resume)
         err.print(f"run {submitted.run_id} submitted; following it (records in {submitted.run_dir})",
                   highlight=False, soft_wrap=True)
         result = follow(submitted, _report_round)

@@ -33,7 +33,7 @@ from fedgen.strategies.validation import UpdatePolicy
 from fedgen.strategies.registry import make_strategy
 from fedgen.tokenizers import make_tokenizer
 
-from .checkpoints import save_checkpoint
+from .checkpoints import load_checkpoint, save_checkpoint
 from .lineage_records import code_digest, left_out_records, round_records, software_versions
 
 RoundCallback = Callable[[RoundResult], None]
@@ -53,6 +53,7 @@ class ServerPlan:
     checkpoints_dir: Path | None = None  # default: out_dir/checkpoints
     lineage: LineageFiles | None = None
     trust: TrustFiles | None = None  # deployment: site signatures are checked against these
+    resume: ResumePoint | None = None  # continue an interrupted run after its last committed round
 
     @property
     def checkpoints(self) -> Path:
@@ -66,6 +67,16 @@ class LineageFiles:
     ledger: Path
     private_key: Path
     certificate: Path
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where an interrupted run stopped: its last committed round and that round's model."""
+
+    run_id: str
+    after_round: int
+    checkpoint: Path
+    model_digest: str
 
 
 @dataclass(frozen=True)
@@ -146,14 +157,19 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
         wait_for_sites=(plan.num_sites, training.site_wait),  # the first round; later, the quorum
     )
     strategy_record = {"name": training.strategy, "options": dict(training.strategy_options)}
+    offset = plan.resume.after_round if plan.resume is not None else 0
     instructions = TrainInstructions(
         server_round=0,  # the strategy sets "server-round" in every round's config
-        num_rounds=training.rounds, model_config=plan.model_config.to_json(),
+        num_rounds=training.rounds - offset, model_config=plan.model_config.to_json(),
         tokenizer=training.tokenizer, label_names=list(plan.label_names),
         local_epochs=training.local_epochs, batch_size=training.batch_size,
-        learning_rate=training.learning_rate, seed=training.seed,
+        learning_rate=training.learning_rate, seed=training.seed + offset,
     )
     initial_arrays = to_numpy(trainable_tensors(model))
+    if plan.resume is not None:
+        initial_arrays, _ = load_checkpoint(plan.resume.checkpoint)
+        if digest(initial_arrays) != plan.resume.model_digest:
+            raise RuntimeError(f"{plan.resume.checkpoint} is not the model of round {offset} in the lineage")
     rounds: list[RoundResult] = []
     initial: dict[str, float] = {}
     current = {"digest": digest(initial_arrays)}
@@ -163,19 +179,25 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
             "model_config": json.loads(plan.model_config.to_json()), "labels": list(plan.label_names),
             "sites": plan.num_sites, "strategy": strategy_record, "initial_model": current["digest"],
             "versions": software_versions(), "code_digest": code_digest(),
+            "resumes": {"run_id": plan.resume.run_id, "after_round": offset,
+                        "model_digest": plan.resume.model_digest} if plan.resume else None,
         }, run_id)
 
-    def evaluate_and_commit(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_and_commit(local_round: int, arrays: ArrayRecord) -> MetricRecord:
+        # Flower counts this run's rounds from 1; a resumed run continues the numbering.
+        server_round = local_round + offset
         named = record_to_arrays(arrays)
-        path, model_digest = save_checkpoint(plan.checkpoints, server_round, named, plan.model_config.to_json())
         loss, accuracy = math.nan, math.nan
         if evaluate_set is not None:
             load_trainable(model, named)
             loss, accuracy = evaluate_classifier(model, *evaluate_set, device)
-        if server_round == 0:
+        if local_round == 0:
             initial["accuracy"] = accuracy
+            if plan.resume is None:
+                save_checkpoint(plan.checkpoints, 0, named, plan.model_config.to_json())
             return MetricRecord({"accuracy": accuracy, "loss": loss})
-        log = strategy.rounds.get(server_round)
+        path, model_digest = save_checkpoint(plan.checkpoints, server_round, named, plan.model_config.to_json())
+        log = strategy.rounds.get(local_round)
         if writer is not None:
             for kind, body in round_records(log, server_round=server_round, model_in=current["digest"],
                                             model_out=model_digest, checkpoint=path, strategy=strategy_record,
@@ -192,7 +214,7 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
     strategy.start(
         grid=grid,
         initial_arrays=arrays_to_record(initial_arrays),
-        num_rounds=training.rounds,
+        num_rounds=training.rounds - offset,
         timeout=training.round_timeout,
         train_config=instructions.to_record(),
         evaluate_fn=evaluate_and_commit,
@@ -227,6 +249,8 @@ def write_plan(plan: ServerPlan, eval_data: Path | None, path: Path) -> None:
         "config_summary": plan.config_summary, "checkpoints_dir": str(plan.checkpoints),
         "lineage": {k: str(v) for k, v in asdict(plan.lineage).items()} if plan.lineage else None,
         "trust": {k: str(v) for k, v in asdict(plan.trust).items()} if plan.trust else None,
+        "resume": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(plan.resume).items()}
+        if plan.resume else None,
     }, indent=2), encoding="utf-8")
 
 
@@ -242,6 +266,8 @@ def read_plan(path: Path) -> ServerPlan:
         checkpoints_dir=Path(raw["checkpoints_dir"]),
         lineage=LineageFiles(**{k: Path(v) for k, v in raw["lineage"].items()}) if raw["lineage"] else None,
         trust=TrustFiles(**{k: Path(v) for k, v in raw["trust"].items()}) if raw["trust"] else None,
+        resume=ResumePoint(**(raw["resume"] | {"checkpoint": Path(raw["resume"]["checkpoint"])}))
+        if raw.get("resume") else None,
     )
 
 

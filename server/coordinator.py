@@ -14,18 +14,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedgen.config import AggregatorConfig, ConfigError, RunConfig, load_toml
 from fedgen.data import DataError, load_dataset
+from fedgen.lineage import LineageError, read_records
 from fedgen.model import preset_config
 from fedgen.results import RoundResult, RunResult
 from fedgen.sovereignty import sovereign_environment
 from fedgen.tokenizers import make_tokenizer
 
 from .app import (
-    PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, LineageFiles, ServerPlan, TrustFiles, write_plan,
+    PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, LineageFiles, ResumePoint, ServerPlan, TrustFiles,
+    write_plan,
 )
 
 FEDERATION = "fedgen"
@@ -117,9 +119,47 @@ def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, ServerPlan]
     return aggregator, plan
 
 
-def submit(run: RunConfig, source: str) -> SubmittedRun:
-    """Write the run's plan and app folder, and submit it to the aggregator's Control API."""
+def resume_point(ledger: Path, checkpoints: Path, training: dict, source: str) -> ResumePoint:
+    """Where the last run in ``ledger`` stopped, if it did not finish.
+
+    Raises
+    ------
+    ConfigError
+        If there is nothing to resume, or ``training`` differs from that run's.
+    """
+    try:
+        records = read_records(ledger)
+    except LineageError as exc:
+        raise ConfigError(f"{source}: cannot resume: {exc}") from None
+    started = [r for r in records if r["type"] == "run_started"]
+    if not started:
+        raise ConfigError(f"{source}: cannot resume: {ledger} holds no run")
+    last = started[-1]
+    run_id = last["run_id"]
+    if any(r["type"] == "run_finished" and r["run_id"] == run_id for r in records):
+        raise ConfigError(f"{source}: cannot resume: the last run ({run_id}) finished; start a new one")
+    if last["body"]["training"] != training:
+        raise ConfigError(f"{source}: training differs from that of run {run_id}, which --resume continues")
+    committed = [r for r in records if r["type"] == "round_committed" and r["run_id"] == run_id]
+    if not committed:
+        raise ConfigError(f"{source}: run {run_id} committed no round; start it again without --resume")
+    body = committed[-1]["body"]
+    return ResumePoint(run_id=run_id, after_round=int(body["round"]),
+                       checkpoint=checkpoints / body["model_out"]["checkpoint"],
+                       model_digest=body["model_out"]["digest"])
+
+
+def submit(run: RunConfig, source: str, *, resume: bool = False) -> SubmittedRun:
+    """Write the run's plan and app folder, and submit it to the aggregator's Control API.
+
+    With ``resume``, the run continues the last, unfinished run of the ledger after its
+    last committed round, from that round's checkpoint.
+    """
     aggregator, plan = plan_run(run, source)
+    if resume:
+        assert plan.lineage is not None and plan.checkpoints_dir is not None
+        point = resume_point(plan.lineage.ledger, plan.checkpoints_dir, run.training.model_dump(), source)
+        plan = replace(plan, resume=point)
     run_dir = plan.out_dir
     run_dir.mkdir(parents=True, exist_ok=False)
     write_plan(plan, run.eval_data.resolve() if run.eval_data else None, run_dir / "plan.json")

@@ -62,3 +62,74 @@ def test_a_site_killed_mid_round_is_reported_and_rejoins_later(tmp_path: Path):
     records = read_records(aggregator.state_dir / "lineage.jsonl")
     assert [r["type"] for r in records] == ["run_started"] + ["round_committed"] * 3 + ["run_finished"]
     assert records[1]["body"]["failed"][0]["reason"] == lost[0].reason
+
+
+def _wait_until_unlocked(ledger: Path, timeout: float = 60) -> None:
+    """The killed aggregator's ServerApp holds the ledger until Flower's watchdog ends it."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    with open(ledger.with_suffix(ledger.suffix + ".lock"), "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+def test_aggregator_killed_mid_run_resumes_without_repeating_or_losing_a_round(tmp_path: Path):
+    from fedgen import pki
+    from fedgen.lineage import verify
+    from fedgen.server.coordinator import RunFailed
+
+    aggregator_toml, site_tomls, run_toml = write_consortium(tmp_path, sites=2, rounds=3, epsilon=8.0, seed=0)
+    run = load_toml(run_toml, RunConfig)
+    run_toml.write_text(to_toml(run.model_copy(update={
+        "training": run.training.model_copy(update={"local_epochs": 0.5})})))
+    aggregator = load_toml(aggregator_toml, AggregatorConfig)
+    ledger = aggregator.state_dir / "lineage.jsonl"
+    (tmp_path / "logs").mkdir()
+    group = ProcessGroup(tmp_path / "logs")
+    start_aggregator = [*FEDGEN, "aggregator", "start", "--config", str(aggregator_toml)]
+    committed = []
+    try:
+        first, log = group.start("aggregator", start_aggregator)
+        wait_for_port(aggregator.fleet_port, first, log)
+        for site_toml in site_tomls:
+            group.start(site_toml.parent.name, [*FEDGEN, "site", "start", "--config", str(site_toml)])
+        submitted = submit(load_toml(run_toml, RunConfig), str(run_toml))
+
+        def kill_aggregator_after_round_1() -> None:
+            if committed and first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait()  # reaped, as its service manager would: Flower's watchdogs see it gone
+
+        with pytest.raises(RunFailed):
+            follow(submitted, committed.append, poll_seconds=0.5, check=kill_aggregator_after_round_1)
+        assert [r.round for r in committed] == [1]
+        _wait_until_unlocked(ledger)
+
+        second, log = group.start("aggregator-again", start_aggregator)
+        wait_for_port(aggregator.fleet_port, second, log)
+        resumed = submit(load_toml(run_toml, RunConfig), str(run_toml), resume=True)
+        result = follow(resumed, poll_seconds=1)
+    finally:
+        group.stop()
+
+    assert [r.round for r in result.rounds] == [2, 3]
+    records = read_records(ledger)
+    rounds = [r["body"]["round"] for r in records if r["type"] == "round_committed"]
+    assert sorted(rounds) == [1, 2, 3]  # none repeated, none lost
+    restart = [r for r in records if r["type"] == "run_started"][-1]
+    assert restart["body"]["resumes"]["after_round"] == 1
+    round_1, round_2 = [r["body"] for r in records if r["type"] == "round_committed"][:2]
+    assert round_2["model_in"]["digest"] == round_1["model_out"]["digest"]
+    certs = pki.layout(tmp_path / "certs")
+    report = verify(ledger, pki.load_certificate(certs.aggregator_cert),
+                    checkpoints_dir=aggregator.state_dir / "checkpoints",
+                    ca_certificate=pki.load_certificate(certs.ca_cert))
+    assert report.ok, report.error
