@@ -125,7 +125,7 @@ def model_card(entry: RoundEntry, approvals: list[dict[str, Any]], spend: dict[s
         f"- Round record hash: `{entry.record['hash']}`",
         f"- Model: {started['training']['model']} ({started['training']['tokenizer']}), labels {started['labels']}",
         f"- Strategy: {started['strategy']['name']}, {started['training']['rounds']} rounds planned",
-        f"- Software: " + ", ".join(f"{k} {v}" for k, v in started["versions"].items()),
+        "- Software: " + ", ".join(f"{k} {v}" for k, v in started["versions"].items()),
         f"- Held-out accuracy at this round: {body['metrics'].get('accuracy')}", "",
         "## Approval", "",
     ]

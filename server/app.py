@@ -8,8 +8,11 @@ evaluate it on the aggregator's held-out set and report the round.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .lineage_records import code_digest, left_out_records, round_records, software_versions
 
 RoundCallback = Callable[[RoundResult], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -299,9 +303,28 @@ def make_server_app(plan: ServerPlan, on_round: RoundCallback | None = None
 app = ServerApp()
 
 
+def _exit_when_orphaned(poll_seconds: float = 2.0) -> None:
+    """End this ServerApp process if Flower's SuperExec that started it is gone.
+
+    When the aggregator is killed, an orphaned ServerApp would otherwise go on waiting
+    for its SuperLink, holding the lineage ledger so that `fedgen run --resume` cannot
+    write it. Exiting releases the ledger; a torn last record is cut off on next open.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        logger.error("the SuperExec that started this ServerApp is gone; stopping")
+        os._exit(3)
+
+    threading.Thread(target=watch, name="fedgen-orphan-watch", daemon=True).start()
+
+
 @app.main()
 def deployed_main(grid: Grid, context: Context) -> None:
     """Deployment entry: the coordinator's plan file names everything the run needs."""
+    _exit_when_orphaned()
     plan_file = context.run_config.get(PLAN_FILE_KEY)
     if not plan_file:
         raise RuntimeError(f"run config lacks {PLAN_FILE_KEY!r}; submit runs with `fedgen run`")

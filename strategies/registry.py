@@ -9,7 +9,6 @@ from flwr.serverapp.strategy import (
     FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy,
 )
 
-from fedgen.config import STRATEGY_NAMES
 from fedgen.protocol import ARRAYS_KEY, CONFIG_KEY, WEIGHT_KEY
 
 STRATEGIES: dict[str, type[FedAvg]] = {

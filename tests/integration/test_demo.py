@@ -8,9 +8,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+
+from .processes import flower_processes, processes_mentioning
 
 pytestmark = pytest.mark.slow
 CHANCE = 451 / 888
@@ -50,25 +51,6 @@ def tripwire():
         server.server_close()
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    """``pid args`` of every other process whose command line contains ``text``."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in args and str(os.getpid()) != cmdline.parent.name:
-            found.append(f"{cmdline.parent.name} {args}")
-    return found
-
-
-def _flower_processes() -> set[str]:
-    """Flower's helper processes (SuperExec, ServerApp, ClientApp) running now, by pid."""
-    return {args.split(" ", 1)[0] for args in _processes_mentioning("flower-superexec")} | {
-        args.split(" ", 1)[0] for args in _processes_mentioning("flwr-")}
-
-
 def test_tripwire_catches_an_outbound_call(tripwire):
     server, env = tripwire
     subprocess.run([sys.executable, "-c", "import urllib.request\ntry:\n"
@@ -80,7 +62,7 @@ def test_tripwire_catches_an_outbound_call(tripwire):
 def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_path, tripwire):
     server, env = tripwire
     out = tmp_path / "demo"
-    before = _flower_processes()
+    before = flower_processes()
     proc = subprocess.run([sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "2",
                            "--out", str(out), "--json"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -91,8 +73,8 @@ def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_pat
     assert summary["final_accuracy"] > CHANCE + 0.1
     assert len(list(out.glob("aggregator/state/checkpoints/round-*.safetensors"))) == 3
     assert server.attempts == []  # no outbound connection was tried
-    assert _processes_mentioning(str(out)) == []
-    assert _flower_processes() <= before
+    assert processes_mentioning(str(out)) == []
+    assert flower_processes() <= before
     for site in ("site-0", "site-1"):  # each site trained in its own process, with its own ledger
         assert (out / "sites" / site / "state" / "privacy-ledger.json").is_file()
     # The aggregator's lineage holds both rounds, every update signed by its site's certificate.
@@ -104,7 +86,7 @@ def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_pat
 
 def test_demo_stops_every_process_on_ctrl_c(tmp_path):
     out = tmp_path / "demo"
-    before = _flower_processes()
+    before = flower_processes()
     demo = subprocess.Popen([sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "5",
                              "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -112,11 +94,11 @@ def test_demo_stops_every_process_on_ctrl_c(tmp_path):
         for line in demo.stderr:
             if "submitted" in line or time.monotonic() > deadline:
                 break
-        assert len(_processes_mentioning(str(out))) >= 3  # aggregator and two sites are up
+        assert len(processes_mentioning(str(out))) >= 3  # aggregator and two sites are up
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=60) == 130
     finally:
         if demo.poll() is None:
             demo.kill()
-    assert _processes_mentioning(str(out)) == []
-    assert _flower_processes() <= before
+    assert processes_mentioning(str(out)) == []
+    assert flower_processes() <= before

@@ -14,6 +14,8 @@ from fedgen.demo import ProcessGroup, wait_for_port, write_consortium
 from fedgen.lineage import read_records
 from fedgen.server.coordinator import follow, submit
 
+from .processes import flower_processes, wait_for_flower_processes_to_end
+
 pytestmark = pytest.mark.slow
 FEDGEN = [sys.executable, "-m", "fedgen.cli"]
 
@@ -86,6 +88,7 @@ def test_aggregator_killed_mid_run_resumes_without_repeating_or_losing_a_round(t
     from fedgen.lineage import verify
     from fedgen.server.coordinator import RunFailed
 
+    before = flower_processes()
     aggregator_toml, site_tomls, run_toml = write_consortium(tmp_path, sites=2, rounds=3, epsilon=8.0, seed=0)
     run = load_toml(run_toml, RunConfig)
     run_toml.write_text(to_toml(run.model_copy(update={
@@ -133,3 +136,5 @@ def test_aggregator_killed_mid_run_resumes_without_repeating_or_losing_a_round(t
                     checkpoints_dir=aggregator.state_dir / "checkpoints",
                     ca_certificate=pki.load_certificate(certs.ca_cert))
     assert report.ok, report.error
+    # The killed aggregator's SuperExec and ServerApp ended too (the ServerApp by its orphan watch).
+    assert wait_for_flower_processes_to_end(before) == set()

@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from fedgen.config import STRATEGY_NAMES
