@@ -7,14 +7,13 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from .cli_certs import certs_app
+from .cli_output import err, fail
 from .cli_lineage import lineage_app, model_app
 from .config import (
     STRATEGY_NAMES, AggregatorConfig, ConfigError, RunConfig, SiteConfig, TrainingConfig, load_toml,
@@ -28,7 +27,6 @@ app = typer.Typer(help="Sovereign federated fine-tuning of genomic language mode
 app.add_typer(certs_app, name="certs")
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(model_app, name="model")
-err = Console(stderr=True)
 
 DEFAULTS = TrainingConfig()
 Strategy = Enum("Strategy", {name: name for name in STRATEGY_NAMES}, type=str)
@@ -40,10 +38,6 @@ class Partition(str, Enum):
     label_skew = "label-skew"
     dirichlet = "dirichlet"
 
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _round_line(result: RoundResult) -> str:
@@ -128,7 +122,7 @@ def simulate(
     for item in adversary or []:
         site, _, attack = item.partition(":")
         if not attack:
-            _fail(f"--adversary {item!r}: expected SITE:ATTACK, e.g. site-0:sign-flip")
+            fail(f"--adversary {item!r}: expected SITE:ATTACK, e.g. site-0:sign-flip")
         adversaries[site] = attack
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for --json alone
@@ -141,7 +135,7 @@ def simulate(
                 adversaries=adversaries, on_round=_report_round,
             )
     except (DataError, ConfigError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_result(result, as_json, "fedgen simulation")
 
 
@@ -166,7 +160,7 @@ def aggregator_start(config: Path = CONFIG_OPTION) -> None:
                   highlight=False, soft_wrap=True)
         start_aggregator(settings, str(config))
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @site_app.command("start")
@@ -177,7 +171,7 @@ def site_start(config: Path = CONFIG_OPTION) -> None:
     try:
         start_site(config)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @site_app.command("budget")
@@ -191,7 +185,7 @@ def site_budget(config: Path = CONFIG_OPTION,
         p = site.privacy
         ledger = PrivacyLedger.open(site.state_dir, accountant=p.accountant, delta=p.delta)
     except (ConfigError, LedgerError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     spent = ledger.epsilon
     summary = {"site": site.site_id, "epsilon_spent": spent, "epsilon_ceiling": p.epsilon,
                "delta": p.delta, "accountant": p.accountant, "rounds": ledger.rounds}
@@ -243,7 +237,7 @@ def run_command(
                   highlight=False, soft_wrap=True)
         result = follow(submitted, _report_round)
     except (ConfigError, RunFailed) as exc:
-        _fail(str(exc), code=1 if isinstance(exc, RunFailed) else 2)
+        fail(str(exc), code=1 if isinstance(exc, RunFailed) else 2)
     _print_result(result, as_json, f"fedgen run {submitted.run_id}")
 
 
@@ -267,9 +261,9 @@ def demo(
                               on_round=_report_round,
                               on_event=lambda m: err.print(m, highlight=False, soft_wrap=True))
     except (ValueError, RuntimeError) as exc:
-        _fail(str(exc), code=1 if isinstance(exc, RunFailed) else 2)
+        fail(str(exc), code=1 if isinstance(exc, RunFailed) else 2)
     except KeyboardInterrupt:
-        _fail("interrupted; every process the demo started was stopped", code=130)
+        fail("interrupted; every process the demo started was stopped", code=130)
     _print_result(result, as_json, "fedgen demo")
 
 

@@ -6,7 +6,7 @@ import json
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 from rich import box
@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import pki
+from .cli_output import err, fail
 
 certs_app = typer.Typer(help="Consortium PKI: CA, aggregator and site certificates, revocation.",
                         no_args_is_help=True, add_completion=False)
@@ -23,7 +24,6 @@ issue_app = typer.Typer(help="Issue the aggregator's server certificate or a sit
 certs_app.add_typer(issue_app, name="issue")
 
 out = Console()
-err = Console(stderr=True)
 
 Reason = Enum("Reason", {r: r.replace("_", "-") for r in pki.REVOCATION_REASONS}, type=str)
 
@@ -37,10 +37,6 @@ def _dir_option() -> Any:
 def _force_option(what: str) -> Any:
     return typer.Option(False, "--force", help=f"Replace {what}.")
 
-
-def _fail(message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _say(message: str) -> None:
@@ -62,7 +58,7 @@ def init(
     try:
         ca_cert = pki.init_consortium(folder, consortium, days=days, force=force)
     except (pki.PKIError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     files = pki.layout(folder)
     _say(f"Consortium {consortium!r}: CA certificate {ca_cert} (valid until {_expiry(ca_cert)}), "
          f"CA key {files.ca_key}, CRL {files.crl}, index {files.index}.")
@@ -83,7 +79,7 @@ def issue_aggregator(
     try:
         cert = pki.issue_aggregator(folder, hosts, days=days, force=force)
     except (pki.PKIError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _say(f"Aggregator certificate for {', '.join(hosts)}: {cert} and key {pki.layout(folder).aggregator_key} "
          f"(valid until {_expiry(cert)}).")
     _say(f"Install both on the aggregator machine only. {KEY_WARNING}")
@@ -100,7 +96,7 @@ def issue_site(
     try:
         cert = pki.issue_site(folder, site_id, days=days, force=force)
     except (pki.PKIError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     key = pki.layout(folder).site_key(site_id)
     _say(f"Site {site_id!r}: certificate {cert} and key {key} (valid until {_expiry(cert)}).")
     if force:
@@ -119,7 +115,7 @@ def revoke(
     try:
         revoked = pki.revoke_site(folder, site_id, reason.value)
     except (pki.PKIError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     crl = pki.layout(folder).crl
     _say(f"Revoked site {site_id!r} (serial {revoked.serial}, reason {revoked.reason}); {crl} re-signed.")
     _say(f"Copy {crl} to the aggregator and restart its Fleet listener: the CRL is read when TLS starts.")
@@ -135,7 +131,7 @@ def refresh_crl(
         crl = pki.refresh_crl(folder, days=days)
         next_update = pki.load_crl(crl).next_update_utc
     except (pki.PKIError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _say(f"{crl} re-signed; next update {next_update:%Y-%m-%d %H:%M UTC}. Copy it to the aggregator.")
 
 
@@ -166,7 +162,7 @@ def list_(
     try:
         infos = pki.list_certificates(folder)
     except (pki.PKIError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         print(json.dumps([info.as_dict() for info in infos], indent=2))
     else:

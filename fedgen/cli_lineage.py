@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -18,13 +17,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import pki
+from .cli_output import err, fail
 from .config import AggregatorConfig, ConfigError, load_toml
 from .lineage import LineageError, export_prov, read_records, verify
 from .model_release import ReleaseError, approve, export_model
 
 lineage_app = typer.Typer(help="The signed, hash-chained lineage of every run and round.", no_args_is_help=True)
 model_app = typer.Typer(help="Approve a committed model (human oversight) and export it.", no_args_is_help=True)
-err = Console(stderr=True)
 
 LEDGER = typer.Option(None, "--ledger", help="lineage.jsonl (default: from --config).")
 CONFIG = typer.Option(None, "--config", "-c", help="aggregator.toml: finds ledger, checkpoints, certificates.")
@@ -33,10 +32,6 @@ CA = typer.Option(None, "--ca", help="Consortium CA: also check the aggregator's
 CHECKPOINTS = typer.Option(None, "--checkpoints", help="Folder of round checkpoints to check digests of.")
 RUN = typer.Option(None, "--run", help="Run id (default: the latest run in the ledger).")
 
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @dataclass
@@ -55,13 +50,13 @@ def _files(ledger: Path | None, config: Path | None, cert: Path | None, ca: Path
         try:
             aggregator = load_toml(config, AggregatorConfig)
         except ConfigError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         state = Path(aggregator.state_dir)
         ledger = ledger or state / "lineage.jsonl"
         cert, key = cert or aggregator.tls.certificate, key or aggregator.tls.private_key
         ca, checkpoints = ca or aggregator.tls.ca_certificate, checkpoints or state / "checkpoints"
     if ledger is None:
-        _fail("name the ledger with --ledger, or the aggregator with --config")
+        fail("name the ledger with --ledger, or the aggregator with --config")
     simulation_pki = ledger.parent / "pki"
     if cert is None and (simulation_pki / "aggregator.pem").exists():
         cert, key = simulation_pki / "aggregator.pem", key or simulation_pki / "aggregator.key"
@@ -75,7 +70,7 @@ def _records(ledger: Path) -> list[dict]:
     try:
         return read_records(ledger)
     except LineageError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @lineage_app.command("show")
@@ -122,14 +117,14 @@ def verify_command(ledger: Path = LEDGER, config: Path = CONFIG, cert: Path = CE
     """Walk the chain: every hash, signature, site signature and (given) checkpoint digest."""
     files = _files(ledger, config, cert, ca, checkpoints)
     if files.certificate is None:
-        _fail("name the aggregator certificate with --cert (or --config)")
+        fail("name the aggregator certificate with --cert (or --config)")
     try:
         report = verify(files.ledger, pki.load_certificate(files.certificate), checkpoints_dir=files.checkpoints,
                         ca_certificate=pki.load_certificate(files.ca) if files.ca else None)
     except (LineageError, pki.PKIError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if not report.ok:
-        _fail(f"{files.ledger}: BROKEN at record seq {report.error_seq} (line {report.error_line}): "
+        fail(f"{files.ledger}: BROKEN at record seq {report.error_seq} (line {report.error_line}): "
               f"{report.error}", code=1)
     tail = " (an incomplete last append was ignored)" if report.incomplete_tail else ""
     print(f"{files.ledger}: OK, {report.records} records, head {report.head_hash}; "
@@ -143,12 +138,12 @@ def export(ledger: Path = LEDGER, config: Path = CONFIG,
            out: Path = typer.Option(None, "--out", help="File to write (default: stdout).")) -> None:
     """Export the lineage for compliance tools."""
     if format not in ("prov-json", "prov"):
-        _fail(f"unknown format {format!r}; supported: prov-json")
+        fail(f"unknown format {format!r}; supported: prov-json")
     files = _files(ledger, config, None, None, None)
     try:
         document = json.dumps(export_prov(files.ledger), indent=2)
     except LineageError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if out is None:
         print(document)
     else:
@@ -168,13 +163,13 @@ def approve_command(
     """Record a signed approval of a round's model in the ledger."""
     files = _files(ledger, config, cert, None, None, key)
     if files.certificate is None or files.private_key is None:
-        _fail("the aggregator's --key and --cert (or --config) are needed to sign the approval")
+        fail("the aggregator's --key and --cert (or --config) are needed to sign the approval")
     try:
         record = approve(files.ledger, pki.load_private_key(files.private_key),
                          pki.load_certificate(files.certificate), server_round=round, by=by, reason=reason,
                          run_id=run)
     except (ReleaseError, pki.PKIError, LineageError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     print(f"approved run {record['run_id']} round {round}: model {record['body']['model_digest']} "
           f"(record seq {record['seq']}, hash {record['hash']})")
 
@@ -190,11 +185,11 @@ def export_command(
     """Export a round's model with a model card (refuses unapproved rounds by default)."""
     files = _files(ledger, config, cert, ca, checkpoints)
     if files.certificate is None or files.checkpoints is None:
-        _fail("the aggregator --cert and --checkpoints (or --config) are needed")
+        fail("the aggregator --cert and --checkpoints (or --config) are needed")
     try:
         path = export_model(files.ledger, pki.load_certificate(files.certificate), files.checkpoints, out,
                             server_round=round, run_id=run, allow_unapproved=allow_unapproved,
                             ca_certificate=pki.load_certificate(files.ca) if files.ca else None)
     except (ReleaseError, pki.PKIError, LineageError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     print(f"exported to {path}: model.safetensors, config.json, MODEL_CARD.md")
