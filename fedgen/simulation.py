@@ -15,12 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from flwr.app import RecordDict
 
 from . import pki
 from .config import PrivacyConfig, SiteConfig, TrainingConfig, load_toml, to_toml
 from .data import SequenceDataset, bundled_data_dir, load_bundled, load_dataset, train_test_split
 from .model import ModelConfig, preset_config
+from .params import arrays_to_record, digest, record_to_arrays
 from .partition import partition
+from .protocol import ARRAYS_KEY, SITE_KEY
 from .results import RoundResult, RunResult
 from .sovereignty import apply_sovereign_environment
 from .tokenizers import make_tokenizer
@@ -219,10 +222,7 @@ class Adversaries:
                 raise ValueError(f"adversary {site}: unknown attack {kind!r}; choose one of {', '.join(ATTACKS)}")
         self.attacks = dict(attacks)
 
-    def __call__(self, site: SiteConfig, sent, reply):  # noqa: ANN001, ANN204 - RecordDicts
-        from .params import arrays_to_record, digest, record_to_arrays
-        from .protocol import ARRAYS_KEY, SITE_KEY
-
+    def __call__(self, site: SiteConfig, sent: RecordDict, reply: RecordDict) -> RecordDict:
         kind = self.attacks.get(site.site_id)
         if kind is None:
             return reply
