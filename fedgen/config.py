@@ -1,17 +1,24 @@
-"""Typed configuration both sides agree on, and strict TOML loading.
+"""Typed configuration both sides agree on, and strict TOML loading and writing.
 
 Unknown keys and wrong types are errors that name the file and the field, so a typo in
-an operator's config stops the launcher before any process starts.
+an operator's config stops the launcher before any process starts. Types are strict:
+``runtime_port = "19120"`` is an error, not a port.
+
+Paths: a relative path inside a config file is relative to that file's folder. In
+memory, a config's paths are usable as they are from the working directory (`load_toml`
+resolves them); `write_toml` writes them back relative to the file or absolute, so a
+file reads the same from any working directory.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum", "median")
 
@@ -21,7 +28,11 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# TOML has no path type: a path is written as a string, so path fields alone accept one.
+ConfigPath = Annotated[Path, Strict(False)]
 
 
 class PrivacyConfig(StrictModel):
@@ -40,9 +51,9 @@ class PrivacyConfig(StrictModel):
 class SiteTLSConfig(StrictModel):
     """The site's consortium-issued certificate and key, and the CA it trusts."""
 
-    certificate: Path
-    private_key: Path
-    ca_certificate: Path
+    certificate: ConfigPath
+    private_key: ConfigPath
+    ca_certificate: ConfigPath
 
 
 class SiteConfig(StrictModel):
@@ -53,8 +64,8 @@ class SiteConfig(StrictModel):
     """
 
     site_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    data: Path
-    state_dir: Path
+    data: ConfigPath
+    state_dir: ConfigPath
     device: str = "auto"
     privacy: PrivacyConfig = PrivacyConfig()
     aggregator: str | None = Field(None, pattern=r"^\S+:\d+$", description="host:port of the Fleet API")
@@ -100,16 +111,16 @@ class TrainingConfig(StrictModel):
 class AggregatorTLSConfig(StrictModel):
     """The aggregator's server certificate and key, the consortium CA and its CRL."""
 
-    certificate: Path
-    private_key: Path
-    ca_certificate: Path
-    crl: Path
+    certificate: ConfigPath
+    private_key: ConfigPath
+    ca_certificate: ConfigPath
+    crl: ConfigPath
 
 
 class AggregatorConfig(StrictModel):
     """What the consortium operator configures for the aggregator (SuperLink)."""
 
-    state_dir: Path
+    state_dir: ConfigPath
     fleet_host: str = Field("0.0.0.0", description="interface of the public, mutual-TLS Fleet API")
     fleet_port: int = Field(9092, ge=1, le=65535)
     control_port: int = Field(9093, ge=1, le=65535, description="loopback-only Control and Runtime APIs")
@@ -119,38 +130,58 @@ class AggregatorConfig(StrictModel):
 class RunConfig(StrictModel):
     """What the coordinator submits: the training plan and the aggregator's held-out set."""
 
-    aggregator: Path = Field(description="the aggregator.toml of the SuperLink to run on")
+    aggregator: ConfigPath = Field(description="the aggregator.toml of the SuperLink to run on")
     sites: int = Field(ge=1, description="sites that must be connected; all train each round")
     labels: list[str] = Field(min_length=2, description="class labels every site agrees on")
     max_length: int = Field(512, ge=1, description="longest sequence in bases the model accepts")
-    eval_data: Path | None = Field(None, description="held-out set on the aggregator")
+    eval_data: ConfigPath | None = Field(None, description="held-out set on the aggregator")
     training: TrainingConfig = TrainingConfig()
 
 
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def to_toml(config: BaseModel) -> str:
-    """Render a config as TOML that `load_toml` reads back (unset optional fields omitted)."""
-    return _toml_table(config.model_dump(exclude_none=True), prefix="")
+def to_toml(config: BaseModel, destination: str | Path) -> str:
+    """Render ``config`` as the TOML text of the file ``destination`` (unset optional fields omitted).
+
+    A path inside ``destination``'s folder is written relative to it, any other path
+    absolute, so `load_toml` reads the same files back from any working directory.
+    """
+    folder = Path(os.path.abspath(Path(destination).parent))
+    return _toml_table(config.model_dump(exclude_none=True), prefix="", folder=folder)
 
 
-def _toml_value(value: object) -> str:
+def write_toml(config: BaseModel, path: str | Path) -> Path:
+    """Write ``config`` to ``path`` (see `to_toml`), whole or not at all."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(to_toml(config, path), encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+def _toml_path(value: Path, folder: Path) -> str:
+    target = Path(os.path.abspath(value))
+    return (target.relative_to(folder) if target.is_relative_to(folder) else target).as_posix()
+
+
+def _toml_value(value: object, folder: Path) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, Path):
-        return json.dumps(value.as_posix())
+        return json.dumps(_toml_path(value, folder))
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+        return "[" + ", ".join(_toml_value(item, folder) for item in value) + "]"
     return json.dumps(str(value))  # JSON string escapes are valid TOML basic strings
 
 
-def _toml_table(values: dict, prefix: str) -> str:
-    scalars = [f"{key} = {_toml_value(value)}" for key, value in values.items() if not isinstance(value, dict)]
+def _toml_table(values: dict, prefix: str, folder: Path) -> str:
+    scalars = [f"{key} = {_toml_value(value, folder)}"
+               for key, value in values.items() if not isinstance(value, dict)]
     tables = [
-        f"\n[{prefix}{key}]\n" + _toml_table(value, f"{prefix}{key}.")
+        f"\n[{prefix}{key}]\n" + _toml_table(value, f"{prefix}{key}.", folder)
         for key, value in values.items() if isinstance(value, dict)
     ]
     return "\n".join(scalars) + ("\n" if scalars else "") + "".join(tables)
@@ -171,6 +202,9 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
 def load_toml(path: str | Path, model: type[Model]) -> Model:
     """Load and validate a TOML file; relative paths inside resolve against its folder.
 
+    The paths of the config returned are absolute, so they keep their meaning if the
+    working directory changes or they are handed to another process.
+
     Raises
     ------
     ConfigError
@@ -187,7 +221,7 @@ def load_toml(path: str | Path, model: type[Model]) -> Model:
         config = model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, str(path))) from None
-    return _resolve_paths(config, path.parent)
+    return _resolve_paths(config, Path(os.path.abspath(path)).parent)
 
 
 def _resolve_paths(config: Model, base: Path) -> Model:

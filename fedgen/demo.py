@@ -23,7 +23,7 @@ from pathlib import Path
 from . import pki
 from .config import (
     AggregatorConfig, AggregatorTLSConfig, PrivacyConfig, RunConfig, SiteTLSConfig, TrainingConfig,
-    to_toml,
+    write_toml,
 )
 from .data import bundled_data_dir, load_bundled
 from .partition import partition
@@ -122,14 +122,15 @@ def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed
     pki.issue_aggregator(certs, ["127.0.0.1", "localhost"], days=7)
     layout = pki.layout(certs)
     fleet_port, control_port = free_port(), free_port()
+    (out / "aggregator").mkdir()
+    aggregator_toml = out / "aggregator" / "aggregator.toml"
     aggregator = AggregatorConfig(
-        state_dir=Path("state"), fleet_host="127.0.0.1", fleet_port=fleet_port, control_port=control_port,
+        state_dir=out / "aggregator" / "state", fleet_host="127.0.0.1",
+        fleet_port=fleet_port, control_port=control_port,
         tls=AggregatorTLSConfig(certificate=layout.aggregator_cert, private_key=layout.aggregator_key,
                                 ca_certificate=layout.ca_cert, crl=layout.crl),
     )
-    (out / "aggregator").mkdir()
-    aggregator_toml = out / "aggregator" / "aggregator.toml"
-    aggregator_toml.write_text(to_toml(aggregator), encoding="utf-8")
+    write_toml(aggregator, aggregator_toml)
 
     def deployment(index: int) -> dict:
         site_id = f"site-{index}"
@@ -145,8 +146,7 @@ def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed
                     max_length=max(len(s) for s in train.sequences),
                     eval_data=bundled_data_dir() / "test.csv",
                     training=TrainingConfig(rounds=rounds, seed=seed))
-    run_toml = out / "run.toml"
-    run_toml.write_text(to_toml(run), encoding="utf-8")
+    run_toml = write_toml(run, out / "run.toml")
     return aggregator_toml, site_tomls, run_toml
 
 

@@ -18,7 +18,7 @@ import torch
 from flwr.app import RecordDict
 
 from . import pki
-from .config import PrivacyConfig, SiteConfig, TrainingConfig, load_toml, to_toml
+from .config import PrivacyConfig, SiteConfig, TrainingConfig, load_toml, write_toml
 from .data import SequenceDataset, bundled_data_dir, load_bundled, load_dataset, train_test_split
 from .model import ModelConfig, preset_config
 from .params import arrays_to_record, digest, record_to_arrays
@@ -59,10 +59,9 @@ def write_sites(train: SequenceDataset, shares: list, root: Path, privacy: Priva
             writer.writerow(["sequence", "label"])
             for i in share:
                 writer.writerow([train.sequences[i], train.label_names[train.labels[i]]])
-        site = SiteConfig(site_id=f"site-{index}", data=Path("data.csv"), state_dir=Path("state"),
+        site = SiteConfig(site_id=f"site-{index}", data=site_dir / "data.csv", state_dir=site_dir / "state",
                           device=device, privacy=privacy, **(extra(index) if extra else {}))
-        (site_dir / "site.toml").write_text(to_toml(site), encoding="utf-8")
-        configs.append(site_dir / "site.toml")
+        configs.append(write_toml(site, site_dir / "site.toml"))
     return configs
 
 
@@ -143,7 +142,8 @@ def simulate(
         # Its sites' privacy ledgers and checkpoints belong to another run: never mix them.
         raise ValueError(f"{out}: folder is not empty; choose a new --out or remove the old run")
     # Only now that every input checked out does anything get written.
-    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-sim-"))
+    # Absolute: Ray's workers load the site configs, and result.json names files, from anywhere.
+    out_dir = Path(out).absolute() if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-sim-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     site_tomls = write_sites(train, shares, out_dir / "sites", privacy, device)
     config_summary = {

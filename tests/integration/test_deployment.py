@@ -43,7 +43,7 @@ def consortium(tmp_path_factory):
                                 ca_certificate=layout.ca_cert, crl=layout.crl),
     )
     toml = root / "aggregator.toml"
-    toml.write_text(to_toml(config))
+    toml.write_text(to_toml(config, toml))
     (root / "logs").mkdir()
     group = ProcessGroup(root / "logs")
     process, log = group.start("aggregator", ["fedgen", "aggregator", "start", "--config", str(toml)])
@@ -172,7 +172,7 @@ def test_fedgen_run_exits_non_zero_when_the_run_fails(consortium, tmp_path):
     eval_data.write_text("sequence,label\nACGTACGT,0\nTTGACCAA,1\n")
     run = tmp_path / "run.toml"
     run.write_text(to_toml(RunConfig(aggregator=consortium["toml"], sites=1, labels=["0", "1"],
-                                     max_length=8, eval_data=eval_data)))
+                                     max_length=8, eval_data=eval_data), run))
     submitted = submit(load_toml(run, RunConfig), str(run))
     eval_data.unlink()  # the ServerApp can no longer load its held-out set: the run fails
     with pytest.raises(RunFailed, match="finished:failed"):

@@ -24,7 +24,7 @@ def test_a_site_killed_mid_round_is_reported_and_rejoins_later(tmp_path: Path):
     aggregator_toml, site_tomls, run_toml = write_consortium(tmp_path, sites=3, rounds=3, epsilon=8.0, seed=0)
     run = load_toml(run_toml, RunConfig)
     training = run.training.model_copy(update={"round_timeout": 90.0, "min_updates": 2, "local_epochs": 0.5})
-    run_toml.write_text(to_toml(run.model_copy(update={"training": training})))
+    run_toml.write_text(to_toml(run.model_copy(update={"training": training}), run_toml))
     aggregator = load_toml(aggregator_toml, AggregatorConfig)
     (tmp_path / "logs").mkdir()
     group = ProcessGroup(tmp_path / "logs")
@@ -92,7 +92,7 @@ def test_aggregator_killed_mid_run_resumes_without_repeating_or_losing_a_round(t
     aggregator_toml, site_tomls, run_toml = write_consortium(tmp_path, sites=2, rounds=3, epsilon=8.0, seed=0)
     run = load_toml(run_toml, RunConfig)
     run_toml.write_text(to_toml(run.model_copy(update={
-        "training": run.training.model_copy(update={"local_epochs": 0.5})})))
+        "training": run.training.model_copy(update={"local_epochs": 0.5})}), run_toml))
     aggregator = load_toml(aggregator_toml, AggregatorConfig)
     ledger = aggregator.state_dir / "lineage.jsonl"
     (tmp_path / "logs").mkdir()

@@ -1,9 +1,11 @@
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from fedgen.config import (
-    AggregatorConfig, ConfigError, RunConfig, SiteConfig, TrainingConfig, load_toml, to_toml,
+    AggregatorConfig, ConfigError, RunConfig, SiteConfig, SiteTLSConfig, TrainingConfig, load_toml, to_toml,
+    write_toml,
 )
 
 
@@ -65,5 +67,76 @@ def test_to_toml_round_trips_nested_configs(tmp_path):
     run = RunConfig(aggregator=tmp_path / "a.toml", sites=2, labels=["x", "y"],
                     training=TrainingConfig(strategy="fedprox", strategy_options={"proximal_mu": 0.1}))
     path = tmp_path / "run.toml"
-    path.write_text(to_toml(run))
+    path.write_text(to_toml(run, path))
     assert load_toml(path, RunConfig) == run
+
+
+SITE = 'site_id = "a"\ndata = "d.csv"\nstate_dir = "s"\n'
+TLS = '[tls]\ncertificate = "c"\nprivate_key = "k"\nca_certificate = "ca"\ncrl = "crl"\n'
+RUN = 'aggregator = "a.toml"\nsites = 2\nlabels = ["0", "1"]\n'
+
+
+@pytest.mark.parametrize("model, body, field, words", [
+    (SiteConfig, SITE + 'runtime_port = "19120"\n', "runtime_port", "valid integer"),
+    (SiteConfig, SITE + "runtime_port = 19120.0\n", "runtime_port", "valid integer"),
+    (SiteConfig, SITE + '[privacy]\nenabled = "false"\n', "privacy.enabled", "valid boolean"),
+    (SiteConfig, SITE + "[privacy]\nenabled = 0\n", "privacy.enabled", "valid boolean"),
+    (SiteConfig, SITE + '[privacy]\nepsilon = "8"\n', "privacy.epsilon", "valid number"),
+    (SiteConfig, 'site_id = 7\ndata = "d.csv"\nstate_dir = "s"\n', "site_id", "valid string"),
+    (SiteConfig, 'site_id = "a"\ndata = 3\nstate_dir = "s"\n', "data", "path"),
+    (AggregatorConfig, 'state_dir = "s"\nfleet_port = "9092"\n' + TLS, "fleet_port", "valid integer"),
+    (RunConfig, 'aggregator = "a.toml"\nsites = "2"\nlabels = ["0", "1"]\n', "sites", "valid integer"),
+    (RunConfig, 'aggregator = "a.toml"\nsites = 2\nlabels = ["0", 1]\n', "labels.1", "valid string"),
+    (RunConfig, RUN + '[training]\nrounds = "5"\n', "training.rounds", "valid integer"),
+    (RunConfig, RUN + '[training]\nbatch_size = 32.0\n', "training.batch_size", "valid integer"),
+])
+def test_a_value_of_the_wrong_type_is_an_error_naming_file_and_field(tmp_path, model, body, field, words):
+    path = tmp_path / "config.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as info:
+        load_toml(path, model)
+    assert f"{path}: {field}: " in str(info.value) and words in str(info.value)
+
+
+def test_integers_load_where_numbers_belong_and_strings_where_paths_belong(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(RUN + "[training]\nlocal_epochs = 1\nlearning_rate = 1\nround_timeout = 60\n")
+    run = load_toml(path, RunConfig)
+    assert run.training.local_epochs == 1.0 and isinstance(run.training.local_epochs, float)
+    assert run.aggregator == tmp_path / "a.toml"
+
+
+def test_load_toml_returns_absolute_paths_for_a_relative_file(tmp_path, monkeypatch):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "site.toml").write_text(SITE)
+    monkeypatch.chdir(tmp_path)
+    site = load_toml(Path("site/site.toml"), SiteConfig)
+    assert site.data == tmp_path / "site" / "d.csv" and site.state_dir == tmp_path / "site" / "s"
+
+
+def test_written_paths_are_relative_inside_the_files_folder_and_absolute_outside(tmp_path, monkeypatch):
+    """Paths given relative to the working directory are written so that the file reads the
+    same files back from any other working directory."""
+    monkeypatch.chdir(tmp_path)
+    folder = Path("consortium/sites/site-0")
+    folder.mkdir(parents=True)
+    site = SiteConfig(site_id="site-0", data=folder / "data.csv", state_dir=folder / "state",
+                      tls=SiteTLSConfig(certificate=Path("consortium/certs/site-0.pem"),
+                                        private_key=Path("consortium/certs/site-0.key"),
+                                        ca_certificate=tmp_path / "consortium/certs/ca.pem"))
+    path = write_toml(site, folder / "site.toml")
+    written = tomllib.loads(path.read_text())
+    assert written["data"] == "data.csv" and written["state_dir"] == "state"
+    assert written["tls"]["certificate"] == (tmp_path / "consortium/certs/site-0.pem").as_posix()
+    assert written["tls"]["ca_certificate"] == (tmp_path / "consortium/certs/ca.pem").as_posix()
+    assert list(folder.iterdir()) == [path]  # no partial file left beside it
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in (tmp_path / folder / "site.toml", Path("..") / folder / "site.toml"):
+        loaded = load_toml(name, SiteConfig)
+        assert loaded.data == tmp_path / folder / "data.csv"
+        assert loaded.state_dir == tmp_path / folder / "state"
+        assert loaded.tls.certificate == tmp_path / "consortium/certs/site-0.pem"
+        assert loaded.tls.private_key == tmp_path / "consortium/certs/site-0.key"

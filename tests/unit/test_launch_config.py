@@ -31,7 +31,7 @@ def _site(tmp_path: Path, certs: Path, **tls_overrides) -> Path:
     site = SiteConfig(site_id="site-a", data=tmp_path / "data.csv", state_dir=tmp_path / "state",
                       aggregator="127.0.0.1:9092", tls=SiteTLSConfig(**tls))
     path = tmp_path / "site.toml"
-    path.write_text(to_toml(site))
+    path.write_text(to_toml(site, path))
     return path
 
 
@@ -64,13 +64,13 @@ def test_aggregator_with_a_mismatched_key_or_shared_ports(tmp_path, certs):
     tls = AggregatorTLSConfig(certificate=layout.aggregator_cert, private_key=layout.site_key("site-a"),
                               ca_certificate=layout.ca_cert, crl=layout.crl)
     path = tmp_path / "aggregator.toml"
-    path.write_text(to_toml(AggregatorConfig(state_dir=tmp_path / "state", tls=tls)))
+    path.write_text(to_toml(AggregatorConfig(state_dir=tmp_path / "state", tls=tls), path))
     result = runner.invoke(app, ["aggregator", "start", "--config", str(path)])
     assert result.exit_code == 2 and "does not match its key" in result.output
     assert not (tmp_path / "state").exists()  # nothing started, nothing written
     good = tls.model_copy(update={"private_key": layout.aggregator_key})
     path.write_text(to_toml(AggregatorConfig(state_dir=tmp_path / "state", tls=good, fleet_port=9000,
-                                             control_port=9000)))
+                                             control_port=9000), path))
     result = runner.invoke(app, ["aggregator", "start", "--config", str(path)])
     assert result.exit_code == 2 and "control_port must differ" in result.output
 
