@@ -143,11 +143,11 @@ def simulate(
         raise ValueError(f"{out}: folder is not empty; choose a new --out or remove the old run")
     # Only now that every input checked out does anything get written.
     # Absolute: Ray's workers load the site configs, and result.json names files, from anywhere.
-    out_dir = Path(out).absolute() if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-sim-"))
+    out_dir = Path(os.path.abspath(out)) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-sim-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     site_tomls = write_sites(train, shares, out_dir / "sites", privacy, device)
     config_summary = {
-        "data": str(data) if data is not None else str(bundled_data_dir()),
+        "data": os.path.abspath(data) if data is not None else str(bundled_data_dir()),
         "sites": sites, "partition": partition_scheme, "alpha": alpha,
         "site_examples": [len(share) for share in shares], "test_examples": len(test),
         "privacy": privacy.model_dump(), "training": training.model_dump(),

@@ -112,7 +112,7 @@ def test_a_simulation_and_its_lineage_commands_take_relative_paths(folders, monk
     assert saved["final_accuracy"] == summary["final_accuracy"]
     checkpoint = Path(saved["rounds"][0]["checkpoint"])
     assert checkpoint.is_absolute() and checkpoint.is_file() and checkpoint.is_relative_to(out)
-    assert Path(saved["lineage"]) == out / "lineage.jsonl"
+    assert Path(saved["lineage"]) == out / "lineage.jsonl" and saved["config"]["data"] == str(data)
 
     monkeypatch.chdir(used)
     sim = Path("..") / made.name / "runs" / "sim"
