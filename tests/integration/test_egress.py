@@ -3,7 +3,8 @@ the consortium's loopback: no DNS lookup, no telemetry, no update check, no pack
 
 Each launcher runs as an operator would start it from a shell where none of fedgen's
 phone-home switches are set, under ``strace -f`` (every child process included); the
-trace is the assertion, see tests/egress_trace.py.
+trace is the assertion, see tests/egress_trace.py. strace exits only when the last
+process it traces has, so a launcher that returned left nothing running behind it.
 """
 
 import os
@@ -23,7 +24,7 @@ from ..egress_trace import EgressPolicy, find_egress, strace_command
 
 pytestmark = pytest.mark.slow
 FEDGEN = str(Path(sys.executable).with_name("fedgen"))  # the console script an operator runs
-RUN_TIMEOUT = 600.0
+RUN_TIMEOUT = 400.0
 STOP_TIMEOUT = 60.0
 
 
