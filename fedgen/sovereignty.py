@@ -38,17 +38,28 @@ NO_PHONE_HOME = {
     # 8.8.8.8 route probe. A simulation never spans machines.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
-# The switches read at import: (module, the attribute holding what it read, its safe value).
-READ_AT_IMPORT = (
-    ("flwr.supercore.telemetry", "FLWR_TELEMETRY_ENABLED", "0"),  # Flower 1.41
-    ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER", False),  # Ray 2.55
-)
+# Packages that read a switch once, when imported (one imported before fedgen set the
+# switch read whatever the environment held then), and what they do if it was unset.
+READ_AT_IMPORT = {
+    "flwr": ("FLWR_TELEMETRY_ENABLED", "Flower sends telemetry to telemetry.flower.ai"),
+    "ray": ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "Ray probes a route to 8.8.8.8 and serves on this machine's address"),
+}
 TOO_LATE = (
-    "{modules} imported before fedgen, without fedgen's no-phone-home switches: this process "
-    "would call out (Flower telemetry to telemetry.flower.ai, Ray's route probe to 8.8.8.8) "
-    "and fedgen cannot switch that off any more. Import fedgen before flwr and ray (restart "
+    "{packages} imported before fedgen, without fedgen's no-phone-home switches: in this process "
+    "{consequences}, and fedgen cannot switch that off any more. Import fedgen first (restart "
     "the notebook kernel), or set {switches} before Python starts."
 )
+
+
+def _read_too_early() -> tuple[str, ...]:
+    """Packages already imported that read their switch from an environment without it."""
+    return tuple(package for package, (switch, _) in READ_AT_IMPORT.items()
+                 if package in sys.modules and os.environ.get(switch) != NO_PHONE_HOME[switch])
+
+
+# Taken when fedgen is first imported, before it sets anything (fedgen/__init__.py
+# imports this module first): later, the environment no longer tells.
+READ_TOO_EARLY = _read_too_early()
 
 
 class SovereigntyWarning(UserWarning):
@@ -68,14 +79,13 @@ def switch_off_phone_home() -> None:
 
 
 def too_late() -> str | None:
-    """What was imported before the switches were set and read them as "phone home", if anything."""
-    early = [name for name, attribute, safe in READ_AT_IMPORT
-             if name in sys.modules and getattr(sys.modules[name], attribute) != safe]
-    if not early:
+    """Why this process would phone home whatever fedgen sets now, or None."""
+    if not READ_TOO_EARLY:
         return None
-    packages = " and ".join(name.split(".")[0] for name in early) + (" were" if len(early) > 1 else " was")
+    packages = " and ".join(READ_TOO_EARLY) + (" were" if len(READ_TOO_EARLY) > 1 else " was")
+    consequences = " and ".join(READ_AT_IMPORT[package][1] for package in READ_TOO_EARLY)
     switches = " ".join(f"{name}={value}" for name, value in NO_PHONE_HOME.items())
-    return TOO_LATE.format(modules=packages, switches=switches)
+    return TOO_LATE.format(packages=packages, consequences=consequences, switches=switches)
 
 
 def sovereign_environment(base: dict[str, str] | None = None) -> dict[str, str]:
