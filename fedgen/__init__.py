@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+# First of all: Flower reads its telemetry switch once, when it is imported, and any
+# fedgen module may import it. Every entry point imports this package first.
+from .sovereignty import switch_off_phone_home
+
+switch_off_phone_home()
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 try:
     __version__ = version("fedgen")

@@ -25,7 +25,7 @@ from .params import arrays_to_record, digest, record_to_arrays
 from .partition import partition
 from .protocol import ARRAYS_KEY, SITE_KEY
 from .results import RoundResult, RunResult
-from .sovereignty import apply_sovereign_environment
+from .sovereignty import apply_sovereign_environment, ray_without_api_server
 from .tokenizers import make_tokenizer
 
 PARTITIONS = ("iid", "label-skew", "dirichlet")
@@ -141,6 +141,7 @@ def simulate(
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         # Its sites' privacy ledgers and checkpoints belong to another run: never mix them.
         raise ValueError(f"{out}: folder is not empty; choose a new --out or remove the old run")
+    apply_sovereign_environment()  # refuses in a process where Flower or Ray would phone home
     # Only now that every input checked out does anything get written.
     # Absolute: Ray's workers load the site configs, and result.json names files, from anywhere.
     out_dir = Path(os.path.abspath(out)) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-sim-"))
@@ -163,7 +164,6 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
          site_tomls: list[Path], test: SequenceDataset, out_dir: Path, config_summary: dict,
          cpus_per_site: float, device: str, tamper: Adversaries | None,
          on_round: Callable[[RoundResult], None] | None) -> RunResult:
-    apply_sovereign_environment()
     # Imported here: fedgen's core does not depend on the client and server packages.
     from flwr.simulation import run_simulation
 
@@ -180,13 +180,14 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
     # Ray hides GPUs from actors that reserve none; sites that train on a GPU share it.
     gpus_per_site = 0.0 if device == "cpu" or not torch.cuda.is_available() else 1.0 / len(site_tomls)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=len(site_tomls),
-        backend_config={
-            "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
-            "init_args": {"include_dashboard": False, "log_to_driver": False},
-        },
-    )
+    with ray_without_api_server():  # it would probe cloud metadata services
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=len(site_tomls),
+            backend_config={
+                "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
+                "init_args": {"include_dashboard": False, "log_to_driver": False},
+            },
+        )
     if outcome.error is not None:
         raise RuntimeError(f"simulation failed: {outcome.error}") from outcome.error
     if outcome.result is None:
