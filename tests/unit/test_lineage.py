@@ -240,6 +240,19 @@ def test_an_auditor_can_check_a_record_from_the_documented_format_alone(ledger: 
         assert record["signer"] == fingerprint
 
 
+def test_an_auditor_can_check_a_site_signature_from_the_documented_statement(ledger: Ledger):
+    """A site signs the canonical JSON of its update digest, the round, the run and the head it was shown."""
+    record = ledger.records[ROUND_2]
+    head = record["body"]["ledger_head"]
+    assert head == {"seq": SITE_REFUSED, "hash": ledger.records[SITE_REFUSED]["hash"]}
+    for item in record["body"]["contributions"]:
+        statement = json.dumps({"head_hash": head["hash"], "head_seq": head["seq"],
+                                "purpose": "fedgen lineage witness v1", "round": 2, "run_id": RUN,
+                                "update_digest": item["update_digest"]}, separators=(",", ":")).encode()
+        site = x509.load_pem_x509_certificate(item["certificate"].encode())
+        site.public_key().verify(base64.b64decode(item["signature"]), statement, ec.ECDSA(hashes.SHA256()))
+
+
 def test_verify_without_checkpoints_or_ca_checks_the_chain_and_site_signatures(ledger: Ledger, consortium: Consortium):
     report = verify(ledger.path, consortium.signer_cert)
     assert report.ok and report.checkpoints_checked == 0 and report.site_signatures_checked == 6
