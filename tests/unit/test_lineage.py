@@ -493,7 +493,8 @@ def round_with(tmp_path: Path, consortium: Consortium,
 def test_a_forged_site_signature_is_caught(tmp_path: Path, consortium: Consortium):
     """site-b signed site-a's update; the record carries site-a's certificate."""
     path = round_with(tmp_path, consortium, lambda head: [
-        contribution(consortium, "site-b", 1, head), contribution(consortium, "site-a", 1, head, signing_site="site-b")])
+        contribution(consortium, "site-b", 1, head),
+        contribution(consortium, "site-a", 1, head, signing_site="site-b")])
     report = verify(path, consortium.signer_cert)
     assert_broken_at(report, 1, "site 'site-a'", "signature over update")
     assert report.site_signatures_checked == 1

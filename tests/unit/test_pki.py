@@ -123,7 +123,8 @@ def test_lineage_signer_has_its_own_key_and_only_the_lineage_signing_usage(folde
     assert not usage.value.key_agreement and not extension(lineage, x509.BasicConstraints).value.ca
     pki.verify_issued_by(lineage, ca)
     pki.check_lineage_signer(lineage)
-    assert not pki.certificate_matches_key(cert(folder / "aggregator.pem"), pki.load_private_key(folder / "lineage.key"))
+    lineage_key = pki.load_private_key(folder / "lineage.key")
+    assert not pki.certificate_matches_key(cert(folder / "aggregator.pem"), lineage_key)
     kinds = {info.path: info.kind for info in pki.list_certificates(folder)}
     assert kinds["lineage.pem"] == "lineage"
     assert all(info.problem is None for info in pki.list_certificates(folder))
