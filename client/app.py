@@ -1,8 +1,10 @@
 """fedgen's Flower ClientApp: one site's answer to a train message.
 
-The site loads its own data, restores its privacy ledger, refuses the round if it would
-pass its ε ceiling, trains (DP-SGD by default) and replies with the trainable tensors,
-its metrics and its site id. The data path and the sequences stay on the site.
+The site checks that the lineage ledger head it was sent is signed by the consortium's
+lineage signer, loads its own data, restores its privacy ledger, refuses the round if it
+would pass its ε ceiling, trains (DP-SGD by default), keeps a receipt of the head and its
+update, and replies with the trainable tensors, its metrics, its site id and its
+signature over update and head. The data path and the sequences stay on the site.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ from flwr.clientapp import ClientApp
 
 from fedgen.config import SiteConfig, load_toml
 from fedgen.data import DataError, load_dataset
+from fedgen.lineage import witness_statement
 from fedgen.model import ModelConfig, build_model, resolve_device
 from fedgen.params import (
     arrays_to_record, digest, load_trainable, record_to_arrays, to_numpy, trainable_tensors,
 )
-from fedgen.pki import load_private_key, sign_digest
+from fedgen.pki import load_certificate, load_private_key, sign_message
 from fedgen.protocol import (
     ARRAYS_KEY, BUDGET_REFUSED, CONFIG_KEY, METRICS_KEY, SITE_DATA_ERROR, SITE_ERROR, SITE_KEY,
     TrainInstructions, TrainReport, site_record,
 )
+from fedgen.receipts import WitnessError, append_receipt, check_ledger_head, new_receipt
 from fedgen.tokenizers import make_tokenizer
 
 from .ledger import BudgetExceeded, PrivacyLedger
@@ -60,12 +64,18 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
 
     Raises
     ------
+    WitnessError
+        If the site has a certificate and the instructions carry no ledger head signed by
+        the consortium's lineage signer (checked before any privacy budget is spent).
     BudgetExceeded
         If the site's ε ceiling does not allow this round.
     DataError
         If the site's data is unreadable or has labels the run does not know.
     """
     instructions = TrainInstructions.from_record(content[CONFIG_KEY])
+    if site.tls is not None:
+        check_ledger_head(instructions.ledger_head, instructions.ledger_signer,
+                          load_certificate(site.tls.ca_certificate))
     dataset = load_dataset(site.data).with_label_names(instructions.label_names)
     model_config = ModelConfig.from_json(instructions.model_config)
     tokenizer = make_tokenizer(instructions.tokenizer)
@@ -117,17 +127,28 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
     return RecordDict({
         ARRAYS_KEY: arrays_to_record(update),
         METRICS_KEY: report.to_record(),
-        SITE_KEY: _signed_site_record(site, digest(update)),
+        SITE_KEY: _witnessed_site_record(site, instructions, str(run_id), digest(update)),
     })
 
 
-def _signed_site_record(site: SiteConfig, update_digest: str) -> ConfigRecord:
-    """The site's identity and update digest, signed with its certificate's key when it has one."""
-    if site.tls is None:  # a simulated site: no certificate, no signature
-        return site_record(site.site_id, update_digest)
-    key = load_private_key(site.tls.private_key)
-    certificate_pem = site.tls.certificate.read_text(encoding="ascii")
-    return site_record(site.site_id, update_digest, sign_digest(key, update_digest), certificate_pem)
+def _witnessed_site_record(site: SiteConfig, instructions: TrainInstructions, run_id: str,
+                           update_digest: str) -> ConfigRecord:
+    """The site's identity and update digest, signed together with the ledger head it was sent.
+
+    The receipt of that head is written, durably, before the reply can leave. A simulated
+    site (no certificate) keeps an unsigned receipt and sends no signature.
+    """
+    head = instructions.ledger_head
+    signature = certificate_pem = None
+    if site.tls is not None:
+        statement = witness_statement(run_id, instructions.server_round, head.seq if head else None,
+                                      head.hash if head else None, update_digest)
+        signature = sign_message(load_private_key(site.tls.private_key), statement)
+        certificate_pem = site.tls.certificate.read_text(encoding="ascii")
+    if head is not None:
+        append_receipt(site.state_dir, new_receipt(site.site_id, run_id, instructions.server_round, head,
+                                                   update_digest, signature))
+    return site_record(site.site_id, update_digest, signature, certificate_pem)
 
 
 def make_client_app(resolve_site: SiteResolver = site_from_node_config,
@@ -153,6 +174,9 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config,
         except BudgetExceeded as exc:
             log.warning("site %s: %s", site_id, exc)
             code, reason = BUDGET_REFUSED, str(exc)
+        except WitnessError as exc:  # its message names no path
+            log.error("site %s: %s", site_id, exc)
+            code, reason = SITE_ERROR, f"refused to witness the round: {exc}"
         except DataError as exc:
             log.error("site %s: %s", site_id, exc)
             code, reason = SITE_DATA_ERROR, f"local data rejected: {exc.reason}"

@@ -17,10 +17,10 @@ from rich.table import Table
 from . import pki
 from .cli_output import err, fail
 
-certs_app = typer.Typer(help="Consortium PKI: CA, aggregator and site certificates, revocation.",
+certs_app = typer.Typer(help="Consortium PKI: CA, aggregator, lineage-signing and site certificates, revocation.",
                         no_args_is_help=True, add_completion=False)
-issue_app = typer.Typer(help="Issue the aggregator's server certificate or a site's client certificate.",
-                        no_args_is_help=True)
+issue_app = typer.Typer(help="Issue the aggregator's server certificate, its lineage-signing certificate or a "
+                        "site's client certificate.", no_args_is_help=True)
 certs_app.add_typer(issue_app, name="issue")
 
 out = Console()
@@ -83,6 +83,27 @@ def issue_aggregator(
     _say(f"Aggregator certificate for {', '.join(hosts)}: {cert} and key {pki.layout(folder).aggregator_key} "
          f"(valid until {_expiry(cert)}).")
     _say(f"Install both on the aggregator machine only. {KEY_WARNING}")
+    if not pki.layout(folder).lineage_cert.exists():
+        _say("The ledger is signed with a certificate of its own: issue it with `fedgen certs issue lineage`.")
+
+
+@issue_app.command("lineage")
+def issue_lineage(
+    folder: Path = _dir_option(),
+    days: int = typer.Option(pki.CERT_DAYS, "--days", min=1, help="Validity in days."),
+    force: bool = _force_option("the current lineage-signing certificate (the old one is revoked as superseded)"),
+) -> None:
+    """Issue the aggregator's lineage-signing certificate (its own key; signs the lineage ledger only)."""
+    try:
+        cert = pki.issue_lineage(folder, days=days, force=force)
+    except (pki.PKIError, OSError) as exc:
+        fail(str(exc))
+    _say(f"Lineage-signing certificate: {cert} and key {pki.layout(folder).lineage_key} "
+         f"(valid until {_expiry(cert)}). Name both in aggregator.toml's [lineage] table.")
+    _say(f"Install the key on the aggregator machine only; give {cert} to auditors. {KEY_WARNING}")
+    if force:
+        _say("Keep the old certificate for auditors: records it signed verify only with it "
+             "(`fedgen lineage verify --cert OLD --cert NEW`).")
 
 
 @issue_app.command("site")
@@ -107,18 +128,29 @@ def issue_site(
 
 @certs_app.command("revoke")
 def revoke(
-    site_id: str = typer.Argument(..., help="Site whose current certificate to revoke."),
+    site_id: str = typer.Argument(None, help="Site whose current certificate to revoke."),
+    lineage: bool = typer.Option(False, "--lineage", help="Revoke the lineage-signing certificate instead."),
     reason: Reason = typer.Option(Reason.unspecified, "--reason", help="Revocation reason (RFC 5280)."),
     folder: Path = _dir_option(),
 ) -> None:
-    """Revoke a site's certificate and re-sign the CRL."""
+    """Revoke a site's certificate (or, with --lineage, the lineage-signing one) and re-sign the CRL."""
+    if lineage == (site_id is not None):
+        fail("name the site to revoke, or pass --lineage for the lineage-signing certificate (not both)")
     try:
-        revoked = pki.revoke_site(folder, site_id, reason.value)
+        if lineage:
+            revoked = pki.revoke_lineage(folder, reason.value)
+        else:
+            revoked = pki.revoke_site(folder, site_id, reason.value)
     except (pki.PKIError, OSError) as exc:
         fail(str(exc))
     crl = pki.layout(folder).crl
-    _say(f"Revoked site {site_id!r} (serial {revoked.serial}, reason {revoked.reason}); {crl} re-signed.")
-    _say(f"Copy {crl} to the aggregator and restart its Fleet listener: the CRL is read when TLS starts.")
+    what = "the lineage-signing certificate" if lineage else f"site {site_id!r}"
+    _say(f"Revoked {what} (serial {revoked.serial}, reason {revoked.reason}); {crl} re-signed.")
+    if lineage:
+        _say(f"Records signed with it from now on fail `fedgen lineage verify --ca … --crl {crl}`; issue a new "
+             "one with `fedgen certs issue lineage --force` and copy it and its key to the aggregator.")
+    else:
+        _say(f"Copy {crl} to the aggregator and restart its Fleet listener: the CRL is read when TLS starts.")
 
 
 @certs_app.command("refresh-crl")

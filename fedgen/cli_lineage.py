@@ -1,8 +1,9 @@
 """`fedgen lineage …` and `fedgen model …`: read, verify, export and act on the ledger.
 
 Files can be named one by one, or found from an aggregator config (``--config``: its
-state folder's ``lineage.jsonl`` and ``checkpoints/``, its TLS certificate, key and CA)
-or, for a simulation, next to the ledger (``pki/aggregator.pem``, ``checkpoints/``).
+state folder's ``lineage.jsonl`` and ``checkpoints/``, its lineage-signing certificate and
+key, its CA and CRL) or, for a simulation, next to the ledger (``pki/lineage.pem``,
+``checkpoints/``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+from cryptography import x509
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -19,19 +21,21 @@ from rich.table import Table
 from . import pki
 from .cli_output import err, fail
 from .config import AggregatorConfig, ConfigError, load_toml
-from .lineage import LineageError, export_prov, read_records, verify
+from .lineage import LineageError, VerifyReport, export_prov, read_records, verify
 from .model_release import ReleaseError, approve, export_model
+from .receipts import STATUSES, ReceiptError, ReceiptReport, check_receipts, collect_receipts
 
 lineage_app = typer.Typer(help="The signed, hash-chained lineage of every run and round.", no_args_is_help=True)
 model_app = typer.Typer(help="Approve a committed model (human oversight) and export it.", no_args_is_help=True)
 
 LEDGER = typer.Option(None, "--ledger", help="lineage.jsonl (default: from --config).")
 CONFIG = typer.Option(None, "--config", "-c", help="aggregator.toml: finds ledger, checkpoints, certificates.")
-CERT = typer.Option(None, "--cert", help="The aggregator certificate that signs the ledger.")
-CA = typer.Option(None, "--ca", help="Consortium CA: also check the aggregator's and sites' certificates.")
-CHECKPOINTS = typer.Option(None, "--checkpoints", help="Folder of round checkpoints to check digests of.")
+CERT = typer.Option(None, "--cert", help="The lineage-signing certificate that signs the ledger.")
+CA = typer.Option(None, "--ca", help="Consortium CA: also check the signer's and sites' certificates.")
+CRL = typer.Option(None, "--crl", help="Consortium CRL (with --ca): refuse records signed after a revocation.")
+CHECKPOINTS = typer.Option(None, "--checkpoints",
+                           help="Folder of round checkpoints: each one the ledger names must be there, digest intact.")
 RUN = typer.Option(None, "--run", help="Run id (default: the latest run in the ledger).")
-
 
 
 @dataclass
@@ -41,10 +45,11 @@ class LedgerFiles:
     private_key: Path | None
     ca: Path | None
     checkpoints: Path | None
+    crl: Path | None = None
 
 
 def _files(ledger: Path | None, config: Path | None, cert: Path | None, ca: Path | None,
-           checkpoints: Path | None, key: Path | None = None) -> LedgerFiles:
+           checkpoints: Path | None, key: Path | None = None, crl: Path | None = None) -> LedgerFiles:
     """Explicit options first, then the aggregator config, then a simulation's layout."""
     if config is not None:
         try:
@@ -53,17 +58,29 @@ def _files(ledger: Path | None, config: Path | None, cert: Path | None, ca: Path
             fail(str(exc))
         state = Path(aggregator.state_dir)
         ledger = ledger or state / "lineage.jsonl"
-        cert, key = cert or aggregator.tls.certificate, key or aggregator.tls.private_key
-        ca, checkpoints = ca or aggregator.tls.ca_certificate, checkpoints or state / "checkpoints"
+        cert, key = cert or aggregator.lineage.certificate, key or aggregator.lineage.private_key
+        ca, crl = ca or aggregator.tls.ca_certificate, crl or aggregator.tls.crl
+        checkpoints = checkpoints or state / "checkpoints"
     if ledger is None:
         fail("name the ledger with --ledger, or the aggregator with --config")
-    simulation_pki = ledger.parent / "pki"
-    if cert is None and (simulation_pki / "aggregator.pem").exists():
-        cert, key = simulation_pki / "aggregator.pem", key or simulation_pki / "aggregator.key"
-        ca = ca or simulation_pki / "ca.pem"
+    simulation_pki = pki.layout(ledger.parent / "pki")
+    if cert is None and simulation_pki.lineage_cert.exists():
+        cert, key = simulation_pki.lineage_cert, key or simulation_pki.lineage_key
+        ca = ca or simulation_pki.ca_cert
     if checkpoints is None and (ledger.parent / "checkpoints").is_dir():
         checkpoints = ledger.parent / "checkpoints"
-    return LedgerFiles(ledger, cert, key, ca, checkpoints)
+    return LedgerFiles(ledger, cert, key, ca, checkpoints, crl)
+
+
+def _trust(files: LedgerFiles) -> tuple[x509.Certificate | None, x509.CertificateRevocationList | None]:
+    """The CA and CRL to check certificates against, loaded (a CRL without a CA is refused)."""
+    if files.crl is not None and files.ca is None:
+        fail("--crl needs --ca: a CRL is checked against the CA that signed it")
+    try:
+        return (pki.load_certificate(files.ca) if files.ca else None,
+                pki.load_crl(files.crl) if files.crl else None)
+    except pki.PKIError as exc:
+        fail(str(exc))
 
 
 def _records(ledger: Path) -> list[dict]:
@@ -112,24 +129,61 @@ def show(ledger: Path = LEDGER, config: Path = CONFIG,
 
 
 @lineage_app.command("verify")
-def verify_command(ledger: Path = LEDGER, config: Path = CONFIG, cert: Path = CERT, ca: Path = CA,
-                   checkpoints: Path = CHECKPOINTS) -> None:
-    """Walk the chain: every hash, signature, site signature and (given) checkpoint digest."""
-    files = _files(ledger, config, cert, ca, checkpoints)
+def verify_command(
+    ledger: Path = LEDGER, config: Path = CONFIG,
+    cert: list[Path] = typer.Option(None, "--cert", help="The lineage-signing certificate that signs the "
+                                    "ledger; repeat it for each one the ledger was signed with (renewals)."),
+    ca: Path = CA, crl: Path = CRL, checkpoints: Path = CHECKPOINTS,
+    receipts: list[Path] = typer.Option(None, "--receipts", help="A site's state folder, a folder of receipts "
+                                        "files collected from sites, or a receipts file; repeatable."),
+) -> None:
+    """Walk the chain: hashes, signer role, signatures, site signatures, checkpoint digests, receipts."""
+    files = _files(ledger, config, cert[0] if cert else None, ca, checkpoints, crl=crl)
     if files.certificate is None:
-        fail("name the aggregator certificate with --cert (or --config)")
+        fail("name the lineage-signing certificate with --cert (or --config)")
     try:
-        report = verify(files.ledger, pki.load_certificate(files.certificate), checkpoints_dir=files.checkpoints,
-                        ca_certificate=pki.load_certificate(files.ca) if files.ca else None)
-    except (LineageError, pki.PKIError) as exc:
+        signers = [pki.load_certificate(path) for path in (cert or [files.certificate])]
+    except pki.PKIError as exc:
+        fail(str(exc))
+    ca_certificate, revocations = _trust(files)
+    try:
+        collected = collect_receipts(receipts) if receipts else []
+        report = verify(files.ledger, signers, checkpoints_dir=files.checkpoints, ca_certificate=ca_certificate,
+                        crl=revocations)
+    except (LineageError, ReceiptError) as exc:
         fail(str(exc))
     if not report.ok:
         fail(f"{files.ledger}: BROKEN at record seq {report.error_seq} (line {report.error_line}): "
-              f"{report.error}", code=1)
+             f"{report.error}", code=1)
+    _print_verified(files, report, trusted=ca_certificate is not None)
+    if receipts:
+        _report_receipts(check_receipts(read_records(files.ledger), collected, signers))
+
+
+def _print_verified(files: LedgerFiles, report: VerifyReport, *, trusted: bool) -> None:
     tail = " (an incomplete last append was ignored)" if report.incomplete_tail else ""
     print(f"{files.ledger}: OK, {report.records} records, head {report.head_hash}; "
           f"{report.checkpoints_checked} checkpoint digests and {report.site_signatures_checked} "
           f"site signatures checked{tail}")
+    if not trusted:
+        err.print("note: no --ca given: the signer certificate was taken on trust, not checked against the "
+                  "consortium CA", highlight=False, soft_wrap=True)
+    if files.checkpoints is None:
+        err.print("note: no checkpoints folder: model digests were not recomputed", highlight=False)
+
+
+def _report_receipts(report: ReceiptReport) -> None:
+    """Print every receipt that is not simply witnessed, then a summary; exit 1 on a failure."""
+    for finding in report.findings:
+        if finding.status != "witnessed":
+            label = finding.status.upper() if finding.failed else f"note ({finding.status})"
+            err.print(f"{escape(label)}: {escape(finding.source)}: {escape(finding.detail)}",
+                      highlight=False, soft_wrap=True)
+    counts = ", ".join(f"{report.count(status)} {status}" for status in STATUSES if report.count(status))
+    summary = f"receipts: {len(report.findings)} checked: {counts or 'none'}"
+    if not report.ok:
+        fail(f"{summary}: the ledger does not hold the history the sites witnessed", code=1)
+    print(summary)
 
 
 @lineage_app.command("export")
@@ -157,13 +211,13 @@ def approve_command(
     by: str = typer.Option(..., "--by", help="Who approves (name, role)."),
     reason: str = typer.Option(..., "--reason", help="Why: the review that was done."),
     run: str = RUN, ledger: Path = LEDGER, config: Path = CONFIG,
-    key: Path = typer.Option(None, "--key", help="Aggregator key that signs the ledger (default: from --config)."),
+    key: Path = typer.Option(None, "--key", help="Lineage-signing key that signs the ledger (default: from --config)."),
     cert: Path = CERT,
 ) -> None:
     """Record a signed approval of a round's model in the ledger."""
     files = _files(ledger, config, cert, None, None, key)
     if files.certificate is None or files.private_key is None:
-        fail("the aggregator's --key and --cert (or --config) are needed to sign the approval")
+        fail("the lineage-signing --key and --cert (or --config) are needed to sign the approval")
     try:
         record = approve(files.ledger, pki.load_private_key(files.private_key),
                          pki.load_certificate(files.certificate), server_round=round, by=by, reason=reason,
@@ -178,18 +232,19 @@ def approve_command(
 def export_command(
     round: int = typer.Option(..., "--round", min=1, help="The committed round to export."),  # noqa: A002
     out: Path = typer.Option(..., "--out", help="New folder for weights, config.json and MODEL_CARD.md."),
-    run: str = RUN, ledger: Path = LEDGER, config: Path = CONFIG, cert: Path = CERT, ca: Path = CA,
+    run: str = RUN, ledger: Path = LEDGER, config: Path = CONFIG, cert: Path = CERT, ca: Path = CA, crl: Path = CRL,
     checkpoints: Path = CHECKPOINTS,
     allow_unapproved: bool = typer.Option(False, "--allow-unapproved", help="Export without an approval."),
 ) -> None:
     """Export a round's model with a model card (refuses unapproved rounds by default)."""
-    files = _files(ledger, config, cert, ca, checkpoints)
+    files = _files(ledger, config, cert, ca, checkpoints, crl=crl)
     if files.certificate is None or files.checkpoints is None:
-        fail("the aggregator --cert and --checkpoints (or --config) are needed")
+        fail("the lineage-signing --cert and --checkpoints (or --config) are needed")
+    ca_certificate, revocations = _trust(files)
     try:
         path = export_model(files.ledger, pki.load_certificate(files.certificate), files.checkpoints, out,
                             server_round=round, run_id=run, allow_unapproved=allow_unapproved,
-                            ca_certificate=pki.load_certificate(files.ca) if files.ca else None)
+                            ca_certificate=ca_certificate, crl=revocations)
     except (ReleaseError, pki.PKIError, LineageError) as exc:
         fail(str(exc))
     print(f"exported to {path}: model.safetensors, config.json, MODEL_CARD.md")

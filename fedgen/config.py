@@ -117,6 +117,13 @@ class AggregatorTLSConfig(StrictModel):
     crl: ConfigPath
 
 
+class LineageSigningConfig(StrictModel):
+    """The aggregator's lineage-signing certificate and key (`fedgen certs issue lineage`), not its TLS pair."""
+
+    certificate: Path
+    private_key: Path
+
+
 class AggregatorConfig(StrictModel):
     """What the consortium operator configures for the aggregator (SuperLink)."""
 
@@ -125,6 +132,7 @@ class AggregatorConfig(StrictModel):
     fleet_port: int = Field(9092, ge=1, le=65535)
     control_port: int = Field(9093, ge=1, le=65535, description="loopback-only Control and Runtime APIs")
     tls: AggregatorTLSConfig
+    lineage: LineageSigningConfig
 
 
 class RunConfig(StrictModel):

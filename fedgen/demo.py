@@ -22,8 +22,8 @@ from pathlib import Path
 
 from . import pki
 from .config import (
-    AggregatorConfig, AggregatorTLSConfig, PrivacyConfig, RunConfig, SiteTLSConfig, TrainingConfig,
-    write_toml,
+    AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, PrivacyConfig, RunConfig, SiteTLSConfig,
+    TrainingConfig, write_toml,
 )
 from .data import bundled_data_dir, load_bundled
 from .partition import partition
@@ -120,6 +120,7 @@ def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed
     certs = out / "certs"
     pki.init_consortium(certs, "fedgen-demo", days=8)  # outlives the 7-day certificates it issues
     pki.issue_aggregator(certs, ["127.0.0.1", "localhost"], days=7)
+    pki.issue_lineage(certs, days=7)
     layout = pki.layout(certs)
     fleet_port, control_port = free_port(), free_port()
     (out / "aggregator").mkdir()
@@ -129,6 +130,7 @@ def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed
         fleet_port=fleet_port, control_port=control_port,
         tls=AggregatorTLSConfig(certificate=layout.aggregator_cert, private_key=layout.aggregator_key,
                                 ca_certificate=layout.ca_cert, crl=layout.crl),
+        lineage=LineageSigningConfig(certificate=layout.lineage_cert, private_key=layout.lineage_key),
     )
     write_toml(aggregator, aggregator_toml)
 

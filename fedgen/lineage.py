@@ -3,9 +3,14 @@
 The aggregator appends one record per event that matters (a run started, a round was
 committed, an update was rejected, a site refused for its privacy budget, a model was
 approved, a run finished or failed). Each record carries the hash of the one before it
-and the aggregator's signature, so an auditor holding only the ledger, the aggregator's
-certificate and (optionally) the checkpoints can check that nothing was changed, removed,
-duplicated or reordered, and which sites contributed which updates to which model.
+and the signature of the aggregator's lineage-signing certificate (`fedgen.pki.issue_lineage`:
+its own key, its own extended key usage, never the TLS key and never a site's), so an
+auditor holding only the ledger, that certificate and (optionally) the checkpoints can
+check that nothing was changed, removed, duplicated or reordered, and which sites
+contributed which updates to which model. The sites are witnesses: each round's
+instructions carry the ledger head, each site signs the head it saw together with its
+update and keeps a receipt of it (`fedgen.receipts`), so that the holder of the signing
+key cannot rewrite or truncate the history the sites saw without the receipts showing it.
 
 File format
 -----------
@@ -43,11 +48,11 @@ Each record is a JSON object with exactly these members (shown in canonical orde
     integer: the record's 0-based position in the file (line ``n`` holds ``seq`` n-1).
 ``signature``
     standard base64 with padding (RFC 4648 section 4) of a DER-encoded ECDSA signature
-    (P-256, SHA-256) by the aggregator's key over the 64 ASCII bytes of ``hash`` (the hex
-    text itself is the signed message, as `fedgen.pki.sign_digest` does). The text must
-    be the canonical base64 of the bytes it decodes to.
+    (P-256, SHA-256) by the lineage-signing key over the 64 ASCII bytes of ``hash`` (the
+    hex text itself is the signed message, as `fedgen.pki.sign_digest` does). The text
+    must be the canonical base64 of the bytes it decodes to.
 ``signer``
-    64 lowercase hex characters: SHA-256 of the DER encoding of the aggregator
+    64 lowercase hex characters: SHA-256 of the DER encoding of the lineage-signing
     certificate whose key signed the record (`fedgen.pki.fingerprint`).
 ``time``
     string: when the record was written, ISO 8601 with a UTC offset of zero, e.g.
@@ -65,23 +70,37 @@ reporting its line number (1-based) and the seq its position calls for (line - 1
 2. ``seq`` equals the position (else a record was deleted, duplicated or moved).
 3. ``prev`` equals the previous record's ``hash`` (64 zeros for the first).
 4. ``hash`` recomputes.
-5. ``signer`` is the fingerprint of the aggregator certificate given, and ``signature``
-   verifies under that certificate's public key; with a CA certificate given, the
-   aggregator certificate was issued by that CA and was valid at ``time``.
-6. For ``round_committed``: with a checkpoints folder given, the checkpoint named in
-   ``body.model_out.checkpoint`` (when the file is present) holds tensors whose digest
-   is ``body.model_out.digest``; ``body.model_in.digest`` equals the ``model_out.digest``
-   of the run's previous committed round; each contribution that carries both a
-   signature and a certificate has a valid site signature over its ``update_digest``
-   (and, with a CA given, a certificate the CA issued, valid at ``time``, whose CN is the
-   contribution's ``site``).
+5. ``signer`` is the fingerprint of a signer certificate given, that certificate is a
+   lineage-signing certificate (extended key usage exactly `fedgen.pki.LINEAGE_SIGNING_OID`:
+   a TLS server or site certificate is refused), and ``signature`` verifies under its
+   public key; with a CA certificate given, the CA issued it and it was valid at
+   ``time``; with a CRL given as well, it was not revoked at ``time``.
+6. For ``round_committed``: ``body.ledger_head``, when not null, names an earlier record
+   of this ledger by its ``seq`` and ``hash``; with a checkpoints folder given, the
+   checkpoint named in ``body.model_out.checkpoint`` is there (a missing one is a
+   failure) and its model digest (`fedgen.params.model_file_digest`: tensors and header
+   metadata) is ``body.model_out.digest``; ``body.model_in.digest`` equals the
+   ``model_out.digest`` of the run's previous committed round; each contribution that
+   carries both a signature and a certificate has a valid site signature over its
+   `witness_statement` (and, with a CA given, a certificate the CA issued, valid and,
+   with a CRL, not revoked at ``time``, whose CN is the contribution's ``site``).
 
 Bytes after the last ``\\n`` are what a writer killed in the middle of an append leaves:
 a torn tail, which is not an error (the record was never acknowledged) and is reported
 as ``incomplete_tail``. A tail that cannot be such a prefix of a record (it does not start
 like one, or holds a whole record followed by more bytes) is an error. Removing whole
-records from the end of a ledger cannot be seen from the ledger alone: keep the head hash
-of a verified ledger elsewhere and compare.
+records from the end of a ledger, or re-chaining and re-signing it with the genuine key,
+cannot be seen from the ledger alone: the sites' receipts show it (`fedgen.receipts`).
+
+What sites sign
+---------------
+Each round's train instructions carry the ledger head when the round was configured (its
+``seq``, ``hash`` and ``signature``, and the lineage-signing certificate). A site signs,
+with its certificate key (`fedgen.pki.sign_message`), the `witness_statement`: the
+canonical encoding of ``{"head_hash": hex or null, "head_seq": int or null, "purpose":
+"fedgen lineage witness v1", "round": int, "run_id": str, "update_digest": hex}``, and
+keeps a receipt of it. The round record's ``ledger_head`` and ``run_id``, the
+contribution's ``update_digest`` and the round rebuild that statement.
 
 Bodies
 ------
@@ -89,18 +108,24 @@ The writer does not enforce bodies; `verify` and `export_prov` read these keys, 
 optional unless said otherwise:
 
 ``round_committed``
-    ``round`` (int), ``model_in`` ``{"digest": hex}``, ``model_out`` ``{"digest": hex,
-    "checkpoint": "round-0003-<digest[:16]>.safetensors"}`` (a file name in the
-    checkpoints folder, never a path), ``started_at`` (ISO 8601), ``contributions``: a
-    list of ``{"site": str, "update_digest": hex, "signature": base64 or null,
-    "certificate": PEM or null, "fingerprint": hex, "examples": int, "epsilon": float,
-    …}``. A contribution's ``fingerprint``, when given with a certificate, must be that
+    ``round`` (int), ``ledger_head`` ``{"seq": int, "hash": hex}`` or null (the head the
+    round's instructions carried), ``model_in`` ``{"digest": hex}``, ``model_out``
+    ``{"digest": hex, "checkpoint": "round-0003-<digest[:16]>.safetensors"}`` (a file
+    name in the checkpoints folder, never a path), ``started_at`` (ISO 8601),
+    ``contributions``: a list of ``{"site": str, "update_digest": hex, "signature":
+    base64 or null, "certificate": PEM or null, "fingerprint": hex, "examples": int,
+    "epsilon": float, …}``; ``failed``: a list of ``{"site": str, "reason": str}``. A
+    contribution's ``fingerprint``, when given with a certificate, must be that
     certificate's. Anything else (strategy, metrics, rejects, versions) is free-form.
+``update_rejected``
+    ``round`` (int), ``site`` (str), ``update_digest`` (hex), ``reason`` (str).
 ``model_approved``
     ``round`` (int), ``by`` (str, the person), ``reason`` (str), ``model_digest`` (hex).
 
-Model digests are `fedgen.params.digest`: SHA-256 over the tensors' canonical encoding
-(sorted names; for each: name, little-endian dtype, shape, C-order bytes).
+Model digests are `fedgen.params.model_digest`: SHA-256 over the canonical encoding of a
+model's tensors (sorted names; for each: name, little-endian dtype, shape, C-order bytes)
+and of its checkpoint header metadata (model config, round). Update digests are
+`fedgen.params.digest`, over the tensors alone.
 """
 
 from __future__ import annotations
@@ -121,6 +146,7 @@ from typing import Any
 from urllib.parse import quote
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedgen import pki
@@ -129,6 +155,7 @@ RECORD_TYPES = ("run_started", "round_committed", "update_rejected", "site_refus
                 "model_approved", "run_finished", "run_failed")
 RECORD_FIELDS = ("body", "hash", "prev", "run_id", "seq", "signature", "signer", "time", "type")
 GENESIS_PREV = "0" * 64
+WITNESS_PURPOSE = "fedgen lineage witness v1"
 PROV_PREFIXES = {"fedgen": "https://fedgen.invalid/ns#", "sha256": "urn:sha256:"}
 
 StrPath = str | os.PathLike[str]
@@ -238,6 +265,38 @@ def _parse_time(text: Any) -> datetime | None:
 
 def _is_hex_digest(value: Any) -> bool:
     return isinstance(value, str) and _HEX64.fullmatch(value) is not None
+
+
+# ---------------------------------------------------------------------------- witnesses
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    """The last record of a ledger, as a round's instructions show it to the sites.
+
+    Attributes
+    ----------
+    seq, hash
+        The record's ``seq`` and ``hash``.
+    signature
+        The record's ``signature`` (base64): the lineage signer's commitment to ``hash``,
+        which makes a site's receipt of it evidence against the signer.
+    """
+
+    seq: int
+    hash: str
+    signature: str
+
+
+def witness_statement(run_id: str, server_round: int, head_seq: int | None, head_hash: str | None,
+                      update_digest: str) -> bytes:
+    """The bytes a site signs for a round: its update and the ledger head it was shown.
+
+    Both sides build it here: the site to sign it, the aggregator's recorder and `verify`
+    to check the signature, from the round record (see *What sites sign* above).
+    """
+    return canonical_encoding({"purpose": WITNESS_PURPOSE, "run_id": run_id, "round": server_round,
+                               "head_seq": head_seq, "head_hash": head_hash, "update_digest": update_digest})
 
 
 # ---------------------------------------------------------------------------- reading
@@ -393,13 +452,13 @@ def _open_for_append(path: Path) -> int:
     return descriptor
 
 
-def _recover(path: Path) -> tuple[str | None, int, int]:
+def _recover(path: Path) -> tuple[LedgerHead | None, int, int]:
     """Check an existing ledger and cut off a torn tail.
 
     Returns
     -------
     tuple
-        The head hash (None if empty), the number of records, the file size after recovery.
+        The head (None if empty), the number of records, the file size after recovery.
 
     Raises
     ------
@@ -413,11 +472,11 @@ def _recover(path: Path) -> tuple[str | None, int, int]:
     for position, raw in enumerate(lines):
         try:
             record = _decode_line(raw)
-            _check_chain(record, position, head or GENESIS_PREV)
+            _check_chain(record, position, head.hash if head else GENESIS_PREV)
         except LineageError as exc:
             raise LineageError(f"{path}: {_location(position + 1)}: {exc}; appending is refused: run "
                                "`fedgen lineage verify` and restore the ledger from a backup") from None
-        head = record["hash"]
+        head = LedgerHead(record["seq"], record["hash"], record["signature"])
     size = sum(len(raw) + 1 for raw in lines)
     if tail:
         problem = _tail_problem(tail)
@@ -437,7 +496,7 @@ class LineageWriter:
     """
 
     def __init__(self, path: Path, private_key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate,
-                 *, lock_descriptor: int, descriptor: int, head: str | None, next_seq: int,
+                 *, lock_descriptor: int, descriptor: int, head: LedgerHead | None, next_seq: int,
                  size: int) -> None:
         self.path = path
         self._key = private_key
@@ -462,19 +521,26 @@ class LineageWriter:
         path
             The ledger file; its lock is ``<path>.lock`` beside it.
         private_key
-            The aggregator's key, which signs every record.
+            The lineage-signing key, which signs every record.
         certificate
-            The aggregator's certificate; its fingerprint becomes each record's ``signer``.
+            The lineage-signing certificate (`fedgen.pki.issue_lineage`); its fingerprint
+            becomes each record's ``signer``.
 
         Raises
         ------
         LineageError
-            If the key is not the certificate's, another writer holds the lock, or a whole
-            record of the existing ledger is malformed or out of chain (naming the line).
+            If the certificate is not a lineage-signing certificate (a TLS or site
+            certificate is refused), the key is not the certificate's, another writer
+            holds the lock, or a whole record of the existing ledger is malformed or out
+            of chain (naming the line).
         """
         path = Path(path)
+        try:
+            pki.check_lineage_signer(certificate)
+        except pki.PKIError as exc:
+            raise LineageError(f"{path}: refusing to sign the ledger: {exc}") from None
         if not pki.certificate_matches_key(certificate, private_key):
-            raise LineageError(f"{path}: the signing key is not the key of the aggregator certificate "
+            raise LineageError(f"{path}: the signing key is not the key of the lineage-signing certificate "
                                f"{pki.fingerprint(certificate)[:16]}…; pass the matching pair")
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_descriptor = _acquire_lock(path)
@@ -491,7 +557,17 @@ class LineageWriter:
     @property
     def head_hash(self) -> str | None:
         """``hash`` of the last record in the ledger; None while it is empty."""
+        return self._head.hash if self._head else None
+
+    @property
+    def head(self) -> LedgerHead | None:
+        """The last record in the ledger (seq, hash, signature); None while it is empty."""
         return self._head
+
+    @property
+    def certificate_pem(self) -> str:
+        """The lineage-signing certificate, PEM: what sites check the head's signature with."""
+        return self._certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
     def append(self, type: str, body: Mapping[str, Any], run_id: str) -> dict[str, Any]:  # noqa: A002
         """Sign a new record and append it durably (one ``write``, then ``fsync``).
@@ -527,13 +603,14 @@ class LineageWriter:
         self._check_certificate_valid(now)
         record: dict[str, Any] = {
             "seq": self._next_seq, "type": type, "time": now.isoformat(timespec="microseconds"),
-            "run_id": run_id, "body": _plain_json(body), "prev": self._head or GENESIS_PREV,
+            "run_id": run_id, "body": _plain_json(body), "prev": self.head_hash or GENESIS_PREV,
             "signer": self._signer,
         }
         record["hash"] = record_hash(record)
         record["signature"] = base64.b64encode(pki.sign_digest(self._key, record["hash"])).decode("ascii")
         self._write_line(canonical_encoding(record) + b"\n")
-        self._head, self._next_seq = record["hash"], self._next_seq + 1
+        self._head = LedgerHead(record["seq"], record["hash"], record["signature"])
+        self._next_seq += 1
         return record
 
     def close(self) -> None:
@@ -556,10 +633,10 @@ class LineageWriter:
         # A record signed outside the certificate's validity fails any audit against the CA.
         cert = self._certificate
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise LineageError(f"{self.path}: the aggregator certificate {self._signer[:16]}… is valid only "
-                               f"from {cert.not_valid_before_utc.isoformat()} to "
+            raise LineageError(f"{self.path}: the lineage-signing certificate {self._signer[:16]}… is valid "
+                               f"only from {cert.not_valid_before_utc.isoformat()} to "
                                f"{cert.not_valid_after_utc.isoformat()}; issue a new one with "
-                               "`fedgen certs issue aggregator … --force`")
+                               "`fedgen certs issue lineage --force`")
 
     def _write_line(self, line: bytes) -> None:
         """Append ``line`` whole or not at all: a failed or short write is cut back off."""
@@ -582,7 +659,7 @@ class LineageWriter:
 
 
 def _checkpoint_digest(path: Path) -> str:
-    """`fedgen.params.digest` of the tensors in a safetensors checkpoint.
+    """`fedgen.params.model_file_digest` of a checkpoint: its tensors and header metadata.
 
     Raises
     ------
@@ -590,15 +667,12 @@ def _checkpoint_digest(path: Path) -> str:
         If the file is not a readable safetensors file.
     """
     # fedgen.params loads torch (seconds): only audits that check checkpoints pay for it.
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    from fedgen.params import digest
+    from fedgen.params import model_file_digest
 
     try:
-        return digest(load_file(str(path)))
-    except (OSError, SafetensorError) as exc:
-        raise LineageError(f"checkpoint {path} cannot be read ({exc})") from None
+        return model_file_digest(path)
+    except ValueError as exc:
+        raise LineageError(f"checkpoint {exc}") from None
 
 
 def _mapping_member(body: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
@@ -618,17 +692,23 @@ def _digest_member(body: Mapping[str, Any], key: str) -> str | None:
     return member["digest"]
 
 
-class _Auditor:
-    """What `verify` knows while it walks a ledger: trust anchors, checked counts, last models."""
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    def __init__(self, aggregator_certificates: Sequence[x509.Certificate], checkpoints_dir: Path | None,
-                 ca_certificate: x509.Certificate | None) -> None:
-        self.signers = {pki.fingerprint(cert): cert for cert in aggregator_certificates}
+
+class _Auditor:
+    """What `verify` knows while it walks a ledger: trust anchors, checked counts, the chain so far."""
+
+    def __init__(self, signer_certificates: Sequence[x509.Certificate], checkpoints_dir: Path | None,
+                 ca_certificate: x509.Certificate | None, crl: x509.CertificateRevocationList | None) -> None:
+        self.signers = {pki.fingerprint(cert): cert for cert in signer_certificates}
         self.checkpoints_dir = checkpoints_dir
         self.ca_certificate = ca_certificate
+        self.crl = crl
         self.checkpoints_checked = 0
         self.site_signatures_checked = 0
         self.model_out_of_run: dict[str, str] = {}
+        self.hashes: list[str] = []  # of the records that passed, by seq
 
     def check(self, record: dict[str, Any]) -> None:
         """Check signer, signature, issuer and body of a record whose chain is intact."""
@@ -636,26 +716,36 @@ class _Auditor:
         certificate = self.signers.get(record["signer"])
         if certificate is None:
             expected = ", ".join(f"{fp[:16]}…" for fp in self.signers)
-            raise LineageError(f"the record was signed by {record['signer'][:16]}…, not by the aggregator "
+            raise LineageError(f"the record was signed by {record['signer'][:16]}…, not by the lineage-signing "
                                f"certificate given ({expected}): the record was re-signed by someone else")
+        try:
+            pki.check_lineage_signer(certificate)
+        except pki.PKIError as exc:
+            raise LineageError(f"the record's signer is refused: {exc}") from None
         signature = _decode_signature(record["signature"])
         if signature is None or not pki.verify_digest_signature(certificate, record["hash"], signature):
-            raise LineageError("the signature is not valid under the aggregator certificate")
-        self._check_issued(certificate, moment, "the aggregator certificate")
+            raise LineageError("the signature is not valid under the lineage-signing certificate")
+        self._check_issued(certificate, moment, "the lineage-signing certificate")
         if record["type"] == "round_committed":
             self._check_round(record, moment)
+        self.hashes.append(record["hash"])
 
     def _check_issued(self, certificate: x509.Certificate, moment: datetime | None, what: str) -> None:
-        """With a CA given, check that it issued ``certificate`` and that it was valid at ``moment``."""
+        """With a CA given, check that it issued ``certificate``, valid and (with a CRL) unrevoked at ``moment``."""
         if self.ca_certificate is None:
             return
         try:
             pki.verify_issued_by(certificate, self.ca_certificate, at=moment)
         except pki.PKIError as exc:
             raise LineageError(f"{what} does not check out against the CA at the record's time: {exc}") from None
+        revoked_at = pki.revocation_time(certificate, self.crl) if self.crl is not None else None
+        if revoked_at is not None and (moment is None or moment >= revoked_at):
+            raise LineageError(f"{what} (serial {certificate.serial_number:x}) was revoked on "
+                               f"{revoked_at.isoformat()}, before this record was signed")
 
     def _check_round(self, record: dict[str, Any], moment: datetime | None) -> None:
         body, run_id = record["body"], record["run_id"]
+        head = self._ledger_head(body)
         model_in, model_out = _digest_member(body, "model_in"), _digest_member(body, "model_out")
         previous = self.model_out_of_run.get(run_id)
         if model_in is not None and previous is not None and model_in != previous:
@@ -669,7 +759,20 @@ class _Auditor:
         if not isinstance(contributions, list):
             raise LineageError("body member 'contributions' must be a list")
         for contribution in contributions:
-            self._check_contribution(contribution, moment)
+            self._check_contribution(contribution, moment, run_id, body.get("round"), head)
+
+    def _ledger_head(self, body: Mapping[str, Any]) -> tuple[int | None, str | None]:
+        """The round's ``ledger_head`` as (seq, hash), checked to be an earlier record of this ledger."""
+        head = _mapping_member(body, "ledger_head")
+        if head is None:
+            return None, None
+        seq, head_hash = head.get("seq"), head.get("hash")
+        if not _is_count(seq) or not _is_hex_digest(head_hash):
+            raise LineageError(f"ledger_head {dict(head)!r:.120} is not a seq and a hash")
+        if seq >= len(self.hashes) or self.hashes[seq] != head_hash:
+            raise LineageError(f"ledger_head names seq {seq} with hash {head_hash[:16]}…, which is not a record "
+                               "before this one in this ledger")
+        return seq, head_hash
 
     def _check_checkpoint(self, model_out: Mapping[str, Any], model_digest: str) -> None:
         name = model_out.get("checkpoint")
@@ -679,15 +782,16 @@ class _Auditor:
             raise LineageError(f"model_out.checkpoint {name!r:.80} is not a plain file name")
         path = self.checkpoints_dir / name
         if not path.is_file():
-            return  # checkpoints may be pruned; what is present is checked
+            raise LineageError(f"checkpoint {name} that this record commits is missing from {self.checkpoints_dir}")
         actual = _checkpoint_digest(path)
         if actual != model_digest:
-            raise LineageError(f"checkpoint {path} holds tensors with digest {actual[:16]}…, not the "
+            raise LineageError(f"checkpoint {path} holds a model with digest {actual[:16]}…, not the "
                                f"model_out {model_digest[:16]}… this record commits: the file was "
                                "altered or swapped")
         self.checkpoints_checked += 1
 
-    def _check_contribution(self, contribution: Any, moment: datetime | None) -> None:
+    def _check_contribution(self, contribution: Any, moment: datetime | None, run_id: str, server_round: Any,
+                            head: tuple[int | None, str | None]) -> None:
         if not isinstance(contribution, Mapping) or not isinstance(contribution.get("site"), str):
             raise LineageError("every contribution must be an object with a string 'site'")
         site = contribution["site"]
@@ -698,6 +802,8 @@ class _Auditor:
         digest = contribution.get("update_digest")
         if not _is_hex_digest(digest):
             raise LineageError(f"{where} has no valid update_digest ({digest!r:.80})")
+        if not _is_count(server_round):
+            raise LineageError(f"a round with signed contributions needs an integer 'round', not {server_round!r:.40}")
         try:
             certificate = x509.load_pem_x509_certificate(str(pem).encode("utf-8"))
         except ValueError as exc:
@@ -706,10 +812,12 @@ class _Auditor:
         if recorded is not None and recorded != pki.fingerprint(certificate):
             raise LineageError(f"{where} names certificate {str(recorded)[:16]}… but carries "
                                f"{pki.fingerprint(certificate)[:16]}…")
+        statement = witness_statement(run_id, server_round, *head, digest)
         signature = _decode_signature(signature_text) if isinstance(signature_text, str) else None
-        if signature is None or not pki.verify_digest_signature(certificate, digest, signature):
-            raise LineageError(f"{where}: the site signature over update {digest[:16]}… is not valid "
-                               "under the certificate recorded with it")
+        if signature is None or not pki.verify_message_signature(certificate, statement, signature):
+            raise LineageError(f"{where}: the site signature over update {digest[:16]}… and ledger head "
+                               f"{head[1][:16] + '…' if head[1] else 'none'} is not valid under the "
+                               "certificate recorded with it")
         if self.ca_certificate is not None:
             self._check_issued(certificate, moment, f"the certificate of site {site!r}")
             self._check_site_name(certificate, site, where)
@@ -734,22 +842,28 @@ class _Auditor:
         )
 
 
-def verify(path: StrPath, aggregator_certificate: x509.Certificate | Sequence[x509.Certificate], *,
-           checkpoints_dir: StrPath | None = None, ca_certificate: x509.Certificate | None = None) -> VerifyReport:
+def verify(path: StrPath, signer_certificate: x509.Certificate | Sequence[x509.Certificate], *,
+           checkpoints_dir: StrPath | None = None, ca_certificate: x509.Certificate | None = None,
+           crl: x509.CertificateRevocationList | None = None) -> VerifyReport:
     """Walk a ledger's chain and stop at the first broken record (see the module docstring).
 
     Parameters
     ----------
     path
         The ledger file.
-    aggregator_certificate
-        The certificate whose key signed the records; several if the aggregator's
-        certificate was renewed during the ledger's life.
+    signer_certificate
+        The lineage-signing certificate whose key signed the records; several if it was
+        renewed during the ledger's life. Any other kind of certificate is refused.
     checkpoints_dir
-        Where the round checkpoints are; the ones present are re-digested.
+        Where the round checkpoints are: every one a record names must be there, and its
+        model digest is recomputed.
     ca_certificate
-        The consortium CA: the aggregator's and the sites' certificates must be issued by
-        it and valid at each record's time, and each site certificate's CN must be its site.
+        The consortium CA: the signer's and the sites' certificates must be issued by it
+        and valid at each record's time, and each site certificate's CN must be its site.
+    crl
+        The consortium CRL (needs ``ca_certificate``, which must have signed it): a record
+        signed, or a contribution signed, by a certificate revoked at or before the
+        record's time fails.
 
     Returns
     -------
@@ -760,11 +874,20 @@ def verify(path: StrPath, aggregator_certificate: x509.Certificate | Sequence[x5
     Raises
     ------
     LineageError
-        If the ledger file cannot be read.
+        If the ledger file cannot be read, or a CRL is given that the CA did not sign or
+        that is past its next update.
     """
-    certificates = ([aggregator_certificate] if isinstance(aggregator_certificate, x509.Certificate)
-                    else list(aggregator_certificate))
-    auditor = _Auditor(certificates, None if checkpoints_dir is None else Path(checkpoints_dir), ca_certificate)
+    certificates = ([signer_certificate] if isinstance(signer_certificate, x509.Certificate)
+                    else list(signer_certificate))
+    if crl is not None:
+        if ca_certificate is None:
+            raise LineageError("a CRL can only be checked against the CA that signed it: give the CA as well")
+        try:
+            pki.check_crl(crl, ca_certificate)
+        except pki.PKIError as exc:
+            raise LineageError(f"the CRL cannot be used: {exc}") from None
+    auditor = _Auditor(certificates, None if checkpoints_dir is None else Path(checkpoints_dir),
+                       ca_certificate, crl)
     lines, tail = _read_ledger(Path(path))
     head = None
     for position, raw in enumerate(lines):

@@ -3,12 +3,16 @@
 An approval is a signed ``model_approved`` record in the lineage ledger; an export is the
 round's checkpoint with its configuration and a model card that cites the ledger's head
 hash, each site's privacy spend and the approval. Export refuses an unapproved round
-unless told otherwise, and always refuses a ledger that does not verify.
+unless told otherwise, and always refuses a ledger that does not verify or a copied
+checkpoint whose model digest (tensors and header, model config included) is not the one
+the ledger commits.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .lineage import LineageError, LineageWriter, read_records, verify
+from .params import model_file_digest, read_model_file
 
 
 class ReleaseError(ValueError):
@@ -57,7 +62,7 @@ def approvals_of(ledger: Path, entry: RoundEntry) -> list[dict[str, Any]]:
 
 def approve(ledger: Path, private_key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate, *,
             server_round: int, by: str, reason: str, run_id: str | None = None) -> dict[str, Any]:
-    """Append a signed approval of a committed round's model; return the record."""
+    """Append an approval of a committed round's model, signed with the lineage-signing key; return the record."""
     if not by.strip() or not reason.strip():
         raise ReleaseError("an approval needs who approves (--by) and why (--reason)")
     entry = find_round(ledger, server_round, run_id)
@@ -85,11 +90,17 @@ def privacy_spend(ledger: Path, entry: RoundEntry) -> dict[str, dict[str, float]
     return spend
 
 
-def export_model(ledger: Path, aggregator_certificate: x509.Certificate, checkpoints: Path, out: Path, *,
+def export_model(ledger: Path, signer_certificate: x509.Certificate, checkpoints: Path, out: Path, *,
                  server_round: int, run_id: str | None = None, allow_unapproved: bool = False,
-                 ca_certificate: x509.Certificate | None = None) -> Path:
-    """Write weights, configuration and a model card for a committed round into ``out``."""
-    report = verify(ledger, aggregator_certificate, checkpoints_dir=checkpoints, ca_certificate=ca_certificate)
+                 ca_certificate: x509.Certificate | None = None,
+                 crl: x509.CertificateRevocationList | None = None) -> Path:
+    """Write weights, configuration and a model card for a committed round into ``out``.
+
+    ``out`` is written whole or not at all: the files go to a temporary folder beside it,
+    which is renamed to ``out`` once the copied weights' model digest checked out.
+    """
+    report = verify(ledger, signer_certificate, checkpoints_dir=checkpoints, ca_certificate=ca_certificate,
+                    crl=crl)
     if not report.ok:
         raise ReleaseError(f"{ledger}: lineage does not verify: {report.error}")
     entry = find_round(ledger, server_round, run_id)
@@ -101,18 +112,41 @@ def export_model(ledger: Path, aggregator_certificate: x509.Certificate, checkpo
     checkpoint = checkpoints / model_out["checkpoint"]
     if not checkpoint.is_file():
         raise ReleaseError(f"checkpoint {checkpoint} not found")
-    if out.exists() and any(out.iterdir()):
-        raise ReleaseError(f"{out}: folder is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(checkpoint, out / "model.safetensors")
-    started = entry.run_started["body"]
-    config = {"model_config": started["model_config"], "tokenizer": started["training"]["tokenizer"],
-              "labels": started["labels"], "model_digest": model_out["digest"], "run_id": entry.run_id,
-              "round": server_round, "lineage_head": report.head_hash}
-    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (out / "MODEL_CARD.md").write_text(
-        model_card(entry, approvals, privacy_spend(ledger, entry), report.head_hash), encoding="utf-8")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ReleaseError(f"{out}: not an empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
+    staging.mkdir()
+    try:
+        _write_release(staging, checkpoint, entry, approvals, privacy_spend(ledger, entry), report.head_hash)
+        os.replace(staging, out)  # over a missing or empty folder
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
+
+
+def _write_release(folder: Path, checkpoint: Path, entry: RoundEntry, approvals: list[dict[str, Any]],
+                   spend: dict[str, dict[str, float]], head_hash: str | None) -> None:
+    model_out, started = entry.record["body"]["model_out"], entry.run_started["body"]
+    weights = folder / "model.safetensors"
+    shutil.copyfile(checkpoint, weights)
+    try:
+        copied_digest = model_file_digest(weights)
+        _, metadata = read_model_file(weights)
+    except ValueError as exc:
+        raise ReleaseError(str(exc)) from None
+    if copied_digest != model_out["digest"]:
+        raise ReleaseError(f"{checkpoint} changed while it was exported: its model digest is now "
+                           f"{copied_digest[:16]}…, not {model_out['digest'][:16]}… as the ledger commits")
+    model_config = json.loads(metadata.get("model_config", "null"))
+    if model_config != started["model_config"]:
+        raise ReleaseError(f"{checkpoint}: its model config is not the one run {entry.run_id} started with")
+    config = {"model_config": model_config, "tokenizer": started["training"]["tokenizer"],
+              "labels": started["labels"], "model_digest": model_out["digest"], "run_id": entry.run_id,
+              "round": entry.round, "lineage_head": head_hash}
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (folder / "MODEL_CARD.md").write_text(model_card(entry, approvals, spend, head_hash), encoding="utf-8")
 
 
 def model_card(entry: RoundEntry, approvals: list[dict[str, Any]], spend: dict[str, dict[str, float]],
@@ -120,7 +154,8 @@ def model_card(entry: RoundEntry, approvals: list[dict[str, Any]], spend: dict[s
     body, started = entry.record["body"], entry.run_started["body"]
     lines = [
         f"# Model card: run {entry.run_id}, round {entry.round}", "",
-        f"- Model digest (SHA-256 of the named tensors): `{body['model_out']['digest']}`",
+        f"- Model digest (SHA-256 of the named tensors and the checkpoint metadata): "
+        f"`{body['model_out']['digest']}`",
         f"- Lineage head hash at export: `{head_hash}`",
         f"- Round record hash: `{entry.record['hash']}`",
         f"- Model: {started['training']['model']} ({started['training']['tokenizer']}), labels {started['labels']}",

@@ -1,14 +1,21 @@
-"""Trainable tensors <-> Flower records, and the canonical digest of named tensors.
+"""Trainable tensors <-> Flower records, and the canonical digests of named tensors and of models.
 
-Only trainable tensors travel between site and aggregator. Their digest is SHA-256 over
-a canonical encoding (sorted names; for each: name, little-endian dtype, shape, C-order
-little-endian bytes), so the same tensors give the same digest in any process on any
-platform.
+Only trainable tensors travel between site and aggregator. Their digest (`digest`) is
+SHA-256 over a canonical encoding (sorted names; for each: name, little-endian dtype,
+shape, C-order little-endian bytes), so the same tensors give the same digest in any
+process on any platform.
+
+A model, as a checkpoint file holds it, is its tensors *and* the string metadata of the
+safetensors header (the model config, the round) that fedgen reads back with them. Its
+digest (`model_digest`) covers both, so a checkpoint whose config was edited is a
+different model. The header also stores that digest under ``"digest"``, the one entry
+the digest does not cover.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from collections.abc import Mapping
 
@@ -18,6 +25,9 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 NamedArrays = Mapping[str, np.ndarray]
+# The safetensors header entry that holds a model file's own digest (not covered by it).
+DIGEST_METADATA_KEY = "digest"
+_MODEL_DOMAIN = b"fedgen model v1\0"  # a model digest never equals a tensors digest
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -64,19 +74,83 @@ def load_trainable(model: nn.Module, arrays: NamedArrays) -> None:
             param.copy_(torch.from_numpy(np.array(value, copy=True)).to(param.dtype))
 
 
-def digest(arrays: NamedArrays) -> str:
-    """SHA-256 hex digest of named arrays over their canonical encoding."""
-    h = hashlib.sha256()
+def _hash_field(h: hashlib._Hash, field: bytes) -> None:
+    h.update(struct.pack("<Q", len(field)))
+    h.update(field)
+
+
+def _hash_arrays(h: hashlib._Hash, arrays: NamedArrays) -> None:
     h.update(struct.pack("<Q", len(arrays)))
     for name in sorted(arrays):
         array = np.asarray(arrays[name])
         canonical = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        for field in (name.encode(), canonical.dtype.str.encode()):
-            h.update(struct.pack("<Q", len(field)))
-            h.update(field)
+        _hash_field(h, name.encode())
+        _hash_field(h, canonical.dtype.str.encode())
         h.update(struct.pack("<Q", canonical.ndim))
         h.update(struct.pack(f"<{canonical.ndim}Q", *canonical.shape))
-        data = canonical.tobytes(order="C")
-        h.update(struct.pack("<Q", len(data)))
-        h.update(data)
+        _hash_field(h, canonical.tobytes(order="C"))
+
+
+def digest(arrays: NamedArrays) -> str:
+    """SHA-256 hex digest of named arrays over their canonical encoding."""
+    h = hashlib.sha256()
+    _hash_arrays(h, arrays)
     return h.hexdigest()
+
+
+def model_digest(arrays: NamedArrays, metadata: Mapping[str, str]) -> str:
+    """SHA-256 hex digest of a model: its tensors and its header metadata.
+
+    The encoding is the bytes ``fedgen model v1\\0``, then the tensors' canonical encoding
+    (as `digest`), then the number of metadata entries and, in sorted key order, each key
+    and value as UTF-8, every count and length a little-endian unsigned 64-bit integer.
+
+    Raises
+    ------
+    ValueError
+        If ``metadata`` holds the ``"digest"`` entry (a digest cannot cover itself) or a
+        key or value that is not a string.
+    """
+    if DIGEST_METADATA_KEY in metadata:
+        raise ValueError(f"model metadata must not hold its own {DIGEST_METADATA_KEY!r} entry")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("model metadata keys and values must be strings (safetensors header entries)")
+    h = hashlib.sha256(_MODEL_DOMAIN)
+    _hash_arrays(h, arrays)
+    h.update(struct.pack("<Q", len(metadata)))
+    for key in sorted(metadata):
+        _hash_field(h, key.encode("utf-8"))
+        _hash_field(h, metadata[key].encode("utf-8"))
+    return h.hexdigest()
+
+
+def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and the header metadata of a safetensors model file, unchecked.
+
+    Raises
+    ------
+    ValueError
+        If the file cannot be read or is not a safetensors file, naming it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = dict(handle.metadata() or {})
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"{path} cannot be read as a safetensors model file ({exc})") from None
+    return arrays, metadata
+
+
+def model_file_digest(path: str | os.PathLike[str]) -> str:
+    """`model_digest` of a safetensors model file: its tensors and every header entry but ``"digest"``.
+
+    Raises
+    ------
+    ValueError
+        If the file cannot be read or is not a safetensors file.
+    """
+    arrays, metadata = read_model_file(path)
+    metadata.pop(DIGEST_METADATA_KEY, None)
+    return model_digest(arrays, metadata)

@@ -1,10 +1,13 @@
-"""The consortium PKI: a CA, the aggregator's server certificate, one client certificate per site, a CRL.
+"""The consortium PKI: a CA, the aggregator's TLS and lineage-signing certificates, a certificate per site, a CRL.
 
 Everything lives in one consortium folder (default ``certs/``)::
 
     ca.pem, ca.key                consortium CA (the key stays on the CA machine)
     crl.pem                       revoked serials, signed by the CA
     aggregator.pem, aggregator.key  the Fleet endpoint's server certificate (serverAuth only)
+    lineage.pem, lineage.key      the aggregator's lineage-signing certificate (only the
+                                  `LINEAGE_SIGNING_OID` extended key usage): the one key that
+                                  signs the lineage ledger
     sites/<SITE_ID>.pem, .key     one client certificate per site (clientAuth only, CN = site id)
     index.json                    every certificate ever issued, with its revocation
 
@@ -43,6 +46,10 @@ SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REVOCATION_REASONS = ("unspecified", "key_compromise", "affiliation_changed", "superseded",
                       "cessation_of_operation", "privilege_withdrawn")
 INDEX_FORMAT = 1
+# "fedgen lineage signing": the extended key usage only the lineage-signing certificate has.
+# A private OID under the UUID arc 2.25 (ITU-T X.667), which needs no registration.
+LINEAGE_SIGNING_OID = x509.ObjectIdentifier("2.25.58892349753908600560531645942087190838")
+LINEAGE_SIGNER_CN = "aggregator lineage signer"
 
 StrPath = str | os.PathLike[str]
 
@@ -83,6 +90,14 @@ class ConsortiumLayout:
     @property
     def aggregator_key(self) -> Path:
         return self.folder / "aggregator.key"
+
+    @property
+    def lineage_cert(self) -> Path:
+        return self.folder / "lineage.pem"
+
+    @property
+    def lineage_key(self) -> Path:
+        return self.folder / "lineage.key"
 
     @property
     def sites(self) -> Path:
@@ -418,15 +433,47 @@ def is_revoked(cert: x509.Certificate, crl: x509.CertificateRevocationList) -> b
             and crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None)
 
 
-# ---------------------------------------------------------------------------- update signatures
+def revocation_time(cert: x509.Certificate, crl: x509.CertificateRevocationList) -> datetime | None:
+    """When ``crl`` says the certificate was revoked; None if it does not list it.
+
+    The CRL's own signature and freshness are not checked here: see `check_crl`.
+    """
+    if cert.issuer != crl.issuer:
+        return None
+    revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    return None if revoked is None else revoked.revocation_date_utc
+
+
+# ---------------------------------------------------------------------------- signatures
+
+
+def sign_message(private_key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
+    """ECDSA (SHA-256) signature over ``message``, DER-encoded (r, s): 70-72 bytes for P-256."""
+    return private_key.sign(bytes(message), ec.ECDSA(hashes.SHA256()))
+
+
+def verify_message_signature(cert: x509.Certificate, message: bytes, signature: bytes) -> bool:
+    """True if the key of ``cert`` made ``signature`` over ``message``, the way `sign_message` does.
+
+    Never raises for a bad or malformed signature: that is False. Whether the certificate
+    itself is trustworthy is `verify_issued_by` and `is_revoked`.
+    """
+    public_key = cert.public_key()
+    if (not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(message, bytes)
+            or not isinstance(signature, (bytes, bytearray, memoryview))):
+        return False
+    try:
+        public_key.verify(bytes(signature), message, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
 
 
 def sign_digest(private_key: ec.EllipticCurvePrivateKey, digest_hex: str) -> bytes:
-    """Sign a model update's SHA-256 digest with a site key.
+    """Sign a SHA-256 digest (a lineage record's hash) with `sign_message`.
 
     The bytes signed are the UTF-8 (that is, ASCII) encoding of the 64-character lowercase
-    hex digest, e.g. ``b"9f86d0…"``; ECDSA hashes them with SHA-256. The signature is
-    DER-encoded (r, s), 70-72 bytes for P-256.
+    hex digest, e.g. ``b"9f86d0…"``; ECDSA hashes them with SHA-256.
 
     Raises
     ------
@@ -435,25 +482,17 @@ def sign_digest(private_key: ec.EllipticCurvePrivateKey, digest_hex: str) -> byt
     """
     if not isinstance(digest_hex, str) or not _DIGEST_HEX.fullmatch(digest_hex):
         raise PKIError(f"digest {digest_hex!r:.80} is not a SHA-256 hex digest (64 lowercase hex characters)")
-    return private_key.sign(digest_hex.encode("utf-8"), ec.ECDSA(hashes.SHA256()))
+    return sign_message(private_key, digest_hex.encode("utf-8"))
 
 
 def verify_digest_signature(cert: x509.Certificate, digest_hex: str, signature: bytes) -> bool:
     """True if the key of ``cert`` made ``signature`` over ``digest_hex``, the way `sign_digest` does.
 
-    Never raises for a bad or malformed signature or digest: those are False. Whether the
-    certificate itself is trustworthy is `verify_issued_by` and `is_revoked`.
+    Never raises for a bad or malformed signature or digest: those are False.
     """
-    public_key = cert.public_key()
-    if (not isinstance(public_key, ec.EllipticCurvePublicKey)
-            or not isinstance(digest_hex, str) or not _DIGEST_HEX.fullmatch(digest_hex)
-            or not isinstance(signature, (bytes, bytearray, memoryview))):
+    if not isinstance(digest_hex, str) or not _DIGEST_HEX.fullmatch(digest_hex):
         return False
-    try:
-        public_key.verify(bytes(signature), digest_hex.encode("utf-8"), ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return False
-    return True
+    return verify_message_signature(cert, digest_hex.encode("utf-8"), signature)
 
 
 # ---------------------------------------------------------------------------- index.json
@@ -515,9 +554,9 @@ def _cert_info(entry: dict[str, Any], problem: str | None = None) -> CertInfo:
 # ---------------------------------------------------------------------------- building
 
 
-def _key_usage(*, digital_signature: bool = False, key_agreement: bool = False,
+def _key_usage(*, digital_signature: bool = False, content_commitment: bool = False, key_agreement: bool = False,
                key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=digital_signature, content_commitment=False,
+    return x509.KeyUsage(digital_signature=digital_signature, content_commitment=content_commitment,
                          key_encipherment=False, data_encipherment=False, key_agreement=key_agreement,
                          key_cert_sign=key_cert_sign, crl_sign=crl_sign, encipher_only=False,
                          decipher_only=False)
@@ -685,6 +724,56 @@ def issue_aggregator(folder: StrPath, hosts: list[str], *, days: int = CERT_DAYS
     )
 
 
+def issue_lineage(folder: StrPath, *, days: int = CERT_DAYS, force: bool = False,
+                  now: datetime | None = None) -> Path:
+    """Issue the aggregator's lineage-signing certificate, with a key of its own.
+
+    Its only extended key usage is `LINEAGE_SIGNING_OID`: it cannot serve TLS, and no TLS
+    or site certificate can sign the ledger. CN is `LINEAGE_SIGNER_CN`, O the consortium
+    name. A replaced lineage certificate is revoked as superseded; records it signed
+    before stay valid (pass both certificates to `fedgen lineage verify`).
+
+    Returns
+    -------
+    Path
+        The certificate, ``<folder>/lineage.pem`` (its key is ``lineage.key``).
+    """
+    files = layout(folder)
+    return _issue_leaf(
+        files, kind="lineage", common_name=LINEAGE_SIGNER_CN, with_organization=True,
+        extensions=[x509.ExtendedKeyUsage([LINEAGE_SIGNING_OID]),
+                    _key_usage(digital_signature=True, content_commitment=True)],
+        cert_path=files.lineage_cert, key_path=files.lineage_key, days=days, force=force, now=now,
+        overwrite_hint=" (rotation: the old certificate is then revoked as superseded)",
+    )
+
+
+def check_lineage_signer(cert: x509.Certificate) -> None:
+    """Check that ``cert`` is a lineage-signing certificate: its extended key usage is exactly `LINEAGE_SIGNING_OID`.
+
+    Whether the consortium CA issued it is `verify_issued_by`.
+
+    Raises
+    ------
+    PKIError
+        Naming the certificate and what it is for instead (TLS server or client, none).
+    """
+    try:
+        usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = []
+    if usages == [LINEAGE_SIGNING_OID]:
+        return
+    names = {ExtendedKeyUsageOID.SERVER_AUTH: "TLS server (serverAuth: the aggregator's TLS certificate)",
+             ExtendedKeyUsageOID.CLIENT_AUTH: "TLS client (clientAuth: a site's certificate)",
+             LINEAGE_SIGNING_OID: "lineage signing"}
+    purposes = ", ".join(names.get(oid, oid.dotted_string) for oid in usages) or "no extended key usage"
+    raise PKIError(f"certificate for {_common_name(cert.subject)!r} (serial {cert.serial_number:x}, "
+                   f"fingerprint {fingerprint(cert)[:16]}…) is not a lineage-signing certificate: its "
+                   f"extended key usage is {purposes}; only the certificate of `fedgen certs issue lineage` "
+                   "may sign the lineage ledger")
+
+
 def issue_site(folder: StrPath, site_id: str, *, days: int = CERT_DAYS, force: bool = False,
                now: datetime | None = None) -> Path:
     """Issue a site's TLS client certificate (CN = ``site_id``, O = the consortium name).
@@ -722,17 +811,43 @@ def revoke_site(folder: StrPath, site_id: str, reason: str = "unspecified", *,
         If the site is unknown (the message lists the known ones), already revoked, or the
         reason is not one of ``REVOCATION_REASONS``.
     """
-    files, reason, moment = layout(folder), _reason_name(reason), _utc(now)
+    files, reason = layout(folder), _reason_name(reason)
     index = _read_index(files)
     entry = _current_entry(index, files.relative(files.site_cert(site_id)))
     if entry is None:
         known = sorted({e["subject"] for e in index["certificates"] if e["kind"] == "site"})
         listing = f"known sites: {', '.join(known)}" if known else "no site certificates have been issued yet"
         raise PKIError(f"unknown site {site_id!r} in {files.index}; {listing}")
+    return _revoke(files, index, entry, reason, now,
+                   f"to let it back in, issue a new certificate with `fedgen certs issue site {site_id} --force`")
+
+
+def revoke_lineage(folder: StrPath, reason: str = "unspecified", *, now: datetime | None = None) -> CertInfo:
+    """Revoke the current lineage-signing certificate (e.g. its key was compromised).
+
+    Records signed at or after the revocation time no longer verify against the CRL;
+    issue a new one with `issue_lineage` (``force``) to go on signing.
+
+    Raises
+    ------
+    PKIError
+        If no lineage certificate was issued, it is already revoked, or the reason is unknown.
+    """
+    files, reason = layout(folder), _reason_name(reason)
+    index = _read_index(files)
+    entry = _current_entry(index, files.relative(files.lineage_cert))
+    if entry is None:
+        raise PKIError(f"no lineage-signing certificate in {files.index}; issue one with `fedgen certs issue lineage`")
+    return _revoke(files, index, entry, reason, now,
+                   "issue a new one with `fedgen certs issue lineage --force`")
+
+
+def _revoke(files: ConsortiumLayout, index: dict[str, Any], entry: dict[str, Any], reason: str,
+            now: datetime | None, reissue_hint: str) -> CertInfo:
+    reason, moment = _reason_name(reason), _utc(now)
     if entry["revoked_at"] is not None:
-        raise PKIError(f"site {site_id!r} (serial {entry['serial']}) is already revoked "
-                       f"({entry['reason']}, {entry['revoked_at']}); to let it back in, issue a new "
-                       f"certificate with `fedgen certs issue site {site_id} --force`")
+        raise PKIError(f"{entry['kind']} certificate {entry['subject']!r} (serial {entry['serial']}) is already "
+                       f"revoked ({entry['reason']}, {entry['revoked_at']}); {reissue_hint}")
     ca_cert, ca_key = _load_issuer(files, moment)
     entry.update(revoked_at=moment.isoformat(), reason=reason)
     _write_crl(files, index, ca_cert, ca_key, moment, CRL_DAYS)
@@ -833,7 +948,7 @@ def list_certificates(folder: StrPath, *, now: datetime | None = None) -> list[C
         if entry["kind"] == "ca" and crl_problem:
             problems.append(crl_problem)
         infos.append(_cert_info(entry, "; ".join(problems) or None))
-    on_disk = [files.ca_cert, files.aggregator_cert, *sorted(files.sites.glob("*.pem"))]
+    on_disk = [files.ca_cert, files.aggregator_cert, files.lineage_cert, *sorted(files.sites.glob("*.pem"))]
     infos += [_unlisted(files, path) for path in on_disk
               if path.exists() and files.relative(path) not in newest]
     return infos

@@ -1,9 +1,10 @@
 """The messages site and aggregator exchange: record keys, instructions, replies.
 
 Client and server meet only here. A train message carries the trainable tensors and a
-ConfigRecord of instructions; a reply carries the updated tensors, a MetricRecord and
-the site's identity. Nothing else leaves a site: no sequence, no path, no per-sample
-value.
+ConfigRecord of instructions, including the lineage ledger's head when the round was
+configured; a reply carries the updated tensors, a MetricRecord and the site's identity,
+with its signature over its update and that head (`fedgen.lineage.witness_statement`).
+Nothing else leaves a site: no sequence, no path, no per-sample value.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from flwr.app import ConfigRecord, MetricRecord
+
+from fedgen.lineage import LedgerHead
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -24,6 +27,10 @@ BUDGET_REFUSED = 1001
 SITE_DATA_ERROR = 1002
 # Custom error code of any other failure on a site; details stay in the site's own log.
 SITE_ERROR = 1003
+
+# The ledger head a round's instructions carry (absent when the run keeps no lineage).
+LEDGER_HEAD_KEYS = {"seq": "ledger-seq", "hash": "ledger-head", "signature": "ledger-head-signature",
+                    "signer": "ledger-signer"}
 
 
 class ProtocolError(ValueError):
@@ -44,9 +51,11 @@ class TrainInstructions:
     learning_rate: float
     seed: int
     proximal_mu: float = 0.0
+    ledger_head: LedgerHead | None = None
+    ledger_signer: str | None = None  # PEM of the lineage-signing certificate that signed the head
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord(
+        record = ConfigRecord(
             {
                 "server-round": self.server_round,
                 "num-rounds": self.num_rounds,
@@ -60,6 +69,9 @@ class TrainInstructions:
                 "proximal-mu": float(self.proximal_mu),
             }
         )
+        if self.ledger_head is not None and self.ledger_signer is not None:
+            put_ledger_head(record, self.ledger_head, self.ledger_signer)
+        return record
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> TrainInstructions:
@@ -91,7 +103,34 @@ class TrainInstructions:
             seed=values["seed"],
             # FedProx adds this key itself in configure_train.
             proximal_mu=float(record.get("proximal-mu", 0.0)),
+            **_ledger_head(record),
         )
+
+
+def put_ledger_head(record: ConfigRecord, head: LedgerHead, signer_pem: str) -> None:
+    """Write the ledger head and the certificate that signed it into train instructions."""
+    record[LEDGER_HEAD_KEYS["seq"]] = head.seq
+    record[LEDGER_HEAD_KEYS["hash"]] = head.hash
+    record[LEDGER_HEAD_KEYS["signature"]] = head.signature
+    record[LEDGER_HEAD_KEYS["signer"]] = signer_pem
+
+
+def _ledger_head(record: ConfigRecord) -> dict[str, LedgerHead | str | None]:
+    """``ledger_head`` and ``ledger_signer`` of train instructions: all four keys, or none."""
+    present = [key for key in LEDGER_HEAD_KEYS.values() if key in record]
+    if not present:
+        return {"ledger_head": None, "ledger_signer": None}
+    if len(present) < len(LEDGER_HEAD_KEYS):
+        missing = sorted(set(LEDGER_HEAD_KEYS.values()) - set(present))
+        raise ProtocolError(f"train message carries part of the ledger head: it lacks {missing}")
+    values = {name: record[key] for name, key in LEDGER_HEAD_KEYS.items()}
+    if not isinstance(values["seq"], int) or isinstance(values["seq"], bool) or values["seq"] < 0:
+        raise ProtocolError(f"config key 'ledger-seq' should be a non-negative int, got {values['seq']!r}")
+    for name in ("hash", "signature", "signer"):
+        if not isinstance(values[name], str):
+            raise ProtocolError(f"config key {LEDGER_HEAD_KEYS[name]!r} should be str, got {values[name]!r:.80}")
+    return {"ledger_head": LedgerHead(values["seq"], values["hash"], values["signature"]),
+            "ledger_signer": values["signer"]}
 
 
 @dataclass(frozen=True)
@@ -137,9 +176,9 @@ def site_record(site_id: str, update_digest: str, signature: bytes | None = None
                 certificate_pem: str | None = None) -> ConfigRecord:
     """Who sent an update, its digest and, in deployment, the site's signature over it.
 
-    The signature is the site key's ECDSA signature over the update digest
-    (`fedgen.pki.sign_digest`); the certificate lets the aggregator and later an auditor
-    check it against the consortium CA.
+    The signature is the site key's ECDSA signature over the round's
+    `fedgen.lineage.witness_statement` (update digest, ledger head, round, run id); the
+    certificate lets the aggregator and later an auditor check it against the consortium CA.
     """
     record = ConfigRecord({"site-id": site_id, "update-digest": update_digest})
     if signature is not None and certificate_pem is not None:

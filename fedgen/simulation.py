@@ -197,12 +197,12 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
 
 def simulation_signer(out_dir: Path) -> tuple[Path, Path, Path]:
     """(ledger, key, certificate): a simulation's lineage is signed like a deployment's,
-    by an aggregator certificate of a throwaway CA kept in ``out_dir/pki``."""
+    by a lineage-signing certificate of a throwaway CA kept in ``out_dir/pki``."""
     folder = out_dir / "pki"
-    pki.init_consortium(folder, "fedgen-simulation", days=31)  # outlives the aggregator certificate
-    pki.issue_aggregator(folder, ["simulation.invalid"], days=30)
+    pki.init_consortium(folder, "fedgen-simulation", days=31)  # outlives the lineage certificate
+    pki.issue_lineage(folder, days=30)
     layout = pki.layout(folder)
-    return out_dir / LEDGER_FILE, layout.aggregator_key, layout.aggregator_cert
+    return out_dir / LEDGER_FILE, layout.lineage_key, layout.lineage_cert
 
 
 ATTACKS = ("sign-flip", "scale")

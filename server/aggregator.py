@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from fedgen.config import AggregatorConfig, ConfigError
-from fedgen.pki import PKIError, check_key_pair, load_certificate, load_crl
+from fedgen.pki import PKIError, check_key_pair, check_lineage_signer, load_certificate, load_crl
 from fedgen.sovereignty import apply_sovereign_environment
 
 from .superlink import FleetTLS, build_superlink_app, check_flower_version, serve, superlink_servers
@@ -35,6 +35,10 @@ def check_aggregator(config: AggregatorConfig, source: str) -> FleetTLS:
         load_crl(tls.crl)
     except PKIError as exc:
         raise ConfigError(f"{source}: tls: {exc}") from None
+    try:  # the ledger is signed by its own certificate, never the TLS one
+        check_lineage_signer(check_key_pair(config.lineage.certificate, config.lineage.private_key)[0])
+    except PKIError as exc:
+        raise ConfigError(f"{source}: lineage: {exc}") from None
     if config.fleet_port == config.control_port:
         raise ConfigError(f"{source}: control_port must differ from fleet_port ({config.fleet_port})")
     return FleetTLS(certificate=tls.certificate, private_key=tls.private_key,

@@ -25,10 +25,8 @@ from fedgen.config import TrainingConfig
 from fedgen.data import SequenceDataset, load_dataset
 from fedgen.model import ModelConfig, build_model, evaluate_classifier, resolve_device
 from fedgen.lineage import LineageWriter
-from fedgen.params import (
-    arrays_to_record, digest, load_trainable, record_to_arrays, to_numpy, trainable_tensors,
-)
-from fedgen.pki import load_certificate, load_crl, load_private_key
+from fedgen.params import arrays_to_record, load_trainable, record_to_arrays, to_numpy, trainable_tensors
+from fedgen.pki import load_certificate, load_crl, load_private_key, revocation_time
 from fedgen.protocol import TrainInstructions
 from fedgen.results import RoundResult, RunResult, SiteRound
 from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, RoundLog, SiteTrust
@@ -36,7 +34,7 @@ from fedgen.strategies.validation import UpdatePolicy
 from fedgen.strategies.registry import make_strategy
 from fedgen.tokenizers import make_tokenizer
 
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import checkpoint_digest, load_checkpoint, save_checkpoint
 from .lineage_records import code_digest, left_out_records, round_records, software_versions
 
 RoundCallback = Callable[[RoundResult], None]
@@ -66,7 +64,7 @@ class ServerPlan:
 
 @dataclass(frozen=True)
 class LineageFiles:
-    """The ledger and the aggregator key and certificate that sign its records."""
+    """The ledger and the lineage-signing key and certificate that sign its records."""
 
     ledger: Path
     private_key: Path
@@ -124,8 +122,11 @@ def run_federation(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None 
     """
     writer = None
     if plan.lineage is not None:
-        writer = LineageWriter.open(plan.lineage.ledger, load_private_key(plan.lineage.private_key),
-                                    load_certificate(plan.lineage.certificate))
+        certificate = load_certificate(plan.lineage.certificate)
+        if plan.trust is not None and revocation_time(certificate, load_crl(plan.trust.crl)) is not None:
+            raise RuntimeError(f"{plan.lineage.certificate} is revoked: issue a new lineage-signing certificate "
+                               "with `fedgen certs issue lineage --force`")
+        writer = LineageWriter.open(plan.lineage.ledger, load_private_key(plan.lineage.private_key), certificate)
     try:
         result = _run_rounds(grid, plan, on_round, run_id, writer)
     except BaseException as exc:
@@ -159,6 +160,7 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
         policy=UpdatePolicy(max_update_norm=training.max_update_norm, min_updates=training.min_updates,
                             max_update_bytes=int(training.max_update_mb * 2**20)),
         wait_for_sites=(plan.num_sites, training.site_wait),  # the first round; later, the quorum
+        ledger=writer,
     )
     strategy_record = {"name": training.strategy, "options": dict(training.strategy_options)}
     offset = plan.resume.after_round if plan.resume is not None else 0
@@ -170,13 +172,15 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
         learning_rate=training.learning_rate, seed=training.seed + offset,
     )
     initial_arrays = to_numpy(trainable_tensors(model))
+    initial_digest = checkpoint_digest(0, initial_arrays, plan.model_config.to_json())  # its round-0 checkpoint's
     if plan.resume is not None:
-        initial_arrays, _ = load_checkpoint(plan.resume.checkpoint)
-        if digest(initial_arrays) != plan.resume.model_digest:
+        initial_arrays, metadata = load_checkpoint(plan.resume.checkpoint)
+        initial_digest = metadata["digest"]
+        if initial_digest != plan.resume.model_digest:
             raise RuntimeError(f"{plan.resume.checkpoint} is not the model of round {offset} in the lineage")
     rounds: list[RoundResult] = []
     initial: dict[str, float] = {}
-    current = {"digest": digest(initial_arrays)}
+    current = {"digest": initial_digest}
     if writer is not None:
         writer.append("run_started", {
             "config": plan.config_summary, "training": training.model_dump(),

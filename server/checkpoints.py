@@ -1,4 +1,9 @@
-"""Global model checkpoints: one safetensors file per round, named by round and digest."""
+"""Global model checkpoints: one safetensors file per round, named by round and model digest.
+
+A checkpoint's header holds the round and the model config as metadata, and the
+`fedgen.params.model_digest` of tensors and metadata together under ``"digest"``: that
+digest is the model's identity in the file name, the lineage and any export.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +11,55 @@ import os
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from fedgen.params import NamedArrays, digest
+from fedgen.params import DIGEST_METADATA_KEY, NamedArrays, model_digest, read_model_file
 
 
-def checkpoint_name(server_round: int, model_digest: str) -> str:
-    return f"round-{server_round:04d}-{model_digest[:16]}.safetensors"
+def checkpoint_name(server_round: int, digest: str) -> str:
+    return f"round-{server_round:04d}-{digest[:16]}.safetensors"
+
+
+def checkpoint_metadata(server_round: int, model_config_json: str) -> dict[str, str]:
+    """The header metadata of a round's checkpoint, which its model digest covers."""
+    return {"round": str(server_round), "model_config": model_config_json}
+
+
+def checkpoint_digest(server_round: int, arrays: NamedArrays, model_config_json: str) -> str:
+    """The model digest the checkpoint of these tensors at this round has (and is named by)."""
+    return model_digest(arrays, checkpoint_metadata(server_round, model_config_json))
 
 
 def save_checkpoint(directory: Path, server_round: int, arrays: NamedArrays,
                     model_config_json: str) -> tuple[Path, str]:
-    """Write the round's global tensors atomically; return (path, digest)."""
+    """Write the round's global tensors atomically; return (path, model digest)."""
     directory.mkdir(parents=True, exist_ok=True)
-    model_digest = digest(arrays)
-    path = directory / checkpoint_name(server_round, model_digest)
+    metadata = checkpoint_metadata(server_round, model_config_json)
+    digest = model_digest(arrays, metadata)
+    path = directory / checkpoint_name(server_round, digest)
     tmp = path.with_suffix(".tmp")
-    save_file(
-        {name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(tmp),
-        metadata={"round": str(server_round), "digest": model_digest, "model_config": model_config_json},
-    )
+    save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(tmp),
+              metadata={**metadata, DIGEST_METADATA_KEY: digest})
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    return path, model_digest
+    return path, digest
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a checkpoint's tensors and metadata; raise ValueError if its digest is wrong."""
-    arrays = load_file(str(path))
-    with safe_open(str(path), framework="numpy") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("digest") and metadata["digest"] != digest(arrays):
-        raise ValueError(f"{path}: tensors do not match the digest recorded in the file")
+    """Read a checkpoint's tensors and metadata.
+
+    Raises
+    ------
+    ValueError
+        If the file is unreadable, lacks its digest, or its tensors and metadata do not
+        match the digest it records.
+    """
+    arrays, metadata = read_model_file(path)
+    recorded = metadata.get(DIGEST_METADATA_KEY)
+    if recorded is None:
+        raise ValueError(f"{path}: not a fedgen checkpoint (its header records no {DIGEST_METADATA_KEY!r})")
+    covered = {key: value for key, value in metadata.items() if key != DIGEST_METADATA_KEY}
+    if model_digest(arrays, covered) != recorded:
+        raise ValueError(f"{path}: tensors and metadata do not match the digest recorded in the file")
     return arrays, metadata

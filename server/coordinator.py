@@ -113,8 +113,9 @@ def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, ServerPlan]
                       config_summary={"run_config": source, "sites": run.sites,
                                       "eval_data": str(run.eval_data) if run.eval_data else None},
                       checkpoints_dir=state / CHECKPOINTS_DIR,
-                      lineage=LineageFiles(ledger=state / LEDGER_FILE, private_key=tls.private_key.resolve(),
-                                           certificate=tls.certificate.resolve()),
+                      lineage=LineageFiles(ledger=state / LEDGER_FILE,
+                                           private_key=aggregator.lineage.private_key.resolve(),
+                                           certificate=aggregator.lineage.certificate.resolve()),
                       trust=TrustFiles(ca_certificate=tls.ca_certificate.resolve(), crl=tls.crl.resolve()))
     return aggregator, plan
 

@@ -69,9 +69,11 @@ def round_records(log: RoundLog | None, *, server_round: int, model_in: str, mod
     """The records of one committed round: each rejected update, each refusal, then the commit."""
     outcomes = log.outcomes if log is not None else []
     records = left_out_records(log)
+    head = log.head if log is not None else None
     records.append(("round_committed", {
         "round": server_round,
         "started_at": log.started_at if log is not None else None,
+        "ledger_head": {"seq": head.seq, "hash": head.hash} if head is not None else None,
         "model_in": {"digest": model_in},
         "model_out": {"digest": model_out, "checkpoint": checkpoint.name},
         "strategy": strategy,

@@ -1,9 +1,11 @@
 """A strategy wrapper that checks and keeps what every site replied, round by round.
 
 A wrapper rather than a subclass, so it sits around any strategy, Flower's DP wrappers
-included, and sees each reply before the inner strategy aggregates it. An update whose
-digest or site signature does not hold is rejected here and never reaches aggregation;
-what each site sent (or why not) is kept for the round's lineage record.
+included, and sees each reply before the inner strategy aggregates it. Each round's
+instructions get the lineage ledger's head, for the sites to witness. An update whose
+digest or site signature (over the update and that head) does not hold is rejected here
+and never reaches aggregation; what each site sent (or why not) is kept for the round's
+lineage record.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Protocol
 
 import numpy as np
 from cryptography import x509
@@ -21,9 +24,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedgen import pki
+from fedgen.lineage import LedgerHead, witness_statement
 from fedgen.params import digest, record_to_arrays
 from fedgen.protocol import (
-    ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, ProtocolError, TrainReport,
+    ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, ProtocolError, TrainReport, put_ledger_head,
 )
 
 from .validation import UpdatePolicy, update_problem
@@ -35,6 +39,16 @@ class SiteTrust:
 
     ca_certificate: x509.Certificate
     crl: x509.CertificateRevocationList
+
+
+class LedgerHeadSource(Protocol):
+    """Where the current ledger head comes from (a `fedgen.lineage.LineageWriter`)."""
+
+    @property
+    def head(self) -> LedgerHead | None: ...
+
+    @property
+    def certificate_pem(self) -> str: ...
 
 
 @dataclass
@@ -62,6 +76,7 @@ class RoundLog:
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     sampled: list[int] = field(default_factory=list)  # node ids the round was sent to
     outcomes: list[SiteOutcome] = field(default_factory=list)
+    head: LedgerHead | None = None  # the ledger head the round's instructions carried
 
 
 class QuorumNotMet(RuntimeError):
@@ -97,14 +112,19 @@ class RecordingStrategy(Strategy):
         Before the first round, wait at most ``seconds`` for ``sites`` connected sites;
         before later rounds, for the quorum (a site that dropped out may rejoin later).
         Flower's own wait is unbounded.
+    ledger : LedgerHeadSource, optional
+        The lineage ledger being written: each round's instructions carry its head then,
+        and site signatures must cover that head.
     """
 
     def __init__(self, inner: Strategy, trust: SiteTrust | None = None,
-                 policy: UpdatePolicy = UpdatePolicy(), wait_for_sites: tuple[int, float] | None = None) -> None:
+                 policy: UpdatePolicy = UpdatePolicy(), wait_for_sites: tuple[int, float] | None = None,
+                 ledger: LedgerHeadSource | None = None) -> None:
         self.inner = inner
         self.trust = trust
         self.policy = policy
         self.wait_for_sites = wait_for_sites
+        self.ledger = ledger
         self.rounds: dict[int, RoundLog] = {}
         self._site_of_node: dict[int, str] = {}
         self._global: dict[str, np.ndarray] = {}
@@ -116,6 +136,9 @@ class RecordingStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         log = self.rounds[server_round] = RoundLog(server_round)
         self._global = record_to_arrays(arrays)
+        log.head = self.ledger.head if self.ledger is not None else None
+        if log.head is not None:
+            put_ledger_head(config, log.head, self.ledger.certificate_pem)
         if self.wait_for_sites is not None:
             sites, seconds = self.wait_for_sites
             self._wait(grid, sites if not self._site_of_node else self.policy.min_updates, seconds)
@@ -138,7 +161,7 @@ class RecordingStrategy(Strategy):
         admitted, replied, unattributed = [], set(), []
         for reply in replies:
             node = reply.metadata.src_node_id
-            outcome = self._outcome(reply)
+            outcome = self._outcome(reply, log)
             if reply.has_error() and log.sampled and node not in log.sampled:
                 unattributed.append(outcome)  # Flower's own error reply for a lost node
             else:
@@ -166,7 +189,7 @@ class RecordingStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)
 
-    def _outcome(self, reply: Message) -> SiteOutcome:
+    def _outcome(self, reply: Message, log: RoundLog) -> SiteOutcome:
         node = reply.metadata.src_node_id
         if reply.has_error():
             site = self._site_of_node.get(node, f"node-{node}")
@@ -188,12 +211,15 @@ class RecordingStrategy(Strategy):
         except (KeyError, ProtocolError) as exc:
             return SiteOutcome(site, rejected=f"malformed reply: {exc}")
         outcome = SiteOutcome(site, report=report, update_digest=digest(update))
-        outcome.rejected = self._check_identity(outcome, identity) or update_problem(
+        statement = witness_statement(str(reply.metadata.run_id), log.server_round,
+                                      log.head.seq if log.head else None, log.head.hash if log.head else None,
+                                      outcome.update_digest)
+        outcome.rejected = self._check_identity(outcome, identity, statement) or update_problem(
             update, self._global, self.policy)
         return outcome
 
-    def _check_identity(self, outcome: SiteOutcome, identity: ConfigRecord) -> str | None:
-        """Why the update's claimed digest or signature does not hold, or None."""
+    def _check_identity(self, outcome: SiteOutcome, identity: ConfigRecord, statement: bytes) -> str | None:
+        """Why the update's claimed digest or signature (over ``statement``) does not hold, or None."""
         if identity.get("update-digest") != outcome.update_digest:
             return "update digest does not match the tensors sent"
         signature, certificate_pem = identity.get("signature"), identity.get("certificate")
@@ -211,8 +237,8 @@ class RecordingStrategy(Strategy):
             return "site certificate is revoked"
         if owner != outcome.site:
             return f"certificate belongs to {owner!r}, not {outcome.site!r}"
-        if not pki.verify_digest_signature(certificate, outcome.update_digest, signature):
-            return "site signature over the update digest does not verify"
+        if not pki.verify_message_signature(certificate, statement, signature):
+            return "site signature over the update digest and the ledger head sent does not verify"
         outcome.signature = base64.b64encode(signature).decode("ascii")
         outcome.certificate = certificate_pem
         outcome.fingerprint = pki.fingerprint(certificate)

@@ -78,10 +78,14 @@ def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_pat
     for site in ("site-0", "site-1"):  # each site trained in its own process, with its own ledger
         assert (out / "sites" / site / "state" / "privacy-ledger.json").is_file()
     # The aggregator's lineage holds both rounds, every update signed by its site's certificate.
+    # Each site witnessed the ledger head of both rounds: its receipts match the ledger.
+    receipts = [arg for site in ("site-0", "site-1") for arg in ("--receipts", str(out / "sites" / site / "state"))]
     verified = subprocess.run([sys.executable, "-m", "fedgen.cli", "lineage", "verify", "--config",
-                               str(out / "aggregator" / "aggregator.toml")], capture_output=True, text=True)
+                               str(out / "aggregator" / "aggregator.toml"), *receipts],
+                              capture_output=True, text=True)
     assert verified.returncode == 0, verified.stderr
     assert "2 checkpoint digests and 4 site signatures checked" in verified.stdout
+    assert "receipts: 4 checked: 4 witnessed" in verified.stdout
 
 
 def test_demo_stops_every_process_on_ctrl_c(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from fedgen import pki
 from fedgen.client.supernode import SiteTLS, client_ssl_context
-from fedgen.config import AggregatorConfig, AggregatorTLSConfig, RunConfig, load_toml, to_toml
+from fedgen.config import AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, RunConfig, load_toml, to_toml
 from fedgen.demo import ProcessGroup, free_port, wait_for_port
 from fedgen.server.coordinator import RunFailed, follow, submit
 from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
@@ -28,6 +28,7 @@ def consortium(tmp_path_factory):
     last_month = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
     pki.init_consortium(certs, "test", now=last_month)
     pki.issue_aggregator(certs, ["127.0.0.1", "localhost"])
+    pki.issue_lineage(certs)
     for site in ("site-a", "site-b", "site-r"):
         pki.issue_site(certs, site)
     pki.revoke_site(certs, "site-r", reason="key-compromise")
@@ -41,6 +42,7 @@ def consortium(tmp_path_factory):
         state_dir=root / "state", fleet_host="127.0.0.1", fleet_port=free_port(), control_port=free_port(),
         tls=AggregatorTLSConfig(certificate=layout.aggregator_cert, private_key=layout.aggregator_key,
                                 ca_certificate=layout.ca_cert, crl=layout.crl),
+        lineage=LineageSigningConfig(certificate=layout.lineage_cert, private_key=layout.lineage_key),
     )
     toml = root / "aggregator.toml"
     toml.write_text(to_toml(config, toml))

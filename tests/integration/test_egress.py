@@ -64,7 +64,7 @@ def deployment(tmp_path_factory) -> dict:
     aggregator_toml, site_tomls, run_toml = write_consortium(root, sites=1, rounds=1, epsilon=8.0, seed=0)
     run = load_toml(run_toml, RunConfig)
     run_toml.write_text(to_toml(run.model_copy(update={
-        "training": run.training.model_copy(update={"local_epochs": 0.1})})))
+        "training": run.training.model_copy(update={"local_epochs": 0.1})}), run_toml))
     aggregator = load_toml(aggregator_toml, AggregatorConfig)
     site = load_toml(site_tomls[0], SiteConfig)
     (root / "logs").mkdir()

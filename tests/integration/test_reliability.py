@@ -132,7 +132,7 @@ def test_aggregator_killed_mid_run_resumes_without_repeating_or_losing_a_round(t
     round_1, round_2 = [r["body"] for r in records if r["type"] == "round_committed"][:2]
     assert round_2["model_in"]["digest"] == round_1["model_out"]["digest"]
     certs = pki.layout(tmp_path / "certs")
-    report = verify(ledger, pki.load_certificate(certs.aggregator_cert),
+    report = verify(ledger, pki.load_certificate(certs.lineage_cert),
                     checkpoints_dir=aggregator.state_dir / "checkpoints",
                     ca_certificate=pki.load_certificate(certs.ca_cert))
     assert report.ok, report.error

@@ -57,6 +57,11 @@ def _lineage_approval_and_export(out, checkpoints):
     verified = _fedgen("lineage", "verify", "--ledger", ledger)
     assert verified.returncode == 0, verified.stderr
     assert "OK, 4 records" in verified.stdout and "2 checkpoint digests" in verified.stdout
+    # Each simulated site kept a receipt of the ledger head of each round it trained.
+    receipts = [arg for site in ("site-0", "site-1") for arg in ("--receipts", str(out / "sites" / site / "state"))]
+    witnessed = _fedgen("lineage", "verify", "--ledger", ledger, *receipts)
+    assert witnessed.returncode == 0, witnessed.stderr
+    assert "receipts: 4 checked: 4 witnessed" in witnessed.stdout
     refused = _fedgen("model", "export", "--round", "2", "--ledger", ledger, "--out", str(out / "release"))
     assert refused.returncode == 2 and "not approved" in refused.stderr
     approved = _fedgen("model", "approve", "--round", "2", "--ledger", ledger, "--by", "Dr. Ada Lovelace",
@@ -76,6 +81,11 @@ def _lineage_approval_and_export(out, checkpoints):
     checkpoints[1].write_bytes(bytes(blob))
     broken = _fedgen("lineage", "verify", "--ledger", ledger)
     assert broken.returncode == 1 and "BROKEN at record seq 1" in broken.stderr
+    checkpoints[2].unlink()  # a checkpoint the ledger names is gone: a failure, not "1 checked"
+    checkpoints[1].write_bytes(bytes(blob[:-1]) + bytes([blob[-1] ^ 1]))
+    missing = _fedgen("lineage", "verify", "--ledger", ledger)
+    assert missing.returncode == 1 and "BROKEN at record seq 2" in missing.stderr
+    assert checkpoints[2].name in missing.stderr and "missing" in missing.stderr
 
 
 def _epsilons(scheme: str, sigma: float, batch: int) -> list[list[float]]:

@@ -113,6 +113,33 @@ def test_revoke_and_its_errors(folder):
     assert certs("revoke", "site-b", "--reason", "bored", "--dir", str(folder)).exit_code == 2
 
 
+def test_issue_list_rotate_and_revoke_the_lineage_signer(folder):
+    issued = certs("issue", "aggregator", "--host", "localhost", "--dir", str(folder))
+    assert "fedgen certs issue lineage" in issued.stdout  # the TLS certificate does not sign the ledger
+    result = certs("issue", "lineage", "--dir", str(folder))
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.stdout.split())
+    assert str(folder / "lineage.pem") in output and str(folder / "lineage.key") in output and "[lineage]" in output
+    pki.check_lineage_signer(pki.load_certificate(folder / "lineage.pem"))
+    again = certs("issue", "lineage", "--dir", str(folder))
+    assert again.exit_code == 2 and "already exists; use --force" in again.stderr
+    old = pki.load_certificate(folder / "lineage.pem")
+    rotated = certs("issue", "lineage", "--dir", str(folder), "--force")
+    assert rotated.exit_code == 0 and "--cert OLD --cert NEW" in " ".join(rotated.stdout.split())
+    listed = json.loads(certs("list", "--dir", str(folder), "--json").stdout)
+    assert [(c["kind"], c["revoked"], c["reason"]) for c in listed if c["kind"] == "lineage"] == [
+        ("lineage", True, "superseded"), ("lineage", False, None)]
+    assert listed[2]["serial"] == f"{old.serial_number:x}"
+
+    revoked = certs("revoke", "--lineage", "--reason", "key-compromise", "--dir", str(folder))
+    assert revoked.exit_code == 0, revoked.output
+    assert "Revoked the lineage-signing certificate" in revoked.stdout
+    assert pki.is_revoked(pki.load_certificate(folder / "lineage.pem"), pki.load_crl(folder / "crl.pem"))
+    for wrong in (["revoke"], ["revoke", "site-a", "--lineage"]):
+        refused = certs(*wrong, "--dir", str(folder))
+        assert refused.exit_code == 2 and "or pass --lineage" in refused.stderr
+
+
 def test_list_as_json_and_as_a_table(folder):
     certs("issue", "aggregator", "--host", "localhost", "--dir", str(folder))
     certs("issue", "site", "site-a", "--dir", str(folder))

@@ -51,3 +51,20 @@ def test_unexpected_failure_reply_carries_no_detail(flower_task, tmp_path):
     reply = _call(site_toml, train_message())
     assert reply.has_error() and reply.error.code == SITE_ERROR
     assert reply.error.reason == "site site-x: LedgerError (details in the site's log)"
+
+
+def test_a_round_without_a_ledger_head_is_refused_by_a_deployed_site_naming_no_path(flower_task, tmp_path):
+    from fedgen import pki
+
+    certs = tmp_path / "certs"
+    pki.init_consortium(certs, "t")
+    pki.issue_site(certs, "site-w")
+    layout = pki.layout(certs)
+    site_toml = write_site(tmp_path / "site-w")
+    site_toml.write_text(site_toml.read_text() + f'[tls]\ncertificate = "{layout.site_cert("site-w")}"\n'
+                         f'private_key = "{layout.site_key("site-w")}"\nca_certificate = "{layout.ca_cert}"\n')
+    reply = _call(site_toml, train_message())
+    assert reply.has_error() and reply.error.code == SITE_ERROR
+    assert reply.error.reason.startswith("site site-w: refused to witness the round: the aggregator sent no "
+                                         "lineage ledger head")
+    assert str(tmp_path) not in reply.error.reason

@@ -1,3 +1,4 @@
+import base64
 import json
 import subprocess
 import sys
@@ -7,12 +8,15 @@ import numpy as np
 import pytest
 from flwr.common.serde import recorddict_to_proto
 
+from fedgen import pki
 from fedgen.client.app import train_round
 from fedgen.client.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
-from fedgen.config import SiteConfig, load_toml
+from fedgen.config import SiteConfig, SiteTLSConfig, load_toml
 from fedgen.data import DataError, load_dataset
+from fedgen.lineage import LedgerHead, LineageWriter, witness_statement
 from fedgen.params import digest, record_to_arrays
-from fedgen.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY, TrainReport
+from fedgen.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainReport, put_ledger_head
+from fedgen.receipts import RECEIPTS_FILE, Receipt, WitnessError, read_receipts
 
 from ..conftest import train_message, write_site
 
@@ -112,22 +116,76 @@ def test_epsilon_accumulates_across_fresh_processes(site_toml):
     assert len(PrivacyLedger.open(site.state_dir, accountant="rdp", delta=1e-5).rounds) == 2
 
 
-def test_a_deployed_site_signs_its_update_digest(tmp_path):
-    from fedgen import pki
-    from fedgen.config import SiteTLSConfig
-
+@pytest.fixture
+def deployed(tmp_path):
+    """A consortium with a lineage signer and site-s, a ledger with one record, and site-s's config."""
     certs = tmp_path / "certs"
     pki.init_consortium(certs, "t")
+    pki.issue_lineage(certs)
     pki.issue_site(certs, "site-s")
     layout = pki.layout(certs)
+    certificate, key = pki.check_key_pair(layout.lineage_cert, layout.lineage_key)
+    with LineageWriter.open(tmp_path / "lineage.jsonl", key, certificate) as writer:
+        writer.append("run_started", {}, "1")
+        head, signer_pem = writer.head, writer.certificate_pem
     site = load_toml(write_site(tmp_path / "site-s"), SiteConfig).model_copy(update={"tls": SiteTLSConfig(
         certificate=layout.site_cert("site-s"), private_key=layout.site_key("site-s"),
         ca_certificate=layout.ca_cert)})
-    reply = train_round(site, train_message(), run_id=1)
+    return site, head, signer_pem, layout
+
+
+def with_head(message, head: LedgerHead, signer_pem: str):
+    put_ledger_head(message[CONFIG_KEY], head, signer_pem)
+    return message
+
+
+def test_a_deployed_site_signs_its_update_with_the_head_it_saw_and_keeps_a_receipt(deployed):
+    site, head, signer_pem, _ = deployed
+    reply = train_round(site, with_head(train_message(), head, signer_pem), run_id=1)
     signed = reply[SITE_KEY]
     update_digest = digest(record_to_arrays(reply[ARRAYS_KEY]))
     assert signed["update-digest"] == update_digest
     certificate = pki.x509.load_pem_x509_certificate(signed["certificate"].encode())
     assert pki.site_id_of(certificate) == "site-s"
-    assert pki.verify_digest_signature(certificate, update_digest, signed["signature"])
+    statement = witness_statement("1", 1, head.seq, head.hash, update_digest)
+    assert pki.verify_message_signature(certificate, statement, signed["signature"])
+    assert not pki.verify_digest_signature(certificate, update_digest, signed["signature"])  # not the bare digest
     assert b"PRIVATE KEY" not in recorddict_to_proto(reply).SerializeToString()
+    (kept,) = read_receipts(site.state_dir / RECEIPTS_FILE)
+    assert kept.receipt == Receipt(site="site-s", run_id="1", round=1, head_seq=head.seq, head_hash=head.hash,
+                                   head_signature=head.signature, update_digest=update_digest,
+                                   signature=base64.b64encode(signed["signature"]).decode(),
+                                   time=kept.receipt.time)
+
+
+def forged_head(head: LedgerHead, layout, how: str) -> tuple[LedgerHead, str]:
+    """The head and signer certificate a dishonest aggregator might send instead."""
+    signer_pem = layout.lineage_cert.read_text()
+    if how == "other-hash":  # a head the signer never signed
+        return LedgerHead(head.seq, "ab" * 32, head.signature), signer_pem
+    # signed by the site's own (TLS client) certificate key
+    key = pki.load_private_key(layout.site_key("site-s"))
+    signature = base64.b64encode(pki.sign_digest(key, head.hash)).decode()
+    return LedgerHead(head.seq, head.hash, signature), layout.site_cert("site-s").read_text()
+
+
+@pytest.mark.parametrize("how, reason", [("other-hash", "is not signed by the lineage-signing certificate"),
+                                         ("tls-signer", "not a lineage-signing certificate"),
+                                         ("no-head", "sent no lineage ledger head")])
+def test_a_deployed_site_refuses_a_round_it_cannot_witness_before_spending_budget(deployed, how, reason):
+    site, head, signer_pem, layout = deployed
+    message = train_message() if how == "no-head" else with_head(train_message(), *forged_head(head, layout, how))
+    with pytest.raises(WitnessError, match=reason):
+        train_round(site, message, run_id=1)
+    assert not (site.state_dir / LEDGER_FILE).exists()  # no ε spent
+    assert not (site.state_dir / RECEIPTS_FILE).exists()
+
+
+def test_a_simulated_site_keeps_an_unsigned_receipt(site_toml, deployed):
+    _, head, signer_pem, _ = deployed
+    site = load_toml(site_toml, SiteConfig)
+    reply = train_round(site, with_head(train_message(), head, signer_pem), run_id=1)
+    assert "signature" not in reply[SITE_KEY]
+    (kept,) = read_receipts(site.state_dir / RECEIPTS_FILE)
+    assert kept.receipt.signature is None and kept.receipt.head_hash == head.hash
+    assert kept.receipt.update_digest == reply[SITE_KEY]["update-digest"]

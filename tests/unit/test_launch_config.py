@@ -8,7 +8,9 @@ from typer.testing import CliRunner
 
 from fedgen import pki
 from fedgen.cli import app
-from fedgen.config import AggregatorConfig, AggregatorTLSConfig, SiteConfig, SiteTLSConfig, to_toml
+from fedgen.config import (
+    AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, SiteConfig, SiteTLSConfig, to_toml,
+)
 
 runner = CliRunner()
 
@@ -18,6 +20,7 @@ def certs(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("certs")
     pki.init_consortium(folder, "t")
     pki.issue_aggregator(folder, ["127.0.0.1"])
+    pki.issue_lineage(folder)
     pki.issue_site(folder, "site-a")
     pki.issue_site(folder, "site-b")
     return folder
@@ -63,16 +66,30 @@ def test_aggregator_with_a_mismatched_key_or_shared_ports(tmp_path, certs):
     layout = pki.layout(certs)
     tls = AggregatorTLSConfig(certificate=layout.aggregator_cert, private_key=layout.site_key("site-a"),
                               ca_certificate=layout.ca_cert, crl=layout.crl)
+    lineage = LineageSigningConfig(certificate=layout.lineage_cert, private_key=layout.lineage_key)
     path = tmp_path / "aggregator.toml"
-    path.write_text(to_toml(AggregatorConfig(state_dir=tmp_path / "state", tls=tls), path))
+    path.write_text(to_toml(AggregatorConfig(state_dir=tmp_path / "state", tls=tls, lineage=lineage), path))
     result = runner.invoke(app, ["aggregator", "start", "--config", str(path)])
     assert result.exit_code == 2 and "does not match its key" in result.output
     assert not (tmp_path / "state").exists()  # nothing started, nothing written
     good = tls.model_copy(update={"private_key": layout.aggregator_key})
     path.write_text(to_toml(AggregatorConfig(state_dir=tmp_path / "state", tls=good, fleet_port=9000,
-                                             control_port=9000), path))
+                                             control_port=9000, lineage=lineage), path))
     result = runner.invoke(app, ["aggregator", "start", "--config", str(path)])
     assert result.exit_code == 2 and "control_port must differ" in result.output
+
+
+def test_aggregator_whose_lineage_signer_is_its_tls_certificate_is_refused(tmp_path, certs):
+    layout = pki.layout(certs)
+    tls = AggregatorTLSConfig(certificate=layout.aggregator_cert, private_key=layout.aggregator_key,
+                              ca_certificate=layout.ca_cert, crl=layout.crl)
+    path = tmp_path / "aggregator.toml"
+    path.write_text(to_toml(AggregatorConfig(state_dir=tmp_path / "state", tls=tls, lineage=LineageSigningConfig(
+        certificate=layout.aggregator_cert, private_key=layout.aggregator_key)), path))
+    result = runner.invoke(app, ["aggregator", "start", "--config", str(path)])
+    assert result.exit_code == 2 and f"{path}: lineage:" in result.output
+    assert "not a lineage-signing certificate" in " ".join(result.output.split())
+    assert not (tmp_path / "state").exists()
 
 
 def test_site_budget_reports_the_ledger(tmp_path, certs):

@@ -111,6 +111,66 @@ def test_site_is_a_client_only_certificate_named_by_its_site_id(folder):
     pki.verify_issued_by(site, cert(folder / "ca.pem"))
 
 
+def test_lineage_signer_has_its_own_key_and_only_the_lineage_signing_usage(folder):
+    path = pki.issue_lineage(folder)
+    lineage, ca = cert(path), cert(folder / "ca.pem")
+    assert path == folder / "lineage.pem" and pki.layout(folder).lineage_key.is_file()
+    assert lineage.subject.rfc4514_string() == "CN=aggregator lineage signer,O=Genomics EU"
+    assert list(extension(lineage, x509.ExtendedKeyUsage).value) == [pki.LINEAGE_SIGNING_OID]
+    assert pki.LINEAGE_SIGNING_OID.dotted_string.startswith("2.25.")  # a UUID OID: private, unregistered
+    usage = extension(lineage, x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature and usage.value.content_commitment
+    assert not usage.value.key_agreement and not extension(lineage, x509.BasicConstraints).value.ca
+    pki.verify_issued_by(lineage, ca)
+    pki.check_lineage_signer(lineage)
+    lineage_key = pki.load_private_key(folder / "lineage.key")
+    assert not pki.certificate_matches_key(cert(folder / "aggregator.pem"), lineage_key)
+    kinds = {info.path: info.kind for info in pki.list_certificates(folder)}
+    assert kinds["lineage.pem"] == "lineage"
+    assert all(info.problem is None for info in pki.list_certificates(folder))
+
+
+@pytest.mark.parametrize("path, usage", [("aggregator.pem", "serverAuth"), ("sites/site-a.pem", "clientAuth"),
+                                         ("ca.pem", "no extended key usage")])
+def test_no_other_certificate_passes_as_a_lineage_signer(folder, path, usage):
+    with pytest.raises(PKIError, match=f"not a lineage-signing certificate: its extended key usage is .*{usage}"):
+        pki.check_lineage_signer(cert(folder / path))
+
+
+def test_a_certificate_with_the_lineage_usage_and_another_is_refused(folder):
+    ca_key = pki.load_private_key(folder / "ca.key")
+    ca = cert(folder / "ca.pem")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(timezone.utc)
+    both = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([pki.LINEAGE_SIGNING_OID, ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    with pytest.raises(PKIError, match="lineage signing, TLS server"):
+        pki.check_lineage_signer(both)
+
+
+def test_lineage_signer_rotation_and_revocation(folder):
+    with pytest.raises(PKIError, match="no lineage-signing certificate"):
+        pki.revoke_lineage(folder)
+    old = cert(pki.issue_lineage(folder))
+    with pytest.raises(PKIError, match="lineage.pem already exists; use --force"):
+        pki.issue_lineage(folder)
+    new = cert(pki.issue_lineage(folder, force=True))
+    crl = pki.load_crl(folder / "crl.pem")
+    assert pki.revocation_time(old, crl) is not None and pki.revocation_time(new, crl) is None
+    info = pki.revoke_lineage(folder, "key-compromise", now=datetime.now(timezone.utc))
+    assert info.kind == "lineage" and info.reason == "key_compromise" and info.serial == f"{new.serial_number:x}"
+    crl = pki.load_crl(folder / "crl.pem")
+    pki.check_crl(crl, cert(folder / "ca.pem"))
+    assert pki.revocation_time(new, crl) == info.revoked_at
+    assert pki.revocation_time(cert(folder / "sites" / "site-a.pem"), crl) is None
+    with pytest.raises(PKIError, match="already revoked.*fedgen certs issue lineage --force"):
+        pki.revoke_lineage(folder)
+
+
 def test_days_sets_the_validity(tmp_path):
     now = datetime(2030, 1, 1, tzinfo=timezone.utc)
     pki.init_consortium(tmp_path, "c", days=100, now=now)
@@ -529,3 +589,16 @@ def test_tls_fails_closed_on_a_stale_crl(stale):
     assert "CRL has expired" in str(outcome.get("server_error")), outcome
     pki.refresh_crl(stale)
     assert handshake(server_context(stale), site_client(stale, "site-a")).get("reply") == b"ok"
+
+
+def test_sign_and_verify_a_message(folder):
+    site_a = cert(folder / "sites" / "site-a.pem")
+    message = b'{"purpose":"fedgen lineage witness v1"}'
+    signature = pki.sign_message(pki.load_private_key(folder / "sites" / "site-a.key"), message)
+    assert pki.verify_message_signature(site_a, message, signature)
+    site_a.public_key().verify(signature, message, ec.ECDSA(hashes.SHA256()))
+    assert not pki.verify_message_signature(site_a, message + b" ", signature)
+    assert not pki.verify_message_signature(cert(folder / "sites" / "site-b.pem"), message, signature)
+    for garbage in (b"", os.urandom(72), "not bytes"):
+        assert not pki.verify_message_signature(site_a, message, garbage)
+    assert not pki.verify_message_signature(site_a, message.decode(), signature)

@@ -1,7 +1,8 @@
 import pytest
 from flwr.app import ConfigRecord, MetricRecord
 
-from fedgen.protocol import ProtocolError, TrainInstructions, TrainReport
+from fedgen.lineage import LedgerHead
+from fedgen.protocol import LEDGER_HEAD_KEYS, ProtocolError, TrainInstructions, TrainReport
 
 
 def _instructions(**kw):
@@ -13,6 +14,20 @@ def _instructions(**kw):
 def test_instructions_round_trip_through_a_config_record():
     sent = _instructions(proximal_mu=0.1)
     assert TrainInstructions.from_record(sent.to_record()) == sent
+
+
+def test_instructions_carry_the_ledger_head_whole_or_not_at_all():
+    sent = _instructions(ledger_head=LedgerHead(3, "ab" * 32, "c2lnbmF0dXJl"), ledger_signer="-----BEGIN CERT")
+    record = sent.to_record()
+    assert {record[key] for key in LEDGER_HEAD_KEYS.values()} == {3, "ab" * 32, "c2lnbmF0dXJl", "-----BEGIN CERT"}
+    assert TrainInstructions.from_record(record) == sent
+    assert TrainInstructions.from_record(_instructions().to_record()).ledger_head is None
+    del record["ledger-head-signature"]
+    with pytest.raises(ProtocolError, match="part of the ledger head.*ledger-head-signature"):
+        TrainInstructions.from_record(record)
+    record["ledger-head-signature"], record["ledger-seq"] = "c2ln", -1
+    with pytest.raises(ProtocolError, match="'ledger-seq' should be a non-negative int"):
+        TrainInstructions.from_record(record)
 
 
 def test_instructions_accept_integer_floats_and_missing_mu():

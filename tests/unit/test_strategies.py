@@ -8,8 +8,12 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from fedgen.config import STRATEGY_NAMES
 from fedgen import pki
+from fedgen.lineage import LedgerHead, LineageWriter, witness_statement
 from fedgen.params import arrays_to_record, digest, record_to_arrays
-from fedgen.protocol import ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, TrainReport, site_record
+from fedgen.protocol import (
+    ARRAYS_KEY, BUDGET_REFUSED, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainReport, site_record,
+)
+from fedgen.server.lineage_records import round_records
 from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
 from fedgen.strategies.validation import UpdatePolicy
 from fedgen.strategies.registry import STRATEGIES, make_strategy
@@ -28,8 +32,9 @@ def _metadata(node: int) -> Metadata:
 
 
 def _reply(node: int, value: float, examples: int, *, claimed_digest: str | None = None,
-           signer=None, site: str | None = None) -> Message:
-    """A train reply; ``signer`` = (private key, certificate PEM) signs its digest."""
+           signer=None, site: str | None = None, head: LedgerHead | None = None) -> Message:
+    """A train reply to round 1 of run 1; ``signer`` = (private key, certificate PEM) signs its
+    digest with the ledger ``head`` it saw, as a site does."""
     report = TrainReport(num_examples=examples, train_loss=0.5, steps=3, sample_rate=0.1,
                          noise_multiplier=1.0, max_grad_norm=1.0, epsilon=0.1 * node, delta=1e-5, dp=True)
     arrays = {"w": np.full(4, value, dtype=np.float32)}
@@ -37,7 +42,9 @@ def _reply(node: int, value: float, examples: int, *, claimed_digest: str | None
     identity = site_record(site or f"site-{node}", update_digest)
     if signer is not None:
         key, certificate_pem = signer
-        identity = site_record(site or f"site-{node}", update_digest, pki.sign_digest(key, update_digest),
+        statement = witness_statement("1", 1, head.seq if head else None, head.hash if head else None,
+                                      update_digest)
+        identity = site_record(site or f"site-{node}", update_digest, pki.sign_message(key, statement),
                                certificate_pem)
     content = RecordDict({ARRAYS_KEY: arrays_to_record(arrays), METRICS_KEY: report.to_record(),
                           SITE_KEY: identity})
@@ -149,6 +156,7 @@ def test_sampling_waits_for_sites_only_as_long_as_allowed(flower_task):
 def consortium(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pki")
     pki.init_consortium(folder, "t")
+    pki.issue_lineage(folder)
     for site in ("site-1", "site-2", "site-3"):
         pki.issue_site(folder, site)
     pki.revoke_site(folder, "site-3")
@@ -158,7 +166,7 @@ def consortium(tmp_path_factory):
     def signer(site: str):
         return pki.load_private_key(layout.site_key(site)), layout.site_cert(site).read_text()
 
-    return trust, signer
+    return trust, signer, layout
 
 
 def _rejections(strategy, replies):
@@ -187,7 +195,7 @@ def test_a_sampled_site_that_never_replies_is_reported(flower_task):
 
 
 def test_signed_updates_are_checked_against_the_consortium(flower_task, consortium):
-    trust, signer = consortium
+    trust, signer, _ = consortium
     strategy = _recording(trust=trust)
     arrays, _ = _rejections(strategy, [
         _reply(1, 1.0, 10, signer=signer("site-1")),
@@ -201,8 +209,41 @@ def test_signed_updates_are_checked_against_the_consortium(flower_task, consorti
         "update is not signed by the site",
         "certificate belongs to 'site-2', not 'site-4'",
         "site certificate is revoked",
-        "site signature over the update digest does not verify",
+        "site signature over the update digest and the ledger head sent does not verify",
     ]
     np.testing.assert_allclose(record_to_arrays(arrays)["w"], 1.0)
     accepted = strategy.rounds[1].outcomes[0]
     assert accepted.fingerprint and accepted.certificate.startswith("-----BEGIN CERTIFICATE")
+
+
+def test_instructions_carry_the_ledger_head_and_site_signatures_must_cover_it(flower_task, consortium, tmp_path):
+    trust, signer, layout = consortium
+    certificate, key = pki.check_key_pair(layout.lineage_cert, layout.lineage_key)
+    with LineageWriter.open(tmp_path / "lineage.jsonl", key, certificate) as writer:
+        first = writer.append("run_started", {}, "1")
+        strategy = RecordingStrategy(make_strategy("fedavg", min_sites=1), trust=trust, ledger=writer)
+        messages = list(strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, np.float32)}),
+                                                 ConfigRecord({"model-config": "{}"}), _Grid()))
+        writer.append("site_refused", {"round": 1, "site": "site-9", "reason": "budget"}, "1")  # the head moves on
+    sent = LedgerHead(0, first["hash"], first["signature"])
+    for message in messages:
+        config = message.content[CONFIG_KEY]
+        assert (config["ledger-seq"], config["ledger-head"]) == (0, first["hash"])
+        assert config["ledger-head-signature"] == first["signature"]
+        assert config["ledger-signer"] == layout.lineage_cert.read_text()
+    assert strategy.rounds[1].head == sent
+    moved_on = LedgerHead(1, "ab" * 32, "")
+    arrays, _ = _rejections(strategy, [
+        _reply(1, 1.0, 10, signer=signer("site-1"), head=sent),
+        _reply(2, 5.0, 10, signer=signer("site-2"), head=moved_on),  # signed a head it was not sent
+        _reply(3, 6.0, 10, signer=signer("site-1"), site="site-1", head=None),  # signed no head at all
+    ])
+    outcomes = strategy.rounds[1].outcomes
+    assert [o.rejected for o in outcomes] == [None] + 2 * [
+        "site signature over the update digest and the ledger head sent does not verify"]
+    np.testing.assert_allclose(record_to_arrays(arrays)["w"], 1.0)
+    *rejected, (kind, body) = round_records(strategy.rounds[1], server_round=1, model_in="0" * 64,
+                                            model_out="1" * 64, checkpoint=tmp_path / "c.safetensors",
+                                            strategy={}, metrics={})
+    assert [k for k, _ in rejected] == 2 * ["update_rejected"] and kind == "round_committed"
+    assert body["ledger_head"] == {"seq": 0, "hash": first["hash"]}
