@@ -120,8 +120,8 @@ class AggregatorTLSConfig(StrictModel):
 class LineageSigningConfig(StrictModel):
     """The aggregator's lineage-signing certificate and key (`fedgen certs issue lineage`), not its TLS pair."""
 
-    certificate: Path
-    private_key: Path
+    certificate: ConfigPath
+    private_key: ConfigPath
 
 
 class AggregatorConfig(StrictModel):
