@@ -475,6 +475,22 @@ def test_records_signed_after_the_signer_was_revoked_fail_against_the_crl(tmp_pa
     assert_broken_at(report, FINISHED + 1, "lineage-signing certificate", "was revoked on")
 
 
+def test_the_aggregator_does_not_start_a_run_with_a_revoked_lineage_signer(tmp_path: Path):
+    from fedgen.config import TrainingConfig
+    from fedgen.model import preset_config
+    from fedgen.server.app import LineageFiles, ServerPlan, TrustFiles, run_federation
+
+    files = make_consortium(tmp_path / "certs", "Revoked").files
+    pki.revoke_lineage(files.folder, "key-compromise")
+    plan = ServerPlan(training=TrainingConfig(), model_config=preset_config("nano", vocab_size=8, max_len=8),
+                      label_names=["0", "1"], num_sites=1, out_dir=tmp_path,
+                      lineage=LineageFiles(tmp_path / "lineage.jsonl", files.lineage_key, files.lineage_cert),
+                      trust=TrustFiles(files.ca_cert, files.crl))
+    with pytest.raises(RuntimeError, match="lineage.pem is revoked.*fedgen certs issue lineage --force"):
+        run_federation(grid=None, plan=plan)  # refused before any site is asked
+    assert not (tmp_path / "lineage.jsonl").exists()
+
+
 def round_with(tmp_path: Path, consortium: Consortium,
                contributions: Callable[[LedgerHead], list[dict[str, Any]]],
                ledger_head: Callable[[LedgerHead], dict[str, Any] | None] | None = None) -> Path:
