@@ -72,12 +72,16 @@ class RunResult:
     def checkpoints(self) -> list[Path]:
         return [Path(r.checkpoint) for r in self.rounds if r.checkpoint]
 
-    def epsilon_by_site(self) -> dict[str, list[float]]:
-        """Each site's cumulative ε after each round it trained in."""
-        series: dict[str, list[float]] = {}
+    def epsilon_by_site(self) -> dict[str, dict[int, float]]:
+        """Each site's cumulative ε by the round it trained in: ``{site: {round: ε}}``.
+
+        Rounds a site missed (refused, failed, not sampled) are absent from its series, so
+        every ε stays paired with the round it was spent in.
+        """
+        series: dict[str, dict[int, float]] = {}
         for r in self.rounds:
             for site, eps in r.epsilon.items():
-                series.setdefault(site, []).append(eps)
+                series.setdefault(site, {})[r.round] = eps
         return series
 
     def summary(self) -> dict:
@@ -118,7 +122,7 @@ class RunResult:
         ax.set_ylabel("accuracy")
         eps_ax = ax.twinx()
         for site, series in self.epsilon_by_site().items():
-            eps_ax.plot(rounds[: len(series)], series, linestyle="--", label=f"ε {site}")
+            eps_ax.plot(list(series), list(series.values()), linestyle="--", marker=".", label=f"ε {site}")
         eps_ax.set_ylabel("ε spent")
         ax.legend(loc="upper left")
         eps_ax.legend(loc="lower right")

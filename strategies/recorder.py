@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedgen import pki
 from fedgen.lineage import LedgerHead, witness_statement
-from fedgen.params import digest, record_to_arrays
+from fedgen.params import arrays_to_record, digest, record_to_arrays
 from fedgen.protocol import (
     ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, ProtocolError, TrainReport, put_ledger_head,
 )
@@ -180,7 +180,13 @@ class RecordingStrategy(Strategy):
             raise QuorumNotMet(log, self.policy.min_updates)
         if valid == 0:
             return None, None
-        return self.inner.aggregate_train(server_round, admitted)
+        arrays, metrics = self.inner.aggregate_train(server_round, admitted)
+        if arrays is None:
+            return None, metrics
+        # Server-side optimisers (FedAdam) compute in float64; the global model keeps its dtypes,
+        # or every site's next update would be rejected as the wrong dtype.
+        return arrays_to_record({name: tensor.astype(self._global[name].dtype, copy=False)
+                                 for name, tensor in record_to_arrays(arrays).items()}), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

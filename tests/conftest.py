@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny labelled site and the train message an aggregator would send."""
+"""Shared fixtures: a tiny labelled site, the train message an aggregator would send, and the
+mark that lets a test find every process it started."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from fedgen.params import arrays_to_record, to_numpy, trainable_tensors  # noqa:
 from fedgen.protocol import ARRAYS_KEY, CONFIG_KEY, TrainInstructions  # noqa: E402
 from fedgen.tokenizers import make_tokenizer  # noqa: E402
 from flwr.app import RecordDict  # noqa: E402
+
+from .integration.processes import MARK_VARIABLE, ProcessTree  # noqa: E402
 
 TOKENIZER = "kmer4s1"
 
@@ -68,3 +71,14 @@ def flower_task():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._run_id = TaskIdentity._task_id = TaskIdentity._node_id = None
+
+
+@pytest.fixture(autouse=True)
+def process_tree(monkeypatch) -> ProcessTree:
+    """The processes this test starts: each inherits the test's own mark through its environment.
+
+    Autouse, so the mark is set before any other fixture of the test builds an environment.
+    """
+    tree = ProcessTree.new()
+    monkeypatch.setenv(MARK_VARIABLE, tree.mark)
+    return tree

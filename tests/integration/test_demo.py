@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .processes import flower_processes, processes_mentioning
+from .processes import processes_mentioning
 
 pytestmark = pytest.mark.slow
 CHANCE = 451 / 888
@@ -59,10 +59,9 @@ def test_tripwire_catches_an_outbound_call(tripwire):
     assert any(b"example.org" in attempt for attempt in server.attempts)
 
 
-def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_path, tripwire):
+def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_path, tripwire, process_tree):
     server, env = tripwire
     out = tmp_path / "demo"
-    before = flower_processes()
     proc = subprocess.run([sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "2",
                            "--out", str(out), "--json"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -74,7 +73,7 @@ def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_pat
     assert len(list(out.glob("aggregator/state/checkpoints/round-*.safetensors"))) == 3
     assert server.attempts == []  # no outbound connection was tried
     assert processes_mentioning(str(out)) == []
-    assert flower_processes() <= before
+    assert process_tree.running() == {}  # Flower's helpers too, in their own sessions
     for site in ("site-0", "site-1"):  # each site trained in its own process, with its own ledger
         assert (out / "sites" / site / "state" / "privacy-ledger.json").is_file()
     # The aggregator's lineage holds both rounds, every update signed by its site's certificate.
@@ -88,9 +87,8 @@ def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_pat
     assert "receipts: 4 checked: 4 witnessed" in verified.stdout
 
 
-def test_demo_stops_every_process_on_ctrl_c(tmp_path):
+def test_demo_stops_every_process_on_ctrl_c(tmp_path, process_tree):
     out = tmp_path / "demo"
-    before = flower_processes()
     demo = subprocess.Popen([sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "5",
                              "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -105,4 +103,4 @@ def test_demo_stops_every_process_on_ctrl_c(tmp_path):
         if demo.poll() is None:
             demo.kill()
     assert processes_mentioning(str(out)) == []
-    assert flower_processes() <= before
+    assert process_tree.running() == {}

@@ -1,10 +1,12 @@
 import dataclasses
+import math
 
 import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
+from fedgen.data import load_bundled
 from fedgen.model import (
     PRESETS, ModelConfig, build_model, count_parameters, evaluate_classifier, mask_tokens,
     preset_config, resolve_device,
@@ -122,9 +124,79 @@ def test_evaluate_classifier_counts_correct_predictions():
     assert wrong == 0.0
 
 
-def test_resolve_device():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
-            resolve_device("cuda:0")
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_cuda_device_the_site_lacks_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(RuntimeError, match=f"device '{name}' requested but CUDA is not available on this site"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(RuntimeError, match="device 'cuda:2' requested but only 2 CUDA devices exist"):
+        resolve_device("cuda:2")
+
+
+# Every device this machine has: the CPU everywhere, the GPU where there is one.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("name", DEVICES)
+def test_the_model_runs_on_the_requested_device(name):
+    device = resolve_device(name)
+    assert device.type == name
+    model = build_model(_config())
+    ids = _ids(batch=6)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    evaluate_classifier(model, ids, labels, device, batch_size=4)
+    assert {p.device.type for p in model.parameters()} == {name}  # moved there, every tensor
+    assert model(ids.to(device)).device.type == name
+
+
+def test_masked_lm_learns_to_fill_in_masked_bases():
+    """A few masked-LM steps on real promoter sequences: the loss, taken on masked positions only,
+    falls from chance over the vocabulary to below chance over the four bases, and held-out masked
+    bases are predicted better than by always guessing the commonest base."""
+    tok = make_tokenizer("nucleotide")
+    data = load_bundled("train")
+    train_ids, held_out_ids = tok.encode(data.sequences[:32]), tok.encode(data.sequences[64:128])
+    model = build_model(dataclasses.replace(
+        preset_config("nano", vocab_size=tok.vocab_size, max_len=train_ids.shape[1]), dropout=0.0), task="mlm")
+
+    def masked(ids, seed):
+        return mask_tokens(ids, mask_id=tok.mask_id, pad_id=tok.pad_id, cls_id=tok.cls_id,
+                           vocab_size=tok.vocab_size, num_special=4, generator=torch.Generator().manual_seed(seed))
+
+    def masked_loss(inputs, labels):  # labels are -100 wherever nothing was masked
+        return torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    held_inputs, held_labels = masked(held_out_ids, seed=999)
+    targets = held_labels != -100
+    bases = (held_out_ids != tok.pad_id) & (held_out_ids != tok.cls_id)
+    assert targets.sum() / bases.sum() == pytest.approx(0.15, abs=0.02)  # the loss sees ~15% of the bases
+    assert (held_inputs[targets] == tok.mask_id).float().mean() == pytest.approx(0.8, abs=0.05)
+    assert torch.equal(held_inputs[~targets], held_out_ids[~targets])  # nothing else is altered
+    with torch.no_grad():
+        before = masked_loss(held_inputs, held_labels).item()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(40):
+        optimizer.zero_grad()
+        masked_loss(*masked(train_ids, seed=step)).backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = masked_loss(held_inputs, held_labels).item()
+        predicted = model(held_inputs).argmax(-1)
+    assert before == pytest.approx(math.log(tok.vocab_size), abs=0.1)  # untrained: uniform over the vocabulary
+    assert after < math.log(4)  # better than uniform over A, C, G, T
+    accuracy = (predicted[targets] == held_labels[targets]).float().mean().item()
+    commonest = torch.bincount(held_labels[targets]).max().item() / targets.sum().item()
+    assert accuracy > commonest + 0.05

@@ -20,10 +20,13 @@ from fedgen.strategies.registry import STRATEGIES, make_strategy
 
 
 class _Grid:
-    """Just enough of a Grid for configure_train: three connected nodes."""
+    """Just enough of a Grid for configure_train: ``nodes`` connected nodes (1, 2, ...)."""
+
+    def __init__(self, nodes: int = 3) -> None:
+        self.nodes = nodes
 
     def get_node_ids(self):
-        return [1, 2, 3]
+        return list(range(1, self.nodes + 1))
 
 
 def _metadata(node: int) -> Metadata:
@@ -67,13 +70,26 @@ def test_strategy_options_are_checked():
         make_strategy("fedsgd", min_sites=2)
 
 
+def _first_adam_step(delta: float, *, eta: float, beta_1: float, beta_2: float, tau: float) -> float:
+    """FedAdam's round-1 move from the global model, by hand: one bias-corrected Adam step
+    (Reddi et al. 2021, Kingma & Ba 2014) on the pseudo-gradient ``delta`` = FedAvg - global."""
+    m = (1 - beta_1) * delta
+    v = (1 - beta_2) * delta ** 2
+    eta_t = eta * (1 - beta_2 ** 2) ** 0.5 / (1 - beta_1 ** 2)  # Flower counts from round + 1
+    return eta_t * m / (v ** 0.5 + tau)
+
+
+FEDAVG_OF_REPLIES = (1 * 100 + 2 * 100 + 9 * 200) / 400  # 5.25, weighted by examples
+
+
 @pytest.mark.parametrize("name, expected", [
-    ("fedavg", (1 * 100 + 2 * 100 + 9 * 200) / 400),
+    ("fedavg", FEDAVG_OF_REPLIES),
     ("median", 2.0),
     ("krum", None),  # one of the honest updates
-    ("fedtrimmedavg", None),
-    ("fedprox", (1 * 100 + 2 * 100 + 9 * 200) / 400),
-    ("fedadam", None),
+    ("fedtrimmedavg", (1 + 2 + 9) / 3),  # unweighted; beta 0.2 of 3 updates trims none
+    ("fedprox", FEDAVG_OF_REPLIES),
+    # Server-side Adam from the zero model towards the FedAvg of the replies, with fedgen's defaults.
+    ("fedadam", _first_adam_step(FEDAVG_OF_REPLIES, eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3)),
 ])
 def test_each_strategy_aggregates_fedgen_replies(flower_task, name, expected):
     strategy = RecordingStrategy(make_strategy(name, min_sites=3))
@@ -82,14 +98,44 @@ def test_each_strategy_aggregates_fedgen_replies(flower_task, name, expected):
     assert len(messages) == 3
     arrays, _ = strategy.aggregate_train(1, [_reply(1, 1.0, 100), _reply(2, 2.0, 100), _reply(3, 9.0, 200)])
     w = record_to_arrays(arrays)["w"]
-    assert np.all(np.isfinite(w)) and w.shape == (4,)
+    assert np.all(np.isfinite(w)) and w.shape == (4,) and w.dtype == np.float32  # the global model's dtype
     if expected is not None:
         np.testing.assert_allclose(w, expected, rtol=1e-6)
+        assert np.all(w > 0)  # every strategy moves the zero model towards the sites' updates
     if name == "krum":
         assert w[0] in (1.0, 2.0)
     log = strategy.rounds[1]
     assert [o.site for o in log.outcomes] == ["site-1", "site-2", "site-3"]
     assert [o.report.epsilon for o in log.outcomes] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_fedadam_takes_adam_steps_from_the_global_model_round_after_round(flower_task):
+    strategy = RecordingStrategy(make_strategy("fedadam", min_sites=2))
+    hyper = dict(eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    global_model = arrays_to_record({"w": np.zeros(4, dtype=np.float32)})
+    strategy.configure_train(1, global_model, ConfigRecord(), _Grid(2))
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, 1.0, 10), _reply(2, 3.0, 10)])
+    first = record_to_arrays(arrays)["w"]
+    step_1 = _first_adam_step(2.0, **hyper)
+    np.testing.assert_allclose(first, step_1, rtol=1e-6)
+    assert 0 < step_1 < 2.0  # towards the sites' mean of 2, by a server learning-rate step, not all the way
+    # Round 2: the sites move below the new global model; Adam's momentum still points up.
+    strategy.configure_train(2, arrays, ConfigRecord(), _Grid(2))
+    arrays, _ = strategy.aggregate_train(2, [_reply(1, -1.0, 10), _reply(2, -1.0, 10)])
+    delta_2 = -1.0 - step_1
+    m = 0.9 * (0.1 * 2.0) + 0.1 * delta_2
+    v = 0.99 * (0.01 * 2.0 ** 2) + 0.01 * delta_2 ** 2
+    eta_t = 1e-2 * (1 - 0.99 ** 3) ** 0.5 / (1 - 0.9 ** 3)
+    np.testing.assert_allclose(record_to_arrays(arrays)["w"], step_1 + eta_t * m / (v ** 0.5 + 1e-3), rtol=1e-5)
+
+
+def test_fedtrimmedavg_drops_the_extreme_updates(flower_task):
+    strategy = RecordingStrategy(make_strategy("fedtrimmedavg", min_sites=5))
+    strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, dtype=np.float32)}), ConfigRecord(), _Grid(5))
+    replies = [_reply(node, value, 10) for node, value in zip(range(1, 6), (2.0, -50.0, 3.0, 100.0, 4.0))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # beta 0.2 of 5 updates trims one from each end (-50 and 100): the mean of 2, 3, 4.
+    np.testing.assert_allclose(record_to_arrays(arrays)["w"], 3.0, rtol=1e-6)
 
 
 def _recording(name="fedavg", **kwargs) -> RecordingStrategy:
