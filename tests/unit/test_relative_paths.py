@@ -66,7 +66,7 @@ def test_a_consortium_written_under_a_relative_folder_reads_back_from_another_di
     assert run.aggregator == root / "aggregator" / "aggregator.toml"
     planned, plan = plan_run(run, "run.toml")
     assert planned == aggregator
-    assert plan.lineage.certificate == root / "certs" / "aggregator.pem"
+    assert plan.lineage.certificate == root / "certs" / "lineage.pem"
     assert plan.out_dir.is_relative_to(root / "aggregator" / "state" / "runs")
 
     # `fedgen lineage … --config` finds the aggregator's ledger through the same file.
@@ -121,14 +121,14 @@ def test_a_simulation_and_its_lineage_commands_take_relative_paths(folders, monk
     ledger = str(sim / "lineage.jsonl")
     shown = fedgen("lineage", "show", "--json", "--ledger", ledger).stdout.splitlines()
     assert [json.loads(line)["type"] for line in shown] == ["run_started", "round_committed", "run_finished"]
-    verified = fedgen("lineage", "verify", "--ledger", ledger, "--cert", str(sim / "pki/aggregator.pem"),
+    verified = fedgen("lineage", "verify", "--ledger", ledger, "--cert", str(sim / "pki/lineage.pem"),
                       "--ca", str(sim / "pki/ca.pem"), "--checkpoints", str(sim / "checkpoints"))
     assert "OK, 3 records" in verified.stdout and "1 checkpoint digests" in verified.stdout
     fedgen("lineage", "export", "--ledger", ledger, "--out", "prov.json")
     assert "wasGeneratedBy" in json.loads((used / "prov.json").read_text())
-    fedgen("model", "approve", "--round", "1", "--ledger", ledger, "--key", str(sim / "pki/aggregator.key"),
-           "--cert", str(sim / "pki/aggregator.pem"), "--by", "Dr. A. Reviewer", "--reason", "reviewed")
-    fedgen("model", "export", "--round", "1", "--ledger", ledger, "--cert", str(sim / "pki/aggregator.pem"),
+    fedgen("model", "approve", "--round", "1", "--ledger", ledger, "--key", str(sim / "pki/lineage.key"),
+           "--cert", str(sim / "pki/lineage.pem"), "--by", "Dr. A. Reviewer", "--reason", "reviewed")
+    fedgen("model", "export", "--round", "1", "--ledger", ledger, "--cert", str(sim / "pki/lineage.pem"),
            "--ca", str(sim / "pki/ca.pem"), "--checkpoints", str(sim / "checkpoints"), "--out", "release")
     assert (used / "release" / "model.safetensors").read_bytes() == checkpoint.read_bytes()
     assert "Approved by Dr. A. Reviewer" in (used / "release" / "MODEL_CARD.md").read_text()
