@@ -10,13 +10,25 @@ in ``flwr.supernode.fleet_http_connection``:
   identity the SuperLink registers is the certificate's (the aggregator checks that the
   two match on every request).
 
+The certificate key is the site's lasting identity: the client never unregisters its node
+(Flower 1.41 refuses an unregistered key for good), so a site rejoins as itself after a
+crash, a clean stop or an aggregator restart. A refusal it cannot get past (the
+aggregator rejects its certificate or its requests, or the aggregator's certificate fails
+verification) stops the SuperNode with the reason, instead of Flower's silent retries, and
+`fedgen site start` exits non-zero with it.
+
 Pinned to Flower 1.41; tests fail loudly when these names change.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
 import ssl
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +36,15 @@ import flwr
 import httpx
 
 from fedgen.config import ConfigError, SiteConfig, load_toml
-from fedgen.pki import PKIError, check_key_pair, load_certificate, site_id_of
+from fedgen.pki import PKIError, check_key_pair, check_tls_identity, site_id_of
 from fedgen.sovereignty import apply_sovereign_environment
 
 FLOWER_SERIES = "1.41."
+log = logging.getLogger(__name__)
+
+
+class SiteStopped(RuntimeError):
+    """The site's SuperNode stopped without being asked to; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -47,19 +64,99 @@ def client_ssl_context(tls: SiteTLS) -> ssl.SSLContext:
     return context
 
 
-def install_mutual_tls(tls: SiteTLS) -> None:
-    """Make Flower's SuperNode connect with the site's certificate and certificate key."""
+_ALERTS = {
+    "CERTIFICATE_EXPIRED": "the aggregator refused this site's certificate: it has expired (or this "
+                           "machine's clock is wrong); ask the consortium operator for a new one",
+    "CERTIFICATE_REVOKED": "the aggregator refused this site's certificate: it is revoked",
+    "UNKNOWN_CA": "the aggregator does not accept this site's certificate: it was not issued by the "
+                  "consortium CA the aggregator trusts",
+    "CERTIFICATE_REQUIRED": "the aggregator requires a client certificate and this site presented none",
+}
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _response_detail(response: httpx.Response) -> str:
+    text = response.text.strip()
+    try:
+        detail = json.loads(text).get("detail")
+    except (ValueError, AttributeError):
+        return text
+    return str(detail) if detail else text
+
+
+def refusal_cause(error: BaseException) -> str | None:
+    """Why a Fleet request failed for good, in words a site operator can act on.
+
+    None when retrying may help (the aggregator is down or restarting, a network blip).
+    """
+    for cause in _causes(error):
+        if isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 401:
+            return f"the aggregator refused this site: {_response_detail(cause.response)}"
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (f"the aggregator's certificate failed verification: {cause.verify_message}; check "
+                    "`aggregator` (its host name) and `tls.ca_certificate` in the site config")
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLEOFError):
+            reason = str(cause.reason or "")
+            if "_ALERT_" in reason:
+                alert = reason.split("_ALERT_", 1)[1]
+                return _ALERTS.get(alert, "the aggregator refused the TLS handshake "
+                                          f"({alert.replace('_', ' ').lower()})")
+            if reason in _NOT_TLS:
+                return ("the aggregator's address does not answer with TLS; check `aggregator` "
+                        "(host:port of its Fleet API) in the site config")
+    return None
+
+
+class StopReason:
+    """The first refusal that stops this SuperNode (thread-safe: the heartbeat thread
+    and the main loop both talk to the aggregator)."""
+
+    def __init__(self) -> None:
+        self.cause: str | None = None
+        self._lock = threading.Lock()
+
+    def refused(self, cause: str, *, interrupt: bool) -> None:
+        """Record ``cause`` if it is the first; with ``interrupt``, shut the SuperNode down
+        the way Flower itself does on a 401 (SIGINT to its own process)."""
+        with self._lock:
+            if self.cause is not None:
+                return
+            self.cause = cause
+        log.error("stopping: %s", cause)
+        if interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def install_mutual_tls(tls: SiteTLS) -> StopReason:
+    """Make Flower's SuperNode connect with the site's certificate and certificate key.
+
+    Returns
+    -------
+    StopReason
+        Where the reason the aggregator refused this site, if it does, is kept.
+    """
     if not flwr.__version__.startswith(FLOWER_SERIES):
         raise RuntimeError(
             f"fedgen's mutual-TLS SuperNode glue is written for Flower {FLOWER_SERIES}x; "
             f"found {flwr.__version__}. Install flwr>=1.41,<1.42."
         )
-    from flwr.proto.fleet_pb2 import RegisterNodeFleetResponse
+    from flwr.proto.fleet_pb2 import RegisterNodeFleetResponse, UnregisterNodeFleetResponse
     from flwr.supercore.error import ApiErrorCode, FlowerError
     from flwr.supernode import fleet_http_connection
 
     _, private_key = check_key_pair(tls.certificate, tls.private_key)
     context = client_ssl_context(tls)
+    stop = StopReason()
 
     class MutualTLSFleetClient(fleet_http_connection.FleetHttpClient):  # type: ignore[misc, name-defined]
         @classmethod
@@ -68,9 +165,18 @@ def install_mutual_tls(tls: SiteTLS) -> None:
             return cls(f"https://{server_address}", interceptors=interceptors, verify=context,
                        retry_invoker=retry_invoker)
 
+        def _unary_unary(self, **request):  # noqa: ANN003, ANN202 - Flower's one call for every RPC
+            try:
+                return super()._unary_unary(**request)
+            except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+                if (cause := refusal_cause(exc)) is not None:
+                    # Flower shuts down on a 401 by itself; a refused handshake it retries.
+                    unauthorized = isinstance(exc, httpx.HTTPStatusError)
+                    stop.refused(cause, interrupt=not unauthorized)
+                raise
+
         def RegisterNode(self, request):  # noqa: N802, ANN001, ANN201 - Flower's method
-            # The certificate key is the site's lasting identity: a site that stopped
-            # without unregistering (crash, SIGKILL) rejoins as the node it already is.
+            # A site that stopped (crash, kill or a clean stop) rejoins as the node it already is.
             try:
                 return super().RegisterNode(request)
             except httpx.HTTPStatusError as exc:
@@ -79,8 +185,14 @@ def install_mutual_tls(tls: SiteTLS) -> None:
                     raise
                 return RegisterNodeFleetResponse()
 
+        def UnregisterNode(self, request):  # noqa: N802, ANN001, ANN201 - Flower's method
+            # Never: the node lasts as long as the certificate (an unregistered key is refused
+            # for good by Flower 1.41, so the site could not rejoin after a clean stop).
+            return UnregisterNodeFleetResponse()
+
     fleet_http_connection.FleetHttpClient = MutualTLSFleetClient
     fleet_http_connection.generate_key_pairs = lambda: (private_key, private_key.public_key())
+    return stop
 
 
 def run_supernode(*, tls: SiteTLS, aggregator: str, site_config: Path, runtime_port: int) -> None:
@@ -88,8 +200,14 @@ def run_supernode(*, tls: SiteTLS, aggregator: str, site_config: Path, runtime_p
 
     ``runtime_port`` is the SuperNode's own loopback Runtime API, which its ClientApp
     processes connect to.
+
+    Raises
+    ------
+    SiteStopped
+        If the aggregator refused this site, or the connection ended on an error.
     """
-    install_mutual_tls(tls)
+    stop = install_mutual_tls(tls)
+    from flwr.supercore.exit import ExitCode, flwr_exit
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = [
@@ -98,7 +216,18 @@ def run_supernode(*, tls: SiteTLS, aggregator: str, site_config: Path, runtime_p
         "--host", "127.0.0.1", "--port", str(runtime_port),
         "--node-config", f'site-config="{site_config}"',
     ]  # SuperNodes install no runtime dependencies unless asked to (1.41 default)
-    flower_supernode()
+    try:
+        flower_supernode()
+    except (SystemExit, KeyboardInterrupt):  # Flower's graceful exit, also after a refusal
+        if stop.cause is not None:
+            raise SiteStopped(stop.cause) from None
+        raise
+    if stop.cause is not None:
+        raise SiteStopped(stop.cause)
+    # Flower returns only when its connection loop broke on an error it logged, with its
+    # Runtime API thread still running: leave through its exit path, non-zero.
+    flwr_exit(ExitCode.SUPERNODE_CONNECTION_ERROR, "the connection to the aggregator broke (see above)",
+              emit_telemetry=False)
 
 
 def check_site(site: SiteConfig, source: str) -> SiteTLS:
@@ -119,9 +248,9 @@ def check_site(site: SiteConfig, source: str) -> SiteTLS:
             raise ConfigError(f"{source}: tls.{field}: file {path} not found")
     if not Path(site.data).exists():
         raise ConfigError(f"{source}: data: {site.data} not found")
-    try:
-        certificate, _ = check_key_pair(site.tls.certificate, site.tls.private_key)
-        load_certificate(site.tls.ca_certificate)
+    try:  # what the aggregator will check, checked here first, with the fix in the message
+        certificate = check_tls_identity(site.tls.certificate, site.tls.private_key,
+                                         site.tls.ca_certificate, "client")
     except PKIError as exc:
         raise ConfigError(f"{source}: tls: {exc}") from None
     if site_id_of(certificate) != site.site_id:

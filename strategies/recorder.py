@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -97,14 +97,19 @@ class RecordingStrategy(Strategy):
         Before the first round, wait at most ``seconds`` for ``sites`` connected sites;
         before later rounds, for the quorum (a site that dropped out may rejoin later).
         Flower's own wait is unbounded.
+    site_names : callable, optional
+        In deployment, the site id whose certificate holds a node id (the aggregator's
+        fleet registry), so a site that never replied is still named by its site id.
     """
 
     def __init__(self, inner: Strategy, trust: SiteTrust | None = None,
-                 policy: UpdatePolicy = UpdatePolicy(), wait_for_sites: tuple[int, float] | None = None) -> None:
+                 policy: UpdatePolicy = UpdatePolicy(), wait_for_sites: tuple[int, float] | None = None,
+                 site_names: Callable[[int], str | None] | None = None) -> None:
         self.inner = inner
         self.trust = trust
         self.policy = policy
         self.wait_for_sites = wait_for_sites
+        self.site_names = site_names
         self.rounds: dict[int, RoundLog] = {}
         self._site_of_node: dict[int, str] = {}
         self._global: dict[str, np.ndarray] = {}
@@ -123,13 +128,18 @@ class RecordingStrategy(Strategy):
         log.sampled = [message.metadata.dst_node_id for message in messages]
         return messages
 
-    @staticmethod
-    def _wait(grid: Grid, sites: int, seconds: float) -> None:
+    def _name(self, node: int) -> str:
+        """A node's site id: from its replies, else from the aggregator's certificate binding."""
+        known = self._site_of_node.get(node) or (self.site_names(node) if self.site_names else None)
+        return known or f"node-{node}"
+
+    def _wait(self, grid: Grid, sites: int, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while (connected := len(list(grid.get_node_ids()))) < sites:
+        while len(nodes := list(grid.get_node_ids())) < sites:
             if time.monotonic() >= deadline:
-                raise SitesMissing(f"only {connected} of {sites} sites connected after waiting "
-                                   f"{seconds:g} s; check that every site runs `fedgen site start`")
+                names = f" ({', '.join(sorted(self._name(node) for node in nodes))})" if nodes else ""
+                raise SitesMissing(f"only {len(nodes)} of {sites} sites connected after {seconds:g} s{names}; "
+                                   "check that every site runs `fedgen site start`")
             time.sleep(0.5)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -149,7 +159,7 @@ class RecordingStrategy(Strategy):
         for node in (n for n in log.sampled if n not in replied):  # e.g. a site that died mid-round
             outcome = unattributed.pop(0) if unattributed else SiteOutcome(
                 "", failed="no reply within the round timeout")
-            outcome.site = self._site_of_node.get(node, f"node-{node}")
+            outcome.site = self._name(node)
             log.outcomes.append(outcome)
         log.outcomes.extend(unattributed)
         valid = sum(outcome.contributed for outcome in log.outcomes)
@@ -169,7 +179,7 @@ class RecordingStrategy(Strategy):
     def _outcome(self, reply: Message) -> SiteOutcome:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            site = self._site_of_node.get(node, f"node-{node}")
+            site = self._name(node)
             reason = reply.error.reason or f"error code {reply.error.code}"
             if reply.error.code == BUDGET_REFUSED:
                 return SiteOutcome(site, refused=reason)
