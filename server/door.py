@@ -145,6 +145,7 @@ class RevocationList:
         self.crl = self._read()
         self._serials = frozenset(revoked.serial_number for revoked in self.crl)
         self._stamp = self._file_stamp()
+        self.generation = 0  # bumped whenever the set of revoked serials changes
         self._overdue_reported = False
         self._report_overdue()
 
@@ -188,6 +189,7 @@ class RevocationList:
         serials = frozenset(revoked.serial_number for revoked in crl)
         changed = serials != self._serials
         self.crl, self._serials = crl, serials
+        self.generation += changed
         log.info("CRL %s re-read: number %d, %d revoked certificate(s)", self.path, self._number(crl),
                  len(serials))
         self._overdue_reported = False

@@ -179,9 +179,12 @@ class FleetDoor:
 
     async def watch_revocations(self, interval: float = 1.0) -> None:
         """Re-read the CRL every ``interval`` seconds; cut off newly revoked sites at once,
-        without waiting for their next request."""
+        without waiting for their next request (a request may have re-read it first)."""
+        acted_on = self.revocations.generation
         while True:
-            if self.revocations.refresh():
+            self.revocations.refresh()
+            if self.revocations.generation != acted_on:
+                acted_on = self.revocations.generation
                 await self.cut_off_revoked()
             await asyncio.sleep(interval)
 

@@ -138,8 +138,8 @@ class RecordingStrategy(Strategy):
         while len(nodes := list(grid.get_node_ids())) < sites:
             if time.monotonic() >= deadline:
                 names = f" ({', '.join(sorted(self._name(node) for node in nodes))})" if nodes else ""
-                raise SitesMissing(f"only {len(nodes)} of {sites} sites connected after {seconds:g} s{names}; "
-                                   "check that every site runs `fedgen site start`")
+                raise SitesMissing(f"only {len(nodes)} of {sites} sites connected after waiting {seconds:g} s"
+                                   f"{names}; check that every site runs `fedgen site start`")
             time.sleep(0.5)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

@@ -288,6 +288,7 @@ def test_a_new_crl_applies_at_once_and_an_old_or_foreign_one_is_ignored(consorti
     assert not revocations.is_revoked(site_a)
     pki.revoke_site(consortium, "site-a")
     assert revocations.is_revoked(site_a)  # re-read because the file changed
+    assert revocations.generation == 1  # what the aggregator's CRL watch acts on
     assert not revocations.refresh()  # unchanged file: nothing to do
     files.crl.write_bytes(old_crl)  # an older CRL must not un-revoke
     assert revocations.is_revoked(site_a)
@@ -298,6 +299,7 @@ def test_a_new_crl_applies_at_once_and_an_old_or_foreign_one_is_ignored(consorti
     assert revocations.is_revoked(site_a)
     assert any("not signed by this consortium's CA" in m and "stays in force" in m for m in door_log)
     assert not revocations.is_revoked(pki.load_certificate(files.site_cert("site-b")))
+    assert revocations.generation == 1
 
 
 def test_an_overdue_crl_is_still_enforced_with_a_warning(tmp_path, door_log):
