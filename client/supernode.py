@@ -117,6 +117,22 @@ def refusal_cause(error: BaseException) -> str | None:
     return None
 
 
+# Flower gives up on a transport error whose message has one of these words; one that is
+# no refusal (the aggregator closing connections while it restarts) must be retried.
+_FLOWER_GIVES_UP_ON = ("certificate", "ssl", "tls")
+
+
+def as_retryable(error: httpx.TransportError) -> httpx.TransportError | None:
+    """The same transport error in words Flower retries, if its own words would make Flower
+    give up although nothing was refused; None if Flower retries it as it is."""
+    if not any(word in str(error).lower() for word in _FLOWER_GIVES_UP_ON):
+        return None
+    retryable = type(error)(f"the connection to the aggregator broke ({type(error).__name__}); retrying",
+                            request=error.request)
+    retryable.__cause__ = error
+    return retryable
+
+
 class StopReason:
     """The first refusal that stops this SuperNode (thread-safe: the heartbeat thread
     and the main loop both talk to the aggregator)."""
@@ -170,9 +186,10 @@ def install_mutual_tls(tls: SiteTLS) -> StopReason:
                 return super()._unary_unary(**request)
             except (httpx.HTTPStatusError, httpx.TransportError) as exc:
                 if (cause := refusal_cause(exc)) is not None:
-                    # Flower shuts down on a 401 by itself; a refused handshake it retries.
-                    unauthorized = isinstance(exc, httpx.HTTPStatusError)
-                    stop.refused(cause, interrupt=not unauthorized)
+                    # Flower shuts down on a 401 by itself, not on a refused handshake.
+                    stop.refused(cause, interrupt=not isinstance(exc, httpx.HTTPStatusError))
+                elif isinstance(exc, httpx.TransportError) and (retryable := as_retryable(exc)) is not None:
+                    raise retryable
                 raise
 
         def RegisterNode(self, request):  # noqa: N802, ANN001, ANN201 - Flower's method

@@ -157,6 +157,9 @@ def test_supernode_behaviours_the_site_glue_relies_on():
     # A 401 makes Flower interrupt its own process; fedgen only adds the reason and exit code.
     giveup = inspect.getsource(http_retry.make_simple_http_retry_invoker)
     assert "httpx.codes.UNAUTHORIZED" in giveup and "os.kill(os.getpid(), signal.SIGINT)" in giveup
+    # Flower gives up on any transport error that mentions TLS: the site rewords the ones
+    # that are no refusal (fedgen.client.supernode.as_retryable).
+    assert 'for term in ("certificate", "ssl", "tls")' in giveup
     connection = inspect.getsource(fleet_http_connection.http_request_response)
     assert "client.UnregisterNode(" in connection  # on every stop: fedgen's client skips it
     assert "except Exception as exc" in connection and "log(ERROR, exc)" in connection  # then returns

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from fedgen import pki
-from fedgen.client.supernode import SiteTLS, StopReason, client_ssl_context, refusal_cause
+from fedgen.client.supernode import SiteTLS, StopReason, as_retryable, client_ssl_context, refusal_cause
 from fedgen.server import door
 from fedgen.server.door import FleetTLS, RefusalLog, RevocationList, door_ssl_context, handshake_cause
 from fedgen.server.fleet_registry import FleetRegistry
@@ -161,11 +161,12 @@ def test_a_client_that_went_away_is_not_a_refusal():
 
 def _wrapped(error: BaseException) -> httpx.TransportError:
     """How httpx hands a TLS error to Flower: a transport error caused by it."""
+    request = httpx.Request("POST", "https://aggregator:9092/v1/fleet/pull-messages")
     try:
         try:
             raise error
         except ssl.SSLError as exc:
-            raise httpx.ReadError(str(exc)) from exc
+            raise httpx.ReadError(str(exc), request=request) from exc
     except httpx.ReadError as outer:
         return outer
 
@@ -200,6 +201,17 @@ def test_what_retrying_may_fix_is_not_a_refusal():
     except httpx.ConnectError as refused:
         assert refusal_cause(refused) is None
     assert refusal_cause(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")) is None
+
+
+def test_a_broken_tls_connection_that_is_no_refusal_stays_retryable():
+    # The aggregator restarting cuts connections mid-TLS; Flower would give up on the word "SSL".
+    cut = _wrapped(ssl.SSLEOFError(8, "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation of protocol"))
+    assert refusal_cause(cut) is None
+    retryable = as_retryable(cut)
+    assert isinstance(retryable, httpx.ReadError) and retryable.__cause__ is cut
+    assert not any(word in str(retryable).lower() for word in ("ssl", "tls", "certificate"))
+    request = httpx.Request("POST", "https://aggregator:9092/v1/fleet/pull-messages")
+    assert as_retryable(httpx.ConnectError("[Errno 111] Connection refused", request=request)) is None
 
 
 def test_the_first_refusal_stops_the_site_once():
