@@ -410,8 +410,9 @@ def check_tls_identity(cert_path: StrPath, key_path: StrPath, ca_path: StrPath, 
     check_key_file_mode(key_path)
     ca_cert, moment = load_certificate(ca_path), _utc(at)
     if not ca_cert.not_valid_before_utc <= moment <= ca_cert.not_valid_after_utc:
-        raise PKIError(f"{ca_path}: the consortium CA is valid only from {ca_cert.not_valid_before_utc.isoformat()} "
-                       f"to {ca_cert.not_valid_after_utc.isoformat()} (check this machine's clock)")
+        raise PKIError(f"{ca_path}: the consortium CA is valid only from "
+                       f"{ca_cert.not_valid_before_utc.isoformat()} to {ca_cert.not_valid_after_utc.isoformat()} "
+                       "(check this machine's clock)")
     try:
         verify_issued_by(cert, ca_cert, at=moment)
     except PKIError as exc:

@@ -155,13 +155,14 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
             tokenizer.encode(plan.eval_data.sequences, max_length=plan.model_config.max_len),
             torch.tensor(plan.eval_data.labels, dtype=torch.long),
         )
+    registry = plan.trust.registry if plan.trust is not None else None  # deployment: who holds which node
     strategy = RecordingStrategy(
         make_strategy(training.strategy, min_sites=training.min_updates, options=training.strategy_options),
         trust=plan.trust.load() if plan.trust is not None else None,
         policy=UpdatePolicy(max_update_norm=training.max_update_norm, min_updates=training.min_updates,
                             max_update_bytes=int(training.max_update_mb * 2**20)),
         wait_for_sites=(plan.num_sites, training.site_wait),  # the first round; later, the quorum
-        site_names=FleetRegistry(plan.trust.registry).site_of if plan.trust and plan.trust.registry else None,
+        site_names=FleetRegistry(registry).site_of if registry is not None else None,
     )
     strategy_record = {"name": training.strategy, "options": dict(training.strategy_options)}
     offset = plan.resume.after_round if plan.resume is not None else 0
@@ -339,6 +340,7 @@ def deployed_main(grid: Grid, context: Context) -> None:
                                 run_id=str(context.run_id))
     except Exception as exc:
         reason = str(exc) if isinstance(exc, (SitesMissing, QuorumNotMet)) else f"{type(exc).__name__}: {exc}"
-        (Path(str(plan_file)).parent / FAILURE_FILE).write_text(json.dumps({"reason": reason}), encoding="utf-8")
+        failure = Path(str(plan_file)).parent / FAILURE_FILE  # the run's folder, where `fedgen run` looks
+        failure.write_text(json.dumps({"reason": reason}), encoding="utf-8")
         raise
     result.save(plan.out_dir / RESULT_FILE)

@@ -131,8 +131,8 @@ def _site_toml(consortium, name: str, folder: Path, ca: Path, site_id: str = "si
     (root / "data.csv").write_text("sequence,label\nACGTACGT,0\nTTGACCAA,1\n")
     config = SiteConfig(site_id=site_id, data=root / "data.csv", state_dir=root / "state", device="cpu",
                         aggregator=f"127.0.0.1:{consortium['config'].fleet_port}", runtime_port=free_port(),
-                        tls=SiteTLSConfig(certificate=files.site_cert(site_id), private_key=files.site_key(site_id),
-                                          ca_certificate=ca))
+                        tls=SiteTLSConfig(certificate=files.site_cert(site_id),
+                                          private_key=files.site_key(site_id), ca_certificate=ca))
     path = root / "site.toml"
     path.write_text(to_toml(config))
     return path
@@ -144,7 +144,8 @@ def _run_site(consortium, toml: Path, timeout: float = 90) -> tuple[int, str, fl
     try:
         code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the refused site still runs after {timeout} s (retrying silently?): {log.read_text()[-2000:]}")
+        pytest.fail(f"the refused site still runs after {timeout} s (retrying silently?): "
+                    f"{log.read_text()[-2000:]}")
     return code, log.read_text(errors="replace"), time.monotonic() - started
 
 

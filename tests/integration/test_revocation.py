@@ -101,7 +101,8 @@ def test_a_site_revoked_between_rounds_receives_nothing_more(tmp_path: Path):
     assert "Fleet API refused 127.0.0.1 (site site-1): revoked" in log
     cut_off = LOG_TIME.search(log)
     assert cut_off is not None, log[-3000:]
-    cut_off_after = (datetime.strptime(cut_off.group(1), "%Y-%m-%d %H:%M:%S,%f") - revoker.revoked_wall).total_seconds()
+    logged_at = datetime.strptime(cut_off.group(1), "%Y-%m-%d %H:%M:%S,%f")
+    cut_off_after = (logged_at - revoker.revoked_wall).total_seconds()
     records = read_records(aggregator.state_dir / "lineage.jsonl")
     round_2 = [r["body"] for r in records if r["type"] == "round_committed"][-1]
     assert [c["site"] for c in round_2["contributions"]] == ["site-0"]

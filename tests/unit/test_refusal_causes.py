@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from fedgen import pki
-from fedgen.client.supernode import SiteTLS, StopReason, as_retryable, client_ssl_context, refusal_cause
+from fedgen.client.refusals import refusal_cause
+from fedgen.client.supernode import SiteTLS, StopReason, as_retryable, client_ssl_context
 from fedgen.server import door
 from fedgen.server.door import FleetTLS, RefusalLog, RevocationList, door_ssl_context, handshake_cause
 from fedgen.server.fleet_registry import FleetRegistry
@@ -131,7 +132,8 @@ def test_the_aggregator_certificate_used_as_a_client(certs):
 
 def test_a_site_that_does_not_trust_the_aggregator(certs):
     # The site trusts another CA: it rejects the aggregator, which sees the site's alert.
-    server_error, client_error = handshake(_server(certs), _client(certs, "site-a", pki.layout(_other(certs)).ca_cert))
+    other_ca = pki.layout(_other(certs)).ca_cert
+    server_error, client_error = handshake(_server(certs), _client(certs, "site-a", other_ca))
     assert handshake_cause(server_error) == (door.AGGREGATOR_CERTIFICATE_REFUSED, "unknown ca")
     assert isinstance(client_error, ssl.SSLCertVerificationError)
     assert refusal_cause(client_error).startswith("the aggregator's certificate failed verification: ")
