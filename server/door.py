@@ -308,7 +308,7 @@ def door_protocol(context: ssl.SSLContext, refusals: RefusalLog,
             verdict = handshake_cause(attempt.error) if attempt.error is not None else None
             if verdict is not None:
                 refusals.refused(peer, verdict[0], detail=verdict[1])
-            if secure is None or attempt.error is not None:
+            if secure is None or attempt.error is not None or secure.is_closing():
                 raw.close()
                 return
             der = secure.get_extra_info("ssl_object").getpeercert(binary_form=True)

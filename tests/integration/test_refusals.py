@@ -166,4 +166,6 @@ def test_a_site_that_cannot_verify_the_aggregator_stops_non_zero_saying_why(cons
                                                              foreign_ca))
     assert code == 1, output[-2000:]
     assert "error: the aggregator's certificate failed verification" in output
+    wanted = "Fleet API refused 127.0.0.1: the site refused the aggregator's certificate: unknown ca"
+    assert wanted in _wait_for_lines(consortium["log"], [wanted])  # the aggregator's side of it
     print(f"site stopped after {seconds:.1f} s")
