@@ -10,13 +10,16 @@ of it; it is diagnostic, rebuilt from traffic, so it is not fsynced.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import secrets
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 REGISTRY_FILE = "fleet-registry.json"
 MAX_REFUSALS = 200  # the most recent are kept
 
@@ -49,7 +52,7 @@ class FleetRegistry:
     def _reload(self) -> None:
         try:
             info = self.path.stat()
-        except FileNotFoundError:
+        except OSError:  # not written yet
             return
         stamp = (info.st_ino, info.st_mtime_ns, info.st_size)  # a replace makes a new inode
         if stamp == self._seen:
@@ -63,12 +66,17 @@ class FleetRegistry:
         self._nodes, self._refusals, self._seen = nodes, refusals, stamp
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
         body = {"nodes": {str(node): site for node, site in sorted(self._nodes.items())},
                 "refusals": [asdict(refusal) for refusal in self._refusals]}
-        temporary.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
-        os.replace(temporary, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+            os.replace(temporary, self.path)
+        except OSError as exc:  # diagnostics must never stop the Fleet API
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            log.error("cannot write %s (%s): run reports may name sites by node number", self.path, exc)
 
     def bind(self, node_id: int, site: str) -> bool:
         """Record that ``node_id`` is the node of ``site``; True if that is news."""

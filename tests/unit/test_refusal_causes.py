@@ -18,7 +18,7 @@ from fedgen.client.refusals import refusal_cause
 from fedgen.client.supernode import SiteTLS, StopReason, as_retryable, client_ssl_context
 from fedgen.server import door
 from fedgen.server.door import FleetTLS, RefusalLog, RevocationList, door_ssl_context, handshake_cause
-from fedgen.server.fleet_registry import FleetRegistry
+from fedgen.server.fleet_registry import FleetRegistry, Refusal
 
 NOW = datetime.now(timezone.utc)
 
@@ -347,3 +347,11 @@ def test_the_registry_is_read_by_other_processes_as_written(tmp_path):
     path.write_text("{ torn")  # never happens (atomic replace); a reader keeps what it had
     assert reader.site_of(7) == "site-a"
     assert FleetRegistry(path).site_of(7) is None
+
+
+def test_a_registry_that_cannot_be_written_does_not_stop_the_door(tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    registry = FleetRegistry(tmp_path / "not-a-folder" / "fleet-registry.json")
+    assert registry.bind(7, "site-a")  # kept in memory; the failure is logged, not raised
+    registry.note_refusal(Refusal(time=NOW.isoformat(), peer="10.0.0.7", cause=door.EXPIRED))
+    assert registry.site_of(7) == "site-a"
