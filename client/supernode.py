@@ -10,13 +10,24 @@ in ``flwr.supernode.fleet_http_connection``:
   identity the SuperLink registers is the certificate's (the aggregator checks that the
   two match on every request).
 
+The certificate key is the site's lasting identity: the client never unregisters its node
+(Flower 1.41 refuses an unregistered key for good), so a site rejoins as itself after a
+crash, a clean stop or an aggregator restart. A refusal it cannot get past (the
+aggregator rejects its certificate or its requests, or the aggregator's certificate fails
+verification) stops the SuperNode with the reason, instead of Flower's silent retries, and
+`fedgen site start` exits non-zero with it.
+
 Pinned to Flower 1.41; tests fail loudly when these names change.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import ssl
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +35,17 @@ import flwr
 import httpx
 
 from fedgen.config import ConfigError, SiteConfig, load_toml
-from fedgen.pki import PKIError, check_key_pair, load_certificate, site_id_of
+from fedgen.pki import PKIError, check_key_pair, check_tls_identity, site_id_of
 from fedgen.sovereignty import apply_sovereign_environment
 
+from .refusals import refusal_cause
+
 FLOWER_SERIES = "1.41."
+log = logging.getLogger(__name__)
+
+
+class SiteStopped(RuntimeError):
+    """The site's SuperNode stopped without being asked to; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -47,19 +65,62 @@ def client_ssl_context(tls: SiteTLS) -> ssl.SSLContext:
     return context
 
 
-def install_mutual_tls(tls: SiteTLS) -> None:
-    """Make Flower's SuperNode connect with the site's certificate and certificate key."""
+# Flower gives up on a transport error whose message has one of these words; one that is
+# no refusal (the aggregator closing connections while it restarts) must be retried.
+_FLOWER_GIVES_UP_ON = ("certificate", "ssl", "tls")
+
+
+def as_retryable(error: httpx.TransportError) -> httpx.TransportError | None:
+    """The same transport error in words Flower retries, if its own words would make Flower
+    give up although nothing was refused; None if Flower retries it as it is."""
+    if not any(word in str(error).lower() for word in _FLOWER_GIVES_UP_ON):
+        return None
+    retryable = type(error)(f"the connection to the aggregator broke ({type(error).__name__}); retrying",
+                            request=error.request)
+    retryable.__cause__ = error
+    return retryable
+
+
+class StopReason:
+    """The first refusal that stops this SuperNode (thread-safe: the heartbeat thread
+    and the main loop both talk to the aggregator)."""
+
+    def __init__(self) -> None:
+        self.cause: str | None = None
+        self._lock = threading.Lock()
+
+    def refused(self, cause: str, *, interrupt: bool) -> None:
+        """Record ``cause`` if it is the first; with ``interrupt``, shut the SuperNode down
+        the way Flower itself does on a 401 (SIGINT to its own process)."""
+        with self._lock:
+            if self.cause is not None:
+                return
+            self.cause = cause
+        log.error("stopping: %s", cause)
+        if interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def install_mutual_tls(tls: SiteTLS) -> StopReason:
+    """Make Flower's SuperNode connect with the site's certificate and certificate key.
+
+    Returns
+    -------
+    StopReason
+        Where the reason the aggregator refused this site, if it does, is kept.
+    """
     if not flwr.__version__.startswith(FLOWER_SERIES):
         raise RuntimeError(
             f"fedgen's mutual-TLS SuperNode glue is written for Flower {FLOWER_SERIES}x; "
             f"found {flwr.__version__}. Install flwr>=1.41,<1.42."
         )
-    from flwr.proto.fleet_pb2 import RegisterNodeFleetResponse
+    from flwr.proto.fleet_pb2 import RegisterNodeFleetResponse, UnregisterNodeFleetResponse
     from flwr.supercore.error import ApiErrorCode, FlowerError
     from flwr.supernode import fleet_http_connection
 
     _, private_key = check_key_pair(tls.certificate, tls.private_key)
     context = client_ssl_context(tls)
+    stop = StopReason()
 
     class MutualTLSFleetClient(fleet_http_connection.FleetHttpClient):  # type: ignore[misc, name-defined]
         @classmethod
@@ -68,9 +129,19 @@ def install_mutual_tls(tls: SiteTLS) -> None:
             return cls(f"https://{server_address}", interceptors=interceptors, verify=context,
                        retry_invoker=retry_invoker)
 
+        def _unary_unary(self, **request):  # noqa: ANN003, ANN202 - Flower's one call for every RPC
+            try:
+                return super()._unary_unary(**request)
+            except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+                if (cause := refusal_cause(exc)) is not None:
+                    # Flower shuts down on a 401 by itself, not on a refused handshake.
+                    stop.refused(cause, interrupt=not isinstance(exc, httpx.HTTPStatusError))
+                elif isinstance(exc, httpx.TransportError) and (retryable := as_retryable(exc)) is not None:
+                    raise retryable
+                raise
+
         def RegisterNode(self, request):  # noqa: N802, ANN001, ANN201 - Flower's method
-            # The certificate key is the site's lasting identity: a site that stopped
-            # without unregistering (crash, SIGKILL) rejoins as the node it already is.
+            # A site that stopped (crash, kill or a clean stop) rejoins as the node it already is.
             try:
                 return super().RegisterNode(request)
             except httpx.HTTPStatusError as exc:
@@ -79,8 +150,14 @@ def install_mutual_tls(tls: SiteTLS) -> None:
                     raise
                 return RegisterNodeFleetResponse()
 
+        def UnregisterNode(self, request):  # noqa: N802, ANN001, ANN201 - Flower's method
+            # Never: the node lasts as long as the certificate (an unregistered key is refused
+            # for good by Flower 1.41, so the site could not rejoin after a clean stop).
+            return UnregisterNodeFleetResponse()
+
     fleet_http_connection.FleetHttpClient = MutualTLSFleetClient
     fleet_http_connection.generate_key_pairs = lambda: (private_key, private_key.public_key())
+    return stop
 
 
 def run_supernode(*, tls: SiteTLS, aggregator: str, site_config: Path, runtime_port: int) -> None:
@@ -88,8 +165,14 @@ def run_supernode(*, tls: SiteTLS, aggregator: str, site_config: Path, runtime_p
 
     ``runtime_port`` is the SuperNode's own loopback Runtime API, which its ClientApp
     processes connect to.
+
+    Raises
+    ------
+    SiteStopped
+        If the aggregator refused this site, or the connection ended on an error.
     """
-    install_mutual_tls(tls)
+    stop = install_mutual_tls(tls)
+    from flwr.supercore.exit import ExitCode, flwr_exit
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = [
@@ -98,7 +181,18 @@ def run_supernode(*, tls: SiteTLS, aggregator: str, site_config: Path, runtime_p
         "--host", "127.0.0.1", "--port", str(runtime_port),
         "--node-config", f'site-config="{site_config}"',
     ]  # SuperNodes install no runtime dependencies unless asked to (1.41 default)
-    flower_supernode()
+    try:
+        flower_supernode()
+    except (SystemExit, KeyboardInterrupt):  # Flower's graceful exit, also after a refusal
+        if stop.cause is not None:
+            raise SiteStopped(stop.cause) from None
+        raise
+    if stop.cause is not None:
+        raise SiteStopped(stop.cause)
+    # Flower returns only when its connection loop broke on an error it logged, with its
+    # Runtime API thread still running: leave through its exit path, non-zero.
+    flwr_exit(ExitCode.SUPERNODE_CONNECTION_ERROR, "the connection to the aggregator broke (see above)",
+              emit_telemetry=False)
 
 
 def check_site(site: SiteConfig, source: str) -> SiteTLS:
@@ -119,9 +213,9 @@ def check_site(site: SiteConfig, source: str) -> SiteTLS:
             raise ConfigError(f"{source}: tls.{field}: file {path} not found")
     if not Path(site.data).exists():
         raise ConfigError(f"{source}: data: {site.data} not found")
-    try:
-        certificate, _ = check_key_pair(site.tls.certificate, site.tls.private_key)
-        load_certificate(site.tls.ca_certificate)
+    try:  # what the aggregator will check, checked here first, with the fix in the message
+        certificate = check_tls_identity(site.tls.certificate, site.tls.private_key,
+                                         site.tls.ca_certificate, "client")
     except PKIError as exc:
         raise ConfigError(f"{source}: tls: {exc}") from None
     if site_id_of(certificate) != site.site_id:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli_certs import certs_app
-from .cli_output import err, fail
+from .cli_output import err, fail, log_to_stderr, warn
 from .cli_lineage import lineage_app, model_app
 from .config import (
     STRATEGY_NAMES, AggregatorConfig, ConfigError, RunConfig, SiteConfig, TrainingConfig, load_toml,
@@ -150,14 +150,17 @@ CONFIG_OPTION = typer.Option(..., "--config", "-c", help="TOML configuration fil
 @aggregator_app.command("start")
 def aggregator_start(config: Path = CONFIG_OPTION) -> None:
     """Start the aggregator: Fleet API public with mutual TLS, Control/Runtime on loopback."""
-    from .server.aggregator import check_aggregator, start_aggregator
+    from .server.aggregator import check_aggregator, crl_warning, start_aggregator
 
     try:
         settings = load_toml(config, AggregatorConfig)
-        check_aggregator(settings, str(config))
+        tls = check_aggregator(settings, str(config))
+        if (warning := crl_warning(tls)) is not None:
+            warn(warning)
         err.print(f"aggregator: Fleet API on {settings.fleet_host}:{settings.fleet_port} (mutual TLS), "
                   f"Control API on 127.0.0.1:{settings.control_port}; state in {settings.state_dir}",
                   highlight=False, soft_wrap=True)
+        log_to_stderr()
         start_aggregator(settings, str(config))
     except ConfigError as exc:
         fail(str(exc))
@@ -166,12 +169,15 @@ def aggregator_start(config: Path = CONFIG_OPTION) -> None:
 @site_app.command("start")
 def site_start(config: Path = CONFIG_OPTION) -> None:
     """Join the federation: run this site's SuperNode with its consortium certificate."""
-    from .client.supernode import start_site
+    from .client.supernode import SiteStopped, start_site
 
     try:
+        log_to_stderr()
         start_site(config)
     except ConfigError as exc:
         fail(str(exc))
+    except SiteStopped as exc:
+        fail(str(exc), code=1)
 
 
 @site_app.command("budget")

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -352,6 +353,107 @@ def check_key_pair(cert_path: StrPath, key_path: StrPath) -> tuple[x509.Certific
     return cert, key
 
 
+def check_key_file_mode(key_path: StrPath) -> None:
+    """Refuse a private key file that its group or other users may read or write.
+
+    Raises
+    ------
+    PKIError
+        Naming the file, its mode and the ``chmod`` that fixes it.
+    """
+    if os.name != "posix":  # Windows has ACLs, not mode bits
+        return
+    mode = stat.S_IMODE(os.stat(key_path).st_mode)
+    if mode & 0o077:
+        raise PKIError(f"{key_path} is readable or writable by group or others (mode {mode:04o}); "
+                       f"a private key must be private: run `chmod 600 {key_path}`")
+
+
+TLS_PURPOSES = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
+
+
+def check_tls_purpose(cert: x509.Certificate, purpose: str, cert_path: StrPath) -> None:
+    """Check that ``cert`` may serve as a TLS ``purpose`` ("client" or "server") certificate.
+
+    Its extended key usage must list clientAuth or serverAuth, and its key usage, where
+    present, must allow digital signatures (what an EC key does in a TLS handshake).
+
+    Raises
+    ------
+    PKIError
+        Naming the file and what the certificate lacks.
+    """
+    wanted = TLS_PURPOSES[purpose]
+    label = f"{purpose}Auth"
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise PKIError(f"{cert_path} has no extended key usage; it must allow TLS {label}: "
+                       f"issue a {purpose} certificate with `fedgen certs issue`") from None
+    if wanted not in usages:
+        raise PKIError(f"{cert_path} is not a TLS {purpose} certificate (its extended key usage lacks "
+                       f"{label}); issue the right kind with `fedgen certs issue`")
+    try:
+        key_usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not key_usage.digital_signature:
+        raise PKIError(f"{cert_path}: its key usage does not allow digital signatures, which a TLS "
+                       "handshake needs; issue a new certificate with `fedgen certs issue`")
+
+
+def check_tls_identity(cert_path: StrPath, key_path: StrPath, ca_path: StrPath, purpose: str, *,
+                       at: datetime | None = None) -> x509.Certificate:
+    """Check, before connecting, what the TLS peer will check about our own certificate.
+
+    The certificate and key belong together, the key file is private (0600), the
+    consortium CA in ``ca_path`` is valid and signed the certificate, the certificate is
+    valid at ``at`` (default now) and fit for ``purpose`` ("client" or "server").
+    Revocation is the CRL holder's question (the aggregator's).
+
+    Returns
+    -------
+    x509.Certificate
+        The checked certificate.
+
+    Raises
+    ------
+    PKIError
+        Naming the file and the failed check.
+    """
+    cert, _ = check_key_pair(cert_path, key_path)
+    check_key_file_mode(key_path)
+    ca_cert, moment = load_certificate(ca_path), _utc(at)
+    if not ca_cert.not_valid_before_utc <= moment <= ca_cert.not_valid_after_utc:
+        raise PKIError(f"{ca_path}: the consortium CA is valid only from "
+                       f"{ca_cert.not_valid_before_utc.isoformat()} to {ca_cert.not_valid_after_utc.isoformat()} "
+                       "(check this machine's clock)")
+    try:
+        verify_issued_by(cert, ca_cert, at=moment)
+    except PKIError as exc:
+        raise PKIError(f"{cert_path}: {exc} (CA {ca_path})") from None
+    check_tls_purpose(cert, purpose, cert_path)
+    return cert
+
+
+def check_crl_signature(crl: x509.CertificateRevocationList, ca_cert: x509.Certificate) -> None:
+    """Check that the consortium CA ``ca_cert`` issued and signed ``crl``.
+
+    Raises
+    ------
+    PKIError
+        If it did not.
+    """
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
+        raise PKIError("the CRL was not signed by this consortium's CA; write a new one with "
+                       "`fedgen certs refresh-crl`")
+
+
+def crl_is_overdue(crl: x509.CertificateRevocationList, *, at: datetime | None = None) -> bool:
+    """True once ``crl`` is past its next update: the CA should have issued a newer one."""
+    return crl.next_update_utc is None or _utc(at) > crl.next_update_utc
+
+
 def _common_name(name: x509.Name) -> str | None:
     attributes = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attributes[0].value) if attributes else None
@@ -414,12 +516,10 @@ def check_crl(crl: x509.CertificateRevocationList, ca_cert: x509.Certificate, *,
         If the issuer or signature is wrong, or the CRL is stale or not yet valid.
     """
     moment = _utc(at)
-    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
-        raise PKIError("the CRL was not signed by this consortium's CA; write a new one with "
-                       "`fedgen certs refresh-crl`")
+    check_crl_signature(crl, ca_cert)
     if moment < crl.last_update_utc:
         raise PKIError(f"the CRL is not valid before {crl.last_update_utc.isoformat()} (check the clocks)")
-    if crl.next_update_utc is None or moment > crl.next_update_utc:
+    if crl_is_overdue(crl, at=moment):
         raise PKIError("the CRL is past its next update; TLS peers now reject every handshake: "
                        "write a new one with `fedgen certs refresh-crl` and copy it to the aggregator")
 

@@ -7,10 +7,15 @@ import logging
 from pathlib import Path
 
 from fedgen.config import AggregatorConfig, ConfigError
-from fedgen.pki import PKIError, check_key_pair, check_lineage_signer, load_certificate, load_crl
+from fedgen.pki import (
+    PKIError, check_crl_signature, check_key_pair, check_lineage_signer, check_tls_identity, crl_is_overdue,
+    load_certificate, load_crl,
+)
 from fedgen.sovereignty import apply_sovereign_environment
 
-from .superlink import FleetTLS, build_superlink_app, check_flower_version, serve, superlink_servers
+from .door import FleetTLS
+from .fleet_registry import REGISTRY_FILE, FleetRegistry
+from .superlink import FleetDoor, build_superlink_app, check_flower_version, serve, superlink_servers
 
 log = logging.getLogger(__name__)
 FLOWER_DATABASE = "flower.db"
@@ -18,6 +23,10 @@ FLOWER_DATABASE = "flower.db"
 
 def check_aggregator(config: AggregatorConfig, source: str) -> FleetTLS:
     """Check every file the aggregator needs before anything starts.
+
+    The server certificate must pair with its 0600 key, be issued by the consortium CA,
+    be valid now and allow TLS serverAuth; the CRL must be signed by that CA (a CRL past
+    its next update is only warned about: see `crl_warning`).
 
     Raises
     ------
@@ -30,9 +39,12 @@ def check_aggregator(config: AggregatorConfig, source: str) -> FleetTLS:
         if not path.is_file():
             raise ConfigError(f"{source}: tls.{field}: file {path} not found")
     try:
-        check_key_pair(tls.certificate, tls.private_key)
-        load_certificate(tls.ca_certificate)
-        load_crl(tls.crl)
+        check_tls_identity(tls.certificate, tls.private_key, tls.ca_certificate, "server")
+        ca_certificate = load_certificate(tls.ca_certificate)
+        try:
+            check_crl_signature(load_crl(tls.crl), ca_certificate)
+        except PKIError as exc:
+            raise PKIError(f"{tls.crl}: {exc}") from None
     except PKIError as exc:
         raise ConfigError(f"{source}: tls: {exc}") from None
     try:  # the ledger is signed by its own certificate, never the TLS one
@@ -45,6 +57,16 @@ def check_aggregator(config: AggregatorConfig, source: str) -> FleetTLS:
                     ca_certificate=tls.ca_certificate, crl=tls.crl)
 
 
+def crl_warning(tls: FleetTLS) -> str | None:
+    """A warning if the CRL is past its next update (still enforced, but maybe incomplete)."""
+    crl = load_crl(tls.crl)
+    if not crl_is_overdue(crl):
+        return None
+    return (f"{tls.crl} is past its next update ({crl.next_update_utc}); it is still enforced, but "
+            "revocations made since may be missing: run `fedgen certs refresh-crl` on the CA machine "
+            "and copy the new crl.pem here (the aggregator picks it up without a restart)")
+
+
 def start_aggregator(config: AggregatorConfig, source: str = "aggregator config") -> None:
     """Run the SuperLink until interrupted: Fleet API public with mTLS, the rest on loopback."""
     check_flower_version()
@@ -53,8 +75,9 @@ def start_aggregator(config: AggregatorConfig, source: str = "aggregator config"
     state_dir = Path(config.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     app = build_superlink_app(runtime_port=config.control_port, database=state_dir / FLOWER_DATABASE)
-    local, public = superlink_servers(app, public_host=config.fleet_host, fleet_port=config.fleet_port,
-                                      runtime_port=config.control_port, tls=tls)
+    door = FleetDoor(app, tls, FleetRegistry(state_dir / REGISTRY_FILE))
+    local, public = superlink_servers(app, door, public_host=config.fleet_host, fleet_port=config.fleet_port,
+                                      runtime_port=config.control_port)
     log.info("Fleet API (mutual TLS) on %s:%d; Control and Runtime APIs on 127.0.0.1:%d",
              config.fleet_host, config.fleet_port, config.control_port)
-    asyncio.run(serve(app, local, public))
+    asyncio.run(serve(app, door, local, public))

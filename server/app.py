@@ -29,12 +29,13 @@ from fedgen.params import arrays_to_record, load_trainable, record_to_arrays, to
 from fedgen.pki import load_certificate, load_crl, load_private_key, revocation_time
 from fedgen.protocol import TrainInstructions
 from fedgen.results import RoundResult, RunResult, SiteRound
-from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, RoundLog, SiteTrust
+from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, RoundLog, SitesMissing, SiteTrust
 from fedgen.strategies.validation import UpdatePolicy
 from fedgen.strategies.registry import make_strategy
 from fedgen.tokenizers import make_tokenizer
 
 from .checkpoints import checkpoint_digest, load_checkpoint, save_checkpoint
+from .fleet_registry import FleetRegistry
 from .lineage_records import code_digest, left_out_records, round_records, software_versions
 
 RoundCallback = Callable[[RoundResult], None]
@@ -87,6 +88,7 @@ class TrustFiles:
 
     ca_certificate: Path
     crl: Path
+    registry: Path | None = None  # the aggregator's fleet registry: which site holds which node
 
     def load(self) -> SiteTrust:
         return SiteTrust(load_certificate(self.ca_certificate), load_crl(self.crl))
@@ -154,6 +156,7 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
             tokenizer.encode(plan.eval_data.sequences, max_length=plan.model_config.max_len),
             torch.tensor(plan.eval_data.labels, dtype=torch.long),
         )
+    registry = plan.trust.registry if plan.trust is not None else None  # deployment: who holds which node
     strategy = RecordingStrategy(
         make_strategy(training.strategy, min_sites=training.min_updates, options=training.strategy_options),
         trust=plan.trust.load() if plan.trust is not None else None,
@@ -161,6 +164,7 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
                             max_update_bytes=int(training.max_update_mb * 2**20)),
         wait_for_sites=(plan.num_sites, training.site_wait),  # the first round; later, the quorum
         ledger=writer,
+        site_names=FleetRegistry(registry).site_of if registry is not None else None,
     )
     strategy_record = {"name": training.strategy, "options": dict(training.strategy_options)}
     offset = plan.resume.after_round if plan.resume is not None else 0
@@ -246,6 +250,7 @@ class ServerOutcome:
 PLAN_FILE_KEY = "plan-file"
 PROGRESS_FILE = "progress.jsonl"
 RESULT_FILE = "result.json"
+FAILURE_FILE = "failure.json"  # why the ServerApp stopped, for `fedgen run` to print
 
 
 def write_plan(plan: ServerPlan, eval_data: Path | None, path: Path) -> None:
@@ -256,7 +261,7 @@ def write_plan(plan: ServerPlan, eval_data: Path | None, path: Path) -> None:
         "out_dir": str(plan.out_dir), "eval_data": str(eval_data) if eval_data else None,
         "config_summary": plan.config_summary, "checkpoints_dir": str(plan.checkpoints),
         "lineage": {k: str(v) for k, v in asdict(plan.lineage).items()} if plan.lineage else None,
-        "trust": {k: str(v) for k, v in asdict(plan.trust).items()} if plan.trust else None,
+        "trust": {k: str(v) for k, v in asdict(plan.trust).items() if v is not None} if plan.trust else None,
         "resume": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(plan.resume).items()}
         if plan.resume else None,
     }, indent=2), encoding="utf-8")
@@ -332,8 +337,14 @@ def deployed_main(grid: Grid, context: Context) -> None:
     plan_file = context.run_config.get(PLAN_FILE_KEY)
     if not plan_file:
         raise RuntimeError(f"run config lacks {PLAN_FILE_KEY!r}; submit runs with `fedgen run`")
-    plan = read_plan(Path(str(plan_file)))
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
-    result = run_federation(grid, plan, on_round=lambda r: append_progress(plan.out_dir, r),
-                            run_id=str(context.run_id))
+    try:
+        plan = read_plan(Path(str(plan_file)))
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+        result = run_federation(grid, plan, on_round=lambda r: append_progress(plan.out_dir, r),
+                                run_id=str(context.run_id))
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, (SitesMissing, QuorumNotMet)) else f"{type(exc).__name__}: {exc}"
+        failure = Path(str(plan_file)).parent / FAILURE_FILE  # the run's folder, where `fedgen run` looks
+        failure.write_text(json.dumps({"reason": reason}), encoding="utf-8")
+        raise
     result.save(plan.out_dir / RESULT_FILE)

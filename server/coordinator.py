@@ -4,7 +4,9 @@ The coordinator runs on the aggregator's host: the Control API it submits throug
 served on loopback only. A run is submitted with Flower's own ``flwr run`` against a
 minimal app folder that names fedgen's installed ServerApp and ClientApp, so sites and
 aggregator run the fedgen they installed, never code shipped with the run. The
-ServerApp appends each committed round to ``progress.jsonl`` in the run's folder.
+ServerApp appends each committed round to ``progress.jsonl`` in the run's folder and,
+if it fails, its reason to ``failure.json``; with the refusals the Fleet listener noted
+in its registry since the run was submitted, that is what a failed run reports.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from fedgen.config import AggregatorConfig, ConfigError, RunConfig, load_toml
@@ -26,9 +30,10 @@ from fedgen.sovereignty import sovereign_environment
 from fedgen.tokenizers import make_tokenizer
 
 from .app import (
-    PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, LineageFiles, ResumePoint, ServerPlan, TrustFiles,
-    write_plan,
+    FAILURE_FILE, PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, LineageFiles, ResumePoint, ServerPlan,
+    TrustFiles, write_plan,
 )
+from .fleet_registry import REGISTRY_FILE, FleetRegistry
 
 FEDERATION = "fedgen"
 # In the aggregator's state folder: one ledger and one checkpoint folder for all runs
@@ -67,6 +72,8 @@ class SubmittedRun:
     run_id: str
     run_dir: Path
     flwr_home: Path
+    registry: Path | None = None  # the aggregator's fleet registry (refusals at its door)
+    submitted_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 def _flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> dict:
@@ -116,7 +123,8 @@ def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, ServerPlan]
                       lineage=LineageFiles(ledger=state / LEDGER_FILE,
                                            private_key=aggregator.lineage.private_key.resolve(),
                                            certificate=aggregator.lineage.certificate.resolve()),
-                      trust=TrustFiles(ca_certificate=tls.ca_certificate.resolve(), crl=tls.crl.resolve()))
+                      trust=TrustFiles(ca_certificate=tls.ca_certificate.resolve(), crl=tls.crl.resolve(),
+                                       registry=state / REGISTRY_FILE))
     return aggregator, plan
 
 
@@ -156,6 +164,7 @@ def submit(run: RunConfig, source: str, *, resume: bool = False) -> SubmittedRun
     With ``resume``, the run continues the last, unfinished run of the ledger after its
     last committed round, from that round's checkpoint.
     """
+    submitted_at = datetime.now(timezone.utc)
     aggregator, plan = plan_run(run, source)
     if resume:
         assert plan.lineage is not None and plan.checkpoints_dir is not None
@@ -174,7 +183,9 @@ def submit(run: RunConfig, source: str, *, resume: bool = False) -> SubmittedRun
         f'address = "127.0.0.1:{aggregator.control_port}"\ninsecure = true\n', encoding="utf-8")
     answer = _flwr(["run", str(app_dir), FEDERATION, "--run-config",
                     f'{PLAN_FILE_KEY}="{run_dir / "plan.json"}"'], flwr_home)
-    return SubmittedRun(run_id=str(answer["run-id"]), run_dir=run_dir, flwr_home=flwr_home)
+    assert plan.trust is not None
+    return SubmittedRun(run_id=str(answer["run-id"]), run_dir=run_dir, flwr_home=flwr_home,
+                        registry=plan.trust.registry, submitted_at=submitted_at)
 
 
 def run_status(submitted: SubmittedRun) -> str:
@@ -213,6 +224,32 @@ def follow(submitted: SubmittedRun, on_round: Callable[[RoundResult], None] | No
         time.sleep(poll_seconds)
     result_file = submitted.run_dir / RESULT_FILE
     if status != "finished:completed" or not result_file.exists():
-        raise RunFailed(f"run {submitted.run_id} ended as {status!r}; "
-                        f"see the aggregator's log and {submitted.run_dir}")
+        raise RunFailed(failure_report(submitted, status))
     return RunResult.from_dict(json.loads(result_file.read_text(encoding="utf-8")))
+
+
+def door_refusals(submitted: SubmittedRun) -> str | None:
+    """The refusals at the aggregator's Fleet API since the run was submitted, one line,
+    sites by site id (addresses only where no certificate named a site)."""
+    if submitted.registry is None:
+        return None
+    refusals = FleetRegistry(submitted.registry).refusals_since(submitted.submitted_at)
+    if not refusals:
+        return None
+    counts = Counter((refusal.site or refusal.peer, refusal.cause) for refusal in refusals)
+    return "; ".join(f"{who}: {cause}" + (f" (x{count})" if count > 1 else "")
+                     for (who, cause), count in counts.items())
+
+
+def failure_report(submitted: SubmittedRun, status: str) -> str:
+    """Why the run failed, in words: the ServerApp's reason and the refusals at the door."""
+    failure = submitted.run_dir / FAILURE_FILE
+    try:
+        reason = json.loads(failure.read_text(encoding="utf-8"))["reason"]
+    except (OSError, ValueError, KeyError):
+        reason = (f"it ended as {status!r} without a reason from the ServerApp (stopped, killed, or the "
+                  "aggregator went down); see the aggregator's log")
+    report = f"run {submitted.run_id} failed: {reason}"
+    if (refused := door_refusals(submitted)) is not None:
+        report += f". Refused at the aggregator's Fleet API meanwhile: {refused}"
+    return f"{report} (records in {submitted.run_dir})"

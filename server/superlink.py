@@ -5,12 +5,18 @@ app behind uvicorn, with server-side TLS only (no client certificates; upstream
 flwrlabs/flower#6896). fedgen builds the stock app with Flower's own config parser and
 ``flwr.superlink.main.create_app``, then serves that one app object twice:
 
-* a public listener that requires a client certificate issued by the consortium CA and
-  not on its CRL (checked in the TLS handshake), serves the Fleet API only, and binds
-  each request to its certificate: the SuperNode's signing key (Flower's node identity)
-  must be the key of the certificate it presented, so site A cannot act as site B;
+* a public listener whose TLS handshake (`server.door`) requires a client certificate
+  issued by the consortium CA and within its validity, that serves the Fleet API only,
+  and lets a request through only if the certificate is not on the CRL in force (re-read
+  when it changes) and the SuperNode's signing key (Flower's node identity) is the key of
+  that certificate, so site A cannot act as site B and a revoked site gets nothing;
 * a loopback-only listener for the Control and Runtime APIs, which have no
   authentication in open-source Flower and must never face the network.
+
+A site's node lasts as long as its certificate: the listener never lets a node
+unregister (Flower 1.41 then refuses that key for good) and lets a site that restarts
+after a crash replace its stale session, so a site rejoins as itself after a crash, a
+clean stop or an aggregator restart.
 
 Pinned to Flower 1.41; ``check_flower_version`` and the tests in
 ``tests/integration/test_flower_internals.py`` fail loudly when Flower changes.
@@ -20,14 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
-import ssl
 import sys
 import time
 from base64 import b64decode
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +41,22 @@ import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedgen.pki import PKIError, load_certificate, site_id_of
+
+from .door import (
+    BAD_CERTIFICATE, IDENTITY_MISMATCH, NO_CERTIFICATE, PEER_CERT_SCOPE_KEY, REVOKED, FleetTLS,
+    RefusalLog, RevocationList, door_protocol, door_ssl_context,
+)
+from .fleet_registry import FleetRegistry
+
+log = logging.getLogger(__name__)
 FLOWER_SERIES = "1.41."
 FLEET_PREFIX = "/v1/fleet/"
 # The header in which a SuperNode sends the public key that signs its requests.
 NODE_PUBLIC_KEY_HEADER = FLEET_HTTP_PUBLIC_KEY_HEADER.encode("ascii")
-PEER_CERT_SCOPE_KEY = "fedgen.peer_certificate"
+ACTIVATE_PATH = FLEET_PREFIX + "activate-node"
+UNREGISTER_PATH = FLEET_PREFIX + "unregister-node"
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -91,37 +105,100 @@ def public_key_pem(certificate: x509.Certificate) -> bytes:
     )
 
 
-class PeerCertificateProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol that hands the TLS peer certificate to the app.
-
-    uvicorn does not expose it; the certificate is read once per connection and put
-    into every request's scope.
-    """
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        ssl_object = transport.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        inner = self.app
-
-        async def with_peer(scope: Scope, receive: Receive, send: Send) -> None:
-            scope[PEER_CERT_SCOPE_KEY] = der
-            await inner(scope, receive, send)
-
-        self.app = with_peer
-
-
 async def _reject(send: Send, status: int, detail: bytes) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": detail})
 
 
-def fleet_gate(app: ASGIApp) -> ASGIApp:
-    """Serve only the Fleet API, and only to the holder of the signing key's certificate.
+class FleetDoor:
+    """What the public listener decides per request, and the Flower node state it touches.
 
-    401, not 403, on an identity mismatch: a Flower SuperNode shuts down on 401 and
-    would retry forever on 403.
+    It binds each Flower node to the certificate that holds the node's key (written to
+    the fleet registry, so the ServerApp names sites by site id), cuts off the node of a
+    revoked certificate at once (Flower's ``deactivate_node``: the node is no longer
+    sampled and a message already waiting for it is answered "node unavailable"), and
+    lets a site that restarts after a crash replace its own stale session instead of
+    waiting a minute for Flower to notice the old one is gone.
+    """
+
+    def __init__(self, app: Any, tls: FleetTLS, registry: FleetRegistry) -> None:
+        self.registry = registry
+        self.refusals = RefusalLog(registry)
+        self.revocations = RevocationList(tls.crl, load_certificate(tls.ca_certificate))
+        self.context = door_ssl_context(tls)
+        self._linkstate = app.state.linkstate_factory
+        self._node_of_key: dict[bytes, int] = {}
+        self._holder_of_node: dict[int, tuple[x509.Certificate, str]] = {}
+        self._cut_off: set[int] = set()
+
+    async def node_of(self, key: bytes) -> int | None:
+        """The Flower node registered under ``key`` (a PEM public key), if any."""
+        if key in self._node_of_key:
+            return self._node_of_key[key]
+        node = await asyncio.to_thread(self._linkstate.state().get_node_id_by_public_key, key)
+        if node is not None:
+            self._node_of_key[key] = node
+        return node
+
+    async def bind(self, key: bytes, certificate: x509.Certificate, site: str) -> None:
+        """Remember which site holds the node of ``key`` (once Flower registered it)."""
+        node = await self.node_of(key)
+        if node is None:
+            return
+        self._holder_of_node[node] = (certificate, site)
+        if self.registry.bind(node, site):
+            log.info("site %s is Flower node %d", site, node)
+
+    async def replace_stale_session(self, key: bytes, site: str) -> None:
+        """Before a site activates its node: end a session of that node still marked online.
+
+        Only the holder of the certificate's key gets here, and on one host a second
+        SuperNode of a site cannot start (its runtime port is taken), so an online
+        session of the same node is the remains of a crash or kill.
+        """
+        node = await self.node_of(key)
+        if node is not None and await asyncio.to_thread(self._linkstate.state().deactivate_node, node):
+            log.info("site %s reconnected: its previous session of node %d (a crash or kill) ends here",
+                     site, node)
+
+    async def cut_off(self, node: int, site: str | None) -> None:
+        """Take a revoked site's node offline, once."""
+        if node in self._cut_off:
+            return
+        self._cut_off.add(node)
+        await asyncio.to_thread(self._linkstate.state().deactivate_node, node)
+        log.warning("site %s (node %d): certificate revoked; the node is cut off and receives nothing",
+                    site or "?", node)
+
+    async def cut_off_revoked(self) -> None:
+        """Cut off every known node whose certificate the CRL in force revokes."""
+        for node, (certificate, site) in list(self._holder_of_node.items()):
+            if self.revocations.is_revoked(certificate):
+                await self.cut_off(node, site)
+
+    async def watch_revocations(self, interval: float = 1.0) -> None:
+        """Re-read the CRL every ``interval`` seconds; cut off newly revoked sites at once,
+        without waiting for their next request (a request may have re-read it first)."""
+        acted_on = self.revocations.generation
+        while True:
+            self.revocations.refresh()
+            if self.revocations.generation != acted_on:
+                acted_on = self.revocations.generation
+                await self.cut_off_revoked()
+            await asyncio.sleep(interval)
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown peer"
+
+
+def fleet_gate(app: ASGIApp, door: FleetDoor) -> ASGIApp:
+    """Serve only the Fleet API, only to an unrevoked certificate, only for its own node key.
+
+    401, not 403, on a refusal: a Flower SuperNode shuts down on 401 (and fedgen's site
+    then exits non-zero, saying why) but would retry forever on 403.
     """
 
     async def gate(scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,43 +209,52 @@ def fleet_gate(app: ASGIApp) -> ASGIApp:
             await _reject(send, 404, b"not found")
             return
         der = scope.get(PEER_CERT_SCOPE_KEY)
-        claimed = dict(scope["headers"]).get(NODE_PUBLIC_KEY_HEADER)
-        if der is None or claimed is None:
-            await _reject(send, 401, b"client certificate and node key required")
+        try:
+            certificate = x509.load_der_x509_certificate(der) if der else None
+        except ValueError:
+            certificate = None
+        if certificate is None:
+            door.refusals.refused(_peer(scope), NO_CERTIFICATE)
+            await _reject(send, 401, b"client certificate required")
             return
         try:
-            presented = public_key_pem(x509.load_der_x509_certificate(der))
-            matches = b64decode(claimed, validate=True) == presented
+            site = site_id_of(certificate)
+        except PKIError:
+            site = None
+        presented = public_key_pem(certificate)
+        if door.revocations.is_revoked(certificate):
+            door.refusals.refused(_peer(scope), REVOKED, site=site,
+                                  detail=f"certificate serial {certificate.serial_number:x} is on the CRL")
+            node = await door.node_of(presented)
+            if node is not None:
+                await door.cut_off(node, site)
+            await _reject(send, 401, b"certificate revoked: the consortium revoked this site's certificate")
+            return
+        claimed = dict(scope["headers"]).get(NODE_PUBLIC_KEY_HEADER)
+        try:
+            matches = claimed is not None and b64decode(claimed, validate=True) == presented
         except ValueError:
             matches = False
         if not matches:
-            await _reject(send, 401, b"node key does not belong to the client certificate")
+            door.refusals.refused(_peer(scope), IDENTITY_MISMATCH, site=site,
+                                  detail="the node key is not the key of the client certificate")
+            await _reject(send, 401, b"identity mismatch: node key does not belong to the client certificate")
             return
+        if site is None:
+            door.refusals.refused(_peer(scope), BAD_CERTIFICATE, detail="its CN is not a site id")
+            await _reject(send, 401, b"the client certificate names no site")
+            return
+        if scope["path"] == UNREGISTER_PATH:
+            # A site's node lasts as long as its certificate: an unregistered key can never
+            # register again in Flower 1.41, which would lock the site out.
+            await _reject(send, 403, b"a site's node stays registered under its certificate")
+            return
+        if scope["path"] == ACTIVATE_PATH:
+            await door.replace_stale_session(presented, site)
+        await door.bind(presented, certificate, site)
         await app(scope, receive, send)
 
     return gate
-
-
-@dataclass(frozen=True)
-class FleetTLS:
-    """Files of the public Fleet listener's mutual TLS."""
-
-    certificate: Path  # the aggregator's server certificate
-    private_key: Path
-    ca_certificate: Path  # the consortium CA: the only issuer of client certificates
-    crl: Path  # revoked site certificates
-
-
-def fleet_ssl_context(tls: FleetTLS) -> ssl.SSLContext:
-    """TLS 1.2+ server context: client certificate required, issued by the CA, not revoked."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    context.load_verify_locations(cafile=str(tls.ca_certificate))
-    context.load_verify_locations(cafile=str(tls.crl))
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
-    return context
 
 
 class _Server(uvicorn.Server):
@@ -181,22 +267,21 @@ class _Server(uvicorn.Server):
         yield
 
 
-def superlink_servers(app: Any, *, public_host: str, fleet_port: int, runtime_port: int,
-                      tls: FleetTLS, log_level: str = "warning") -> tuple[uvicorn.Server, uvicorn.Server]:
+def superlink_servers(app: Any, door: FleetDoor, *, public_host: str, fleet_port: int, runtime_port: int,
+                      log_level: str = "warning") -> tuple[uvicorn.Server, uvicorn.Server]:
     """The two uvicorn servers over one app: (loopback Control+Runtime, public Fleet).
 
     Only the loopback server runs the app's lifespan (which starts Flower's SuperExec),
-    so it runs once.
+    so it runs once. The public one is configured without TLS: `door_protocol` runs each
+    handshake itself, so that refusals are logged with their cause.
     """
     local = _Server(uvicorn.Config(
         app, host="127.0.0.1", port=runtime_port, lifespan="on", log_level=log_level,
         access_log=False, workers=1,
     ))
     public = _Server(uvicorn.Config(
-        fleet_gate(app), host=public_host, port=fleet_port, lifespan="off", log_level=log_level,
-        access_log=False, workers=1, http=PeerCertificateProtocol,
-        ssl_certfile=str(tls.certificate),  # uvicorn needs it set; the factory builds the context
-        ssl_context_factory=lambda config, default: fleet_ssl_context(tls),
+        fleet_gate(app, door), host=public_host, port=fleet_port, lifespan="off", log_level=log_level,
+        access_log=False, workers=1, http=door_protocol(door.context, door.refusals),
     ))
     return local, public
 
@@ -219,9 +304,10 @@ def _stop_session(leader: int) -> None:
         time.sleep(1.0)
 
 
-async def serve(app: Any, local: uvicorn.Server, public: uvicorn.Server) -> None:
+async def serve(app: Any, door: FleetDoor, local: uvicorn.Server, public: uvicorn.Server) -> None:
     """Run both servers until either stops or SIGINT/SIGTERM arrives; the public one starts
-    only once state is up. Flower's SuperExec and its ServerApps are stopped last."""
+    only once state is up, with the CRL watch. Flower's SuperExec and its ServerApps are
+    stopped last."""
 
     def stop(signum: int, frame: object) -> None:
         if local.should_exit and signum == signal.SIGINT:
@@ -238,6 +324,7 @@ async def serve(app: Any, local: uvicorn.Server, public: uvicorn.Server) -> None
         await asyncio.sleep(0.05)
     superexec = _superexec_pid(app)
     public_task = asyncio.create_task(public.serve())
+    watch = asyncio.create_task(door.watch_revocations())
     try:
         done, _ = await asyncio.wait({local_task, public_task}, return_when=asyncio.FIRST_COMPLETED)
         local.should_exit = public.should_exit = True
@@ -245,5 +332,6 @@ async def serve(app: Any, local: uvicorn.Server, public: uvicorn.Server) -> None
         for task in done:
             task.result()
     finally:
+        watch.cancel()
         if superexec is not None:
             _stop_session(superexec)

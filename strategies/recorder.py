@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
@@ -115,16 +115,21 @@ class RecordingStrategy(Strategy):
     ledger : LedgerHeadSource, optional
         The lineage ledger being written: each round's instructions carry its head then,
         and site signatures must cover that head.
+    site_names : callable, optional
+        In deployment, the site id whose certificate holds a node id (the aggregator's
+        fleet registry), so a site that never replied is still named by its site id.
     """
 
     def __init__(self, inner: Strategy, trust: SiteTrust | None = None,
                  policy: UpdatePolicy = UpdatePolicy(), wait_for_sites: tuple[int, float] | None = None,
-                 ledger: LedgerHeadSource | None = None) -> None:
+                 ledger: LedgerHeadSource | None = None,
+                 site_names: Callable[[int], str | None] | None = None) -> None:
         self.inner = inner
         self.trust = trust
         self.policy = policy
         self.wait_for_sites = wait_for_sites
         self.ledger = ledger
+        self.site_names = site_names
         self.rounds: dict[int, RoundLog] = {}
         self._site_of_node: dict[int, str] = {}
         self._global: dict[str, np.ndarray] = {}
@@ -146,13 +151,18 @@ class RecordingStrategy(Strategy):
         log.sampled = [message.metadata.dst_node_id for message in messages]
         return messages
 
-    @staticmethod
-    def _wait(grid: Grid, sites: int, seconds: float) -> None:
+    def _name(self, node: int) -> str:
+        """A node's site id: from its replies, else from the aggregator's certificate binding."""
+        known = self._site_of_node.get(node) or (self.site_names(node) if self.site_names else None)
+        return known or f"node-{node}"
+
+    def _wait(self, grid: Grid, sites: int, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while (connected := len(list(grid.get_node_ids()))) < sites:
+        while len(nodes := list(grid.get_node_ids())) < sites:
             if time.monotonic() >= deadline:
-                raise SitesMissing(f"only {connected} of {sites} sites connected after waiting "
-                                   f"{seconds:g} s; check that every site runs `fedgen site start`")
+                names = f" ({', '.join(sorted(self._name(node) for node in nodes))})" if nodes else ""
+                raise SitesMissing(f"only {len(nodes)} of {sites} sites connected after waiting {seconds:g} s"
+                                   f"{names}; check that every site runs `fedgen site start`")
             time.sleep(0.5)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -172,7 +182,7 @@ class RecordingStrategy(Strategy):
         for node in (n for n in log.sampled if n not in replied):  # e.g. a site that died mid-round
             outcome = unattributed.pop(0) if unattributed else SiteOutcome(
                 "", failed="no reply within the round timeout")
-            outcome.site = self._site_of_node.get(node, f"node-{node}")
+            outcome.site = self._name(node)
             log.outcomes.append(outcome)
         log.outcomes.extend(unattributed)
         valid = sum(outcome.contributed for outcome in log.outcomes)
@@ -198,7 +208,7 @@ class RecordingStrategy(Strategy):
     def _outcome(self, reply: Message, log: RoundLog) -> SiteOutcome:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            site = self._site_of_node.get(node, f"node-{node}")
+            site = self._name(node)
             reason = reply.error.reason or f"error code {reply.error.code}"
             if reply.error.code == BUDGET_REFUSED:
                 return SiteOutcome(site, refused=reason)

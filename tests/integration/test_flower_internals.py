@@ -8,6 +8,8 @@ import inspect
 from pathlib import Path
 
 import flwr
+import httpx
+import pytest
 import uvicorn
 from fastapi.routing import iter_route_contexts
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -79,22 +81,95 @@ def test_mutual_tls_substitution_is_used_by_the_supernode(tmp_path):
         client = fleet_http_connection.FleetHttpClient.from_server_address(
             "127.0.0.1:1", True, None, interceptors=[])
         assert client._base_url.startswith("https://")  # TLS even if Flower asked for insecure
+        # Nothing listens on port 1: unregistering sends nothing, any other call would fail.
+        from flwr.proto.fleet_pb2 import ActivateNodeRequest, UnregisterNodeFleetRequest
+
+        client.UnregisterNode(UnregisterNodeFleetRequest(node_id=1))
+        with pytest.raises(httpx.ConnectError):
+            client.ActivateNode(ActivateNodeRequest(public_key=b"k", heartbeat_interval=30))
         client.close()
     finally:
         fleet_http_connection.FleetHttpClient, fleet_http_connection.generate_key_pairs = original
 
 
 def test_uvicorn_hooks_used_by_the_public_listener():
-    assert "ssl_context_factory" in inspect.signature(uvicorn.Config.__init__).parameters
-    assert "connection_made" in H11Protocol.__dict__
+    assert {"connection_made", "connection_lost", "data_received"} <= set(H11Protocol.__dict__)
     source = inspect.getsource(H11Protocol)
     assert "self.app = config.loaded_app" in source and "app = self.app" in source
+    # connection_lost before the TLS handshake finished must be skipped: uvicorn needs a transport.
+    assert "self.transport: asyncio.Transport = None" in source
+    assert "self.transport = transport" in inspect.getsource(H11Protocol.connection_made)
+    assert "self.transport.close()" in inspect.getsource(H11Protocol.connection_lost)
     assert "capture_signals" in uvicorn.Server.__dict__
+
+
+def test_asyncio_tls_hooks_used_by_the_fleet_door():
+    """The door runs server handshakes with loop.start_tls and a custom TLS object class."""
+    import asyncio.sslproto
+    import ssl
+
+    assert "self.sslobject_class._create(" in inspect.getsource(ssl.SSLContext.wrap_bio)
+    handshake = inspect.getsource(asyncio.sslproto.SSLProtocol._do_handshake)
+    # A "wants more data" error flushes pending output (the alert) instead of dropping it.
+    assert "except SSLAgainErrors:\n            self._process_outgoing()" in handshake
+    # The TLS object is made inside start_tls, so in the context of the task that awaits it.
+    assert "self._sslobj = self._sslcontext.wrap_bio(" in inspect.getsource(asyncio.sslproto.SSLProtocol.__init__)
+    start_tls = inspect.getsource(asyncio.base_events.BaseEventLoop.start_tls)
+    assert "sslproto.SSLProtocol(" in start_tls and "call_connection_made=False" in start_tls
+
+
+def test_linkstate_calls_the_fleet_door_makes(tmp_path):
+    """Why the door never unregisters a node and ends a stale session before activation."""
+    from flwr.common.constant import NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+
+    from fedgen.server.superlink import build_superlink_app
+
+    state = build_superlink_app(runtime_port=1, database=tmp_path / "flower.db").state.linkstate_factory.state()
+    key = b"-----BEGIN PUBLIC KEY-----\nfedgen-test\n-----END PUBLIC KEY-----\n"
+    node = state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, key, 0)
+    assert state.get_node_id_by_public_key(key) == node
+    assert state.activate_node(node, 30)
+    assert not state.activate_node(node, 30)  # online: a restarted site could not activate it
+    assert state.deactivate_node(node) and not state.deactivate_node(node)
+    assert state.activate_node(node, 30)  # offline again: it can
+    state.delete_node(NOOP_FLWR_AID, node)  # what Flower's UnregisterNode does
+    assert state.get_node_id_by_public_key(key) is None
+    try:
+        state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, key, 0)
+    except ValueError as exc:  # an unregistered key can never register again
+        assert "already in use" in str(exc)
+    else:
+        raise AssertionError("Flower now lets an unregistered key register again; revisit the door")
+
+
+def test_supernode_behaviours_the_site_glue_relies_on():
+    from flwr.supercore.exit import ExitCode, flwr_exit
+    from flwr.supercore.protobuf.client import ProtobufClient
+    from flwr.supercore.retry import http_retry
+    from flwr.supernode import fleet_http_client, fleet_http_connection
+
+    # Every Fleet RPC goes through _unary_unary, where the site glue reads refusals.
+    unary = inspect.signature(ProtobufClient._unary_unary).parameters
+    assert {"path", "rpc_method", "request", "response_type", "timeout"} <= set(unary)
+    client_source = inspect.getsource(fleet_http_client.FleetHttpClient)
+    assert client_source.count("self._unary_unary(") == len(
+        [name for name in vars(fleet_http_client.FleetHttpClient) if name[0].isupper()])
+    # A 401 makes Flower interrupt its own process; fedgen only adds the reason and exit code.
+    giveup = inspect.getsource(http_retry.make_simple_http_retry_invoker)
+    assert "httpx.codes.UNAUTHORIZED" in giveup and "os.kill(os.getpid(), signal.SIGINT)" in giveup
+    # Flower gives up on any transport error that mentions TLS: the site rewords the ones
+    # that are no refusal (fedgen.client.supernode.as_retryable).
+    assert 'for term in ("certificate", "ssl", "tls")' in giveup
+    connection = inspect.getsource(fleet_http_connection.http_request_response)
+    assert "client.UnregisterNode(" in connection  # on every stop: fedgen's client skips it
+    assert "except Exception as exc" in connection and "log(ERROR, exc)" in connection  # then returns
+    assert "emit_telemetry" in inspect.signature(flwr_exit).parameters
+    assert ExitCode.SUPERNODE_CONNECTION_ERROR >= 100  # an error code: the process exits 1
 
 
 def test_flower_internals_stay_in_the_glue_modules():
     root = Path(__file__).resolve().parents[2]
-    internal = ("flwr.superlink", "flwr.supernode", "flwr.supercore", "flwr.server.superlink")
+    internal = ("flwr.superlink", "flwr.supernode", "flwr.supercore", "flwr.server.superlink", "flwr.proto")
     offenders = []
     for path in [*root.glob("fedgen/*.py"), *root.glob("client/*.py"), *root.glob("server/*.py"),
                  *root.glob("strategies/*.py")]:
