@@ -14,7 +14,7 @@ import pytest
 from fedgen import pki
 from fedgen.client.supernode import SiteTLS, client_ssl_context
 from fedgen.config import (
-    AggregatorConfig, AggregatorTLSConfig, SiteConfig, SiteTLSConfig, to_toml,
+    AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, SiteConfig, SiteTLSConfig, write_toml,
 )
 from fedgen.demo import ProcessGroup, free_port, wait_for_port
 from fedgen.server.fleet_registry import REGISTRY_FILE, FleetRegistry
@@ -33,6 +33,7 @@ def consortium(tmp_path_factory):
     certs = root / "certs"
     pki.init_consortium(certs, "test", now=NOW - timedelta(days=40))
     pki.issue_aggregator(certs, ["127.0.0.1", "localhost"])
+    pki.issue_lineage(certs)
     pki.issue_site(certs, "site-a")
     pki.issue_site(certs, "site-b")
     pki.issue_site(certs, "site-r", now=NOW - timedelta(days=38))
@@ -45,9 +46,10 @@ def consortium(tmp_path_factory):
     config = AggregatorConfig(
         state_dir=root / "state", fleet_host="127.0.0.1", fleet_port=free_port(), control_port=free_port(),
         tls=AggregatorTLSConfig(certificate=files.aggregator_cert, private_key=files.aggregator_key,
-                                ca_certificate=files.ca_cert, crl=files.crl))
+                                ca_certificate=files.ca_cert, crl=files.crl),
+        lineage=LineageSigningConfig(certificate=files.lineage_cert, private_key=files.lineage_key))
     toml = root / "aggregator.toml"
-    toml.write_text(to_toml(config))
+    write_toml(config, toml)
     (root / "logs").mkdir()
     group = ProcessGroup(root / "logs")
     process, log = group.start("aggregator", [*FEDGEN, "aggregator", "start", "--config", str(toml)])
@@ -134,7 +136,7 @@ def _site_toml(consortium, name: str, folder: Path, ca: Path, site_id: str = "si
                         tls=SiteTLSConfig(certificate=files.site_cert(site_id),
                                           private_key=files.site_key(site_id), ca_certificate=ca))
     path = root / "site.toml"
-    path.write_text(to_toml(config))
+    write_toml(config, path)
     return path
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedgen.client.ledger import PrivacyLedger
-from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml, to_toml
+from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml, write_toml
 from fedgen.demo import ProcessGroup, wait_for_port, write_consortium
 from fedgen.server.coordinator import follow, submit
 from fedgen.server.fleet_registry import REGISTRY_FILE, FleetRegistry
@@ -27,12 +27,12 @@ def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("rejoin")
     aggregator_toml, site_tomls, run_toml = write_consortium(root, sites=2, rounds=1, epsilon=50.0, seed=0)
     run = load_toml(run_toml, RunConfig)
-    run_toml.write_text(to_toml(run.model_copy(update={"training": run.training.model_copy(
-        update={"local_epochs": 0.25, "site_wait": 180.0})})))
+    write_toml(run.model_copy(update={"training": run.training.model_copy(
+        update={"local_epochs": 0.25, "site_wait": 180.0})}), run_toml)
     for toml in site_tomls:  # a fixed noise: each one-round run spends a little, not the whole budget
         site = load_toml(toml, SiteConfig)
-        toml.write_text(to_toml(site.model_copy(update={"privacy": site.privacy.model_copy(
-            update={"noise_multiplier": 1.0})})))
+        write_toml(site.model_copy(update={"privacy": site.privacy.model_copy(
+            update={"noise_multiplier": 1.0})}), toml)
     (root / "logs").mkdir()
     group = ProcessGroup(root / "logs")
     aggregator = load_toml(aggregator_toml, AggregatorConfig)

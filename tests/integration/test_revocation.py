@@ -14,7 +14,7 @@ import pytest
 
 from fedgen import pki
 from fedgen.client.ledger import PrivacyLedger
-from fedgen.config import AggregatorConfig, RunConfig, load_toml, to_toml
+from fedgen.config import AggregatorConfig, RunConfig, load_toml, write_toml
 from fedgen.demo import ProcessGroup, wait_for_port, write_consortium
 from fedgen.lineage import read_records
 from fedgen.server.coordinator import follow, submit
@@ -65,8 +65,8 @@ class RevokeAfterFirstReply(threading.Thread):
 def test_a_site_revoked_between_rounds_receives_nothing_more(tmp_path: Path):
     aggregator_toml, site_tomls, run_toml = write_consortium(tmp_path, sites=2, rounds=2, epsilon=50.0, seed=0)
     run = load_toml(run_toml, RunConfig)
-    run_toml.write_text(to_toml(run.model_copy(update={"training": run.training.model_copy(
-        update={"local_epochs": 0.25, "round_timeout": 300.0})})))
+    write_toml(run.model_copy(update={"training": run.training.model_copy(
+        update={"local_epochs": 0.25, "round_timeout": 300.0})}), run_toml)
     aggregator = load_toml(aggregator_toml, AggregatorConfig)
     (tmp_path / "logs").mkdir()
     group = ProcessGroup(tmp_path / "logs")

@@ -13,7 +13,7 @@ from fedgen import pki
 from fedgen.cli import app
 from fedgen.client.supernode import check_site
 from fedgen.config import (
-    AggregatorConfig, AggregatorTLSConfig, ConfigError, SiteConfig, SiteTLSConfig, load_toml, to_toml,
+    AggregatorConfig, AggregatorTLSConfig, ConfigError, LineageSigningConfig, SiteConfig, SiteTLSConfig, load_toml, write_toml,
 )
 from fedgen.pki import PKIError
 from fedgen.server.aggregator import check_aggregator, crl_warning
@@ -27,6 +27,7 @@ def certs(tmp_path: Path) -> Path:
     pki.init_consortium(folder, "test", now=NOW - timedelta(days=60))  # room to backdate certificates
     pki.refresh_crl(folder)
     pki.issue_aggregator(folder, ["127.0.0.1"])
+    pki.issue_lineage(folder)
     pki.issue_site(folder, "site-a")
     return folder
 
@@ -140,7 +141,7 @@ def _site_toml(tmp_path: Path, certs: Path, site: str = "site-a") -> Path:
                         aggregator="127.0.0.1:1",
                         tls=SiteTLSConfig(certificate=cert, private_key=key, ca_certificate=ca))
     path = tmp_path / "site.toml"
-    path.write_text(to_toml(config))
+    write_toml(config, path)
     return path
 
 
@@ -170,7 +171,8 @@ def _aggregator(tmp_path: Path, certs: Path, cert: Path | None = None, key: Path
     files = pki.layout(certs)
     return AggregatorConfig(state_dir=tmp_path / "state", tls=AggregatorTLSConfig(
         certificate=cert or files.aggregator_cert, private_key=key or files.aggregator_key,
-        ca_certificate=files.ca_cert, crl=crl or files.crl))
+        ca_certificate=files.ca_cert, crl=crl or files.crl),
+        lineage=LineageSigningConfig(certificate=files.lineage_cert, private_key=files.lineage_key))
 
 
 def test_aggregator_start_refuses_a_certificate_without_server_auth(certs, tmp_path):
@@ -191,6 +193,7 @@ def test_aggregator_start_warns_about_an_overdue_crl_but_starts(tmp_path):
     certs = tmp_path / "certs"
     pki.init_consortium(certs, "test", now=NOW - timedelta(days=40))  # its CRL lapsed 10 days ago
     pki.issue_aggregator(certs, ["127.0.0.1"])
+    pki.issue_lineage(certs)
     tls = check_aggregator(_aggregator(tmp_path, certs), "aggregator.toml")
     assert "past its next update" in crl_warning(tls) and "refresh-crl" in crl_warning(tls)
     pki.refresh_crl(certs)
