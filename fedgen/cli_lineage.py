@@ -23,7 +23,7 @@ from .cli_output import err, fail
 from .config import AggregatorConfig, ConfigError, load_toml
 from .lineage import LineageError, VerifyReport, export_prov, read_records, verify
 from .model_release import ReleaseError, approve, export_model
-from .receipts import STATUSES, ReceiptError, ReceiptReport, check_receipts, collect_receipts
+from .lineage.receipts import STATUSES, ReceiptError, ReceiptReport, check_receipts, collect_receipts
 
 lineage_app = typer.Typer(help="The signed, hash-chained lineage of every run and round.", no_args_is_help=True)
 model_app = typer.Typer(help="Approve a committed model (human oversight) and export it.", no_args_is_help=True)

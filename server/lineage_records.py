@@ -29,8 +29,8 @@ def code_digest() -> str:
     h = hashlib.sha256()
     for package in (fedgen, fedgen.client, fedgen.server, fedgen.strategies):
         root = Path(package.__file__).parent
-        for path in sorted(root.glob("*.py")):
-            h.update(f"{package.__name__}/{path.name}\0".encode())
+        for path in sorted(root.rglob("*.py")):  # subpackages (fedgen.lineage) included
+            h.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
             h.update(path.read_bytes())
     return h.hexdigest()
 

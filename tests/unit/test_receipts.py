@@ -17,7 +17,7 @@ from fedgen import pki
 from fedgen.cli import app
 from fedgen.lineage import LedgerHead, LineageWriter, read_records, verify, witness_statement
 from fedgen.protocol import TrainReport
-from fedgen.receipts import (
+from fedgen.lineage.receipts import (
     RECEIPTS_FILE, ReceiptError, append_receipt, check_ledger_head, check_receipts, collect_receipts, new_receipt,
     read_receipts,
 )
@@ -267,7 +267,7 @@ def test_a_site_checks_the_head_is_signed_by_the_consortiums_lineage_signer(cons
         head, pem = writer.head, writer.certificate_pem
     check_ledger_head(head, pem, consortium.ca)
     other = make_consortium(tmp_path / "other", "Other")
-    from fedgen.receipts import WitnessError
+    from fedgen.lineage.receipts import WitnessError
 
     with pytest.raises(WitnessError, match="wrong issuer"):
         check_ledger_head(head, pem, other.ca)
