@@ -27,6 +27,7 @@ from .format import (
     GENESIS_PREV, RECORD_TYPES, LedgerHead, LineageError, StrPath, canonical_encoding, check_chain, decode_line,
     location, plain_json, read_ledger, record_hash, tail_problem,
 )
+from .records import BodyT, Record
 
 
 def _acquire_lock(path: Path) -> int:
@@ -225,6 +226,16 @@ class LineageWriter:
         self._head = LedgerHead(record["seq"], record["hash"], record["signature"])
         self._next_seq += 1
         return record
+
+    def append_body(self, body: BodyT, run_id: str) -> Record[BodyT]:
+        """`append` one of the bodies fedgen writes (`fedgen.lineage.records`); return the record, typed.
+
+        Raises
+        ------
+        LineageError
+            As `append`.
+        """
+        return Record.of(self.append(body.TYPE, body.dump(), run_id), body)
 
     def close(self) -> None:
         """Close the ledger and release its lock; closing twice is harmless."""
