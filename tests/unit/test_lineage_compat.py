@@ -1,8 +1,8 @@
 """Ledgers written by earlier fedgen still verify, read, show and export as they did then.
 
 The fixtures (tests/unit/fixtures/lineage-v1, see its README) were written by real runs of
-the code before the lineage became a package; the PROV documents, `lineage show` cells and
-model card beside them are what that code made of them.
+the code before the lineage became a package and its bodies types; the PROV documents,
+`lineage show` cells and model card beside them are what that code made of them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from fedgen import pki
 from fedgen.cli import app
 from fedgen.lineage import RECORD_TYPES, canonical_encoding, export_prov, read_records, record_hash, verify
+from fedgen.lineage.records import BODY_TYPES, parse_record
 from fedgen.model_release import approvals_of, find_round, model_card, privacy_spend
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lineage-v1"
@@ -49,6 +50,16 @@ def test_every_earlier_line_is_its_records_canonical_encoding_and_hash(name: str
     for line, record in zip(lines, records):
         assert canonical_encoding(record) + b"\n" == line
         assert record_hash(record) == record["hash"]
+
+
+@pytest.mark.parametrize("name", LEDGERS)
+def test_every_earlier_body_reads_as_its_type_and_writes_back_the_same_bytes(name: str):
+    for record in read_records(ledger(name)):
+        typed = parse_record(record, source=ledger(name))
+        assert type(typed.body) is BODY_TYPES[record["type"]] and typed.type == record["type"]
+        assert (typed.seq, typed.time, typed.run_id, typed.hash) == (record["seq"], record["time"],
+                                                                     record["run_id"], record["hash"])
+        assert canonical_encoding(typed.body.dump()) == canonical_encoding(record["body"])
 
 
 def test_the_earlier_ledgers_hold_every_record_type():
