@@ -29,7 +29,7 @@ from fedgen.protocol import (
     ARRAYS_KEY, BUDGET_REFUSED, CONFIG_KEY, METRICS_KEY, SITE_DATA_ERROR, SITE_ERROR, SITE_KEY,
     TrainInstructions, TrainReport, site_record,
 )
-from fedgen.receipts import WitnessError, append_receipt, check_ledger_head, new_receipt
+from fedgen.lineage.receipts import WitnessError, append_receipt, check_ledger_head, new_receipt
 from fedgen.tokenizers import make_tokenizer
 
 from .ledger import BudgetExceeded, PrivacyLedger

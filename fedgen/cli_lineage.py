@@ -22,8 +22,12 @@ from . import pki
 from .cli_output import err, fail
 from .config import AggregatorConfig, ConfigError, load_toml
 from .lineage import LineageError, VerifyReport, export_prov, read_records, verify
+from .lineage.records import (
+    Body, ModelApproved, RoundCommitted, RoundEvent, RunFailed, RunFinished, RunStarted, SiteRefused, UpdateRejected,
+    parse_record,
+)
 from .model_release import ReleaseError, approve, export_model
-from .receipts import STATUSES, ReceiptError, ReceiptReport, check_receipts, collect_receipts
+from .lineage.receipts import STATUSES, ReceiptError, ReceiptReport, check_receipts, collect_receipts
 
 lineage_app = typer.Typer(help="The signed, hash-chained lineage of every run and round.", no_args_is_help=True)
 model_app = typer.Typer(help="Approve a committed model (human oversight) and export it.", no_args_is_help=True)
@@ -100,32 +104,41 @@ def show(ledger: Path = LEDGER, config: Path = CONFIG,
         for record in records:
             print(json.dumps(record))
         return
+    try:
+        typed = [parse_record(record, source=files.ledger) for record in records]
+    except LineageError as exc:
+        fail(str(exc))
     table = Table(title=str(files.ledger))
     for column in ("seq", "time", "run", "event", "round", "model", "detail"):
         table.add_column(column)
-    for r in records:
-        body = r["body"]
-        model, detail = "", ""
-        if r["type"] == "round_committed":
-            model = body["model_out"]["digest"][:12]
-            sites = [f"{c['site']} n={c['examples']} ε={c['epsilon']:.2f}" for c in body["contributions"]]
-            left_out = [f"{x['site']} {kind}" for kind in ("rejected", "refused", "failed") for x in body[kind]]
-            accuracy = body["metrics"].get("accuracy")
-            detail = "; ".join(sites + left_out) + (f"; accuracy {accuracy:.4f}" if accuracy is not None else "")
-        elif r["type"] in ("update_rejected", "site_refused"):
-            detail = f"{body['site']}: {body['reason']}"
-        elif r["type"] == "model_approved":
-            model, detail = body["model_digest"][:12], f"by {body['by']}: {body['reason']}"
-        elif r["type"] == "run_started":
-            detail = f"{body['strategy']['name']}, {body['sites']} sites, " + \
-                     ", ".join(f"{k} {v}" for k, v in body["versions"].items())
-        elif r["type"] == "run_finished":
-            model = body["model_digest"][:12]
-        elif r["type"] == "run_failed":
-            detail = body["error"]
-        table.add_row(str(r["seq"]), r["time"][:19], r["run_id"][-8:], r["type"],
-                      str(body.get("round", "")), model, escape(detail))
+    for record in typed:
+        body = record.body
+        model, detail = _model_and_detail(body)
+        table.add_row(str(record.seq), record.time[:19], record.run_id[-8:], record.type,
+                      str(body.round) if isinstance(body, RoundEvent) else "", model, escape(detail))
     Console().print(table)
+
+
+def _model_and_detail(body: Body) -> tuple[str, str]:
+    """The model digest (shortened) and the detail a `lineage show` row gives for ``body``."""
+    if isinstance(body, RoundCommitted):
+        sites = [f"{c.site} n={c.examples} ε={c.epsilon:.2f}" for c in body.contributions]
+        left_out = [f"{x.site} {kind}" for kind, entries in
+                    (("rejected", body.rejected), ("refused", body.refused), ("failed", body.failed)) for x in entries]
+        accuracy = body.metrics.get("accuracy")
+        return body.model_out.digest[:12], \
+            "; ".join(sites + left_out) + (f"; accuracy {accuracy:.4f}" if accuracy is not None else "")
+    if isinstance(body, (UpdateRejected, SiteRefused)):
+        return "", f"{body.site}: {body.reason}"
+    if isinstance(body, ModelApproved):
+        return body.model_digest[:12], f"by {body.by}: {body.reason}"
+    if isinstance(body, RunStarted):
+        versions = ", ".join(f"{name} {version}" for name, version in body.versions.items())
+        return "", f"{body.strategy.name}, {body.sites} sites, {versions}"
+    if isinstance(body, RunFinished):
+        return body.model_digest[:12], ""
+    assert isinstance(body, RunFailed), f"no row for {type(body).__name__}"
+    return "", body.error
 
 
 @lineage_app.command("verify")
@@ -224,8 +237,8 @@ def approve_command(
                          run_id=run)
     except (ReleaseError, pki.PKIError, LineageError) as exc:
         fail(str(exc))
-    print(f"approved run {record['run_id']} round {round}: model {record['body']['model_digest']} "
-          f"(record seq {record['seq']}, hash {record['hash']})")
+    print(f"approved run {record.run_id} round {round}: model {record.body.model_digest} "
+          f"(record seq {record.seq}, hash {record.hash})")
 
 
 @model_app.command("export")

@@ -16,12 +16,12 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .lineage import LineageError, LineageWriter, read_records, verify
+from .lineage.records import ModelApproved, Record, RoundCommitted, RunStarted, records_of
 from .params import model_file_digest, read_model_file
 
 
@@ -31,48 +31,48 @@ class ReleaseError(ValueError):
 
 @dataclass(frozen=True)
 class RoundEntry:
+    """A committed round of a run, and the start of that run."""
+
     run_id: str
     round: int
-    record: dict[str, Any]
-    run_started: dict[str, Any]
+    record: Record[RoundCommitted]
+    run_started: Record[RunStarted]
 
 
 def find_round(ledger: Path, server_round: int, run_id: str | None = None) -> RoundEntry:
     """The ``round_committed`` record of ``server_round`` in ``run_id`` (default: the latest run)."""
     records = read_records(ledger)
-    started = {r["run_id"]: r for r in records if r["type"] == "run_started"}
-    if not started:
+    runs = [record["run_id"] for record in records if record["type"] == RunStarted.TYPE]
+    if not runs:
         raise ReleaseError(f"{ledger}: no run in this ledger")
-    run_id = run_id or next(r["run_id"] for r in reversed(records) if r["type"] == "run_started")
-    if run_id not in started:
-        raise ReleaseError(f"{ledger}: no run {run_id!r}; runs: {', '.join(started)}")
-    for record in records:
-        if record["type"] == "round_committed" and record["run_id"] == run_id \
-                and record["body"].get("round") == server_round:
-            return RoundEntry(run_id, server_round, record, started[run_id])
+    run_id = run_id or runs[-1]
+    if run_id not in runs:
+        raise ReleaseError(f"{ledger}: no run {run_id!r}; runs: {', '.join(dict.fromkeys(runs))}")
+    started = records_of(records, RunStarted, run_id=run_id, source=ledger)[-1]
+    for record in records_of(records, RoundCommitted, run_id=run_id, source=ledger):
+        if record.body.round == server_round:
+            return RoundEntry(run_id, server_round, record, started)
     raise ReleaseError(f"{ledger}: run {run_id} has no committed round {server_round}")
 
 
-def approvals_of(ledger: Path, entry: RoundEntry) -> list[dict[str, Any]]:
+def approvals_of(ledger: Path, entry: RoundEntry) -> list[Record[ModelApproved]]:
     """``model_approved`` records for exactly this round's model."""
-    digest = entry.record["body"]["model_out"]["digest"]
-    return [r for r in read_records(ledger) if r["type"] == "model_approved"
-            and r["run_id"] == entry.run_id and r["body"].get("model_digest") == digest]
+    approvals = records_of(read_records(ledger), ModelApproved, run_id=entry.run_id, source=ledger)
+    return [a for a in approvals if a.body.model_digest == entry.record.body.model_out.digest]
 
 
 def approve(ledger: Path, private_key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate, *,
-            server_round: int, by: str, reason: str, run_id: str | None = None) -> dict[str, Any]:
+            server_round: int, by: str, reason: str, run_id: str | None = None) -> Record[ModelApproved]:
     """Append an approval of a committed round's model, signed with the lineage-signing key; return the record."""
     if not by.strip() or not reason.strip():
         raise ReleaseError("an approval needs who approves (--by) and why (--reason)")
     entry = find_round(ledger, server_round, run_id)
-    body = {"round": server_round, "by": by, "reason": reason,
-            "model_digest": entry.record["body"]["model_out"]["digest"],
-            "checkpoint": entry.record["body"]["model_out"]["checkpoint"],
-            "round_record": entry.record["hash"]}
+    model_out = entry.record.body.model_out
+    body = ModelApproved(round=server_round, by=by, reason=reason, model_digest=model_out.digest,
+                         checkpoint=model_out.checkpoint, round_record=entry.record.hash)
     try:
         with LineageWriter.open(ledger, private_key, certificate) as writer:
-            return writer.append("model_approved", body, entry.run_id)
+            return writer.append_body(body, entry.run_id)
     except LineageError as exc:
         raise ReleaseError(str(exc)) from None
 
@@ -80,13 +80,11 @@ def approve(ledger: Path, private_key: ec.EllipticCurvePrivateKey, certificate: 
 def privacy_spend(ledger: Path, entry: RoundEntry) -> dict[str, dict[str, float]]:
     """Each site's latest reported ε (and δ) in the run, up to and including the round."""
     spend: dict[str, dict[str, float]] = {}
-    for record in read_records(ledger):
-        body = record["body"]
-        if record["type"] == "round_committed" and record["run_id"] == entry.run_id \
-                and body["round"] <= entry.round:
-            for c in body["contributions"]:
-                if c.get("dp"):
-                    spend[c["site"]] = {"epsilon": c["epsilon"], "delta": c["delta"]}
+    for record in records_of(read_records(ledger), RoundCommitted, run_id=entry.run_id, source=ledger):
+        if record.body.round <= entry.round:
+            for c in record.body.contributions:
+                if c.dp:
+                    spend[c.site] = {"epsilon": c.epsilon, "delta": c.delta}
     return spend
 
 
@@ -108,8 +106,7 @@ def export_model(ledger: Path, signer_certificate: x509.Certificate, checkpoints
     if not approvals and not allow_unapproved:
         raise ReleaseError(f"run {entry.run_id} round {server_round} is not approved; "
                            "approve it with `fedgen model approve` or pass --allow-unapproved")
-    model_out = entry.record["body"]["model_out"]
-    checkpoint = checkpoints / model_out["checkpoint"]
+    checkpoint = checkpoints / entry.record.body.model_out.checkpoint
     if not checkpoint.is_file():
         raise ReleaseError(f"checkpoint {checkpoint} not found")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -126,9 +123,9 @@ def export_model(ledger: Path, signer_certificate: x509.Certificate, checkpoints
     return out
 
 
-def _write_release(folder: Path, checkpoint: Path, entry: RoundEntry, approvals: list[dict[str, Any]],
+def _write_release(folder: Path, checkpoint: Path, entry: RoundEntry, approvals: list[Record[ModelApproved]],
                    spend: dict[str, dict[str, float]], head_hash: str | None) -> None:
-    model_out, started = entry.record["body"]["model_out"], entry.run_started["body"]
+    model_out, started = entry.record.body.model_out, entry.run_started.body
     weights = folder / "model.safetensors"
     shutil.copyfile(checkpoint, weights)
     try:
@@ -136,36 +133,35 @@ def _write_release(folder: Path, checkpoint: Path, entry: RoundEntry, approvals:
         _, metadata = read_model_file(weights)
     except ValueError as exc:
         raise ReleaseError(str(exc)) from None
-    if copied_digest != model_out["digest"]:
+    if copied_digest != model_out.digest:
         raise ReleaseError(f"{checkpoint} changed while it was exported: its model digest is now "
-                           f"{copied_digest[:16]}…, not {model_out['digest'][:16]}… as the ledger commits")
+                           f"{copied_digest[:16]}…, not {model_out.digest[:16]}… as the ledger commits")
     model_config = json.loads(metadata.get("model_config", "null"))
-    if model_config != started["model_config"]:
+    if model_config != started.architecture:
         raise ReleaseError(f"{checkpoint}: its model config is not the one run {entry.run_id} started with")
-    config = {"model_config": model_config, "tokenizer": started["training"]["tokenizer"],
-              "labels": started["labels"], "model_digest": model_out["digest"], "run_id": entry.run_id,
+    config = {"model_config": model_config, "tokenizer": started.training.tokenizer,
+              "labels": started.labels, "model_digest": model_out.digest, "run_id": entry.run_id,
               "round": entry.round, "lineage_head": head_hash}
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (folder / "MODEL_CARD.md").write_text(model_card(entry, approvals, spend, head_hash), encoding="utf-8")
 
 
-def model_card(entry: RoundEntry, approvals: list[dict[str, Any]], spend: dict[str, dict[str, float]],
+def model_card(entry: RoundEntry, approvals: list[Record[ModelApproved]], spend: dict[str, dict[str, float]],
                head_hash: str | None) -> str:
-    body, started = entry.record["body"], entry.run_started["body"]
+    body, started = entry.record.body, entry.run_started.body
     lines = [
         f"# Model card: run {entry.run_id}, round {entry.round}", "",
-        f"- Model digest (SHA-256 of the named tensors and the checkpoint metadata): "
-        f"`{body['model_out']['digest']}`",
+        f"- Model digest (SHA-256 of the named tensors and the checkpoint metadata): `{body.model_out.digest}`",
         f"- Lineage head hash at export: `{head_hash}`",
-        f"- Round record hash: `{entry.record['hash']}`",
-        f"- Model: {started['training']['model']} ({started['training']['tokenizer']}), labels {started['labels']}",
-        f"- Strategy: {started['strategy']['name']}, {started['training']['rounds']} rounds planned",
-        "- Software: " + ", ".join(f"{k} {v}" for k, v in started["versions"].items()),
-        f"- Held-out accuracy at this round: {body['metrics'].get('accuracy')}", "",
+        f"- Round record hash: `{entry.record.hash}`",
+        f"- Model: {started.training.model} ({started.training.tokenizer}), labels {started.labels}",
+        f"- Strategy: {started.strategy.name}, {started.training.rounds} rounds planned",
+        "- Software: " + ", ".join(f"{k} {v}" for k, v in started.versions.items()),
+        f"- Held-out accuracy at this round: {body.metrics.get('accuracy')}", "",
         "## Approval", "",
     ]
     if approvals:
-        lines += [f"- Approved by {a['body']['by']} at {a['time']}: {a['body']['reason']}" for a in approvals]
+        lines += [f"- Approved by {a.body.by} at {a.time}: {a.body.reason}" for a in approvals]
     else:
         lines.append("- **NOT APPROVED**: exported with --allow-unapproved; do not use in production.")
     lines += ["", "## Privacy spent per site (sample-level DP, the site's own accountant)", "",

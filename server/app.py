@@ -25,6 +25,7 @@ from fedgen.config import TrainingConfig
 from fedgen.data import SequenceDataset, load_dataset
 from fedgen.model import ModelConfig, build_model, evaluate_classifier, resolve_device
 from fedgen.lineage import LineageWriter
+from fedgen.lineage.records import Resumes
 from fedgen.params import arrays_to_record, load_trainable, record_to_arrays, to_numpy, trainable_tensors
 from fedgen.pki import load_certificate, load_crl, load_private_key, revocation_time
 from fedgen.protocol import TrainInstructions
@@ -36,7 +37,7 @@ from fedgen.tokenizers import make_tokenizer
 
 from .checkpoints import checkpoint_digest, load_checkpoint, save_checkpoint
 from .fleet_registry import FleetRegistry
-from .lineage_records import code_digest, left_out_records, round_records, software_versions
+from .lineage_records import left_out_records, round_records, run_failed, run_finished, run_started, strategy_of
 
 RoundCallback = Callable[[RoundResult], None]
 logger = logging.getLogger(__name__)
@@ -134,9 +135,9 @@ def run_federation(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None 
     except BaseException as exc:
         if writer is not None:
             if isinstance(exc, QuorumNotMet):
-                for kind, body in left_out_records(exc.log):
-                    writer.append(kind, body, run_id)
-            writer.append("run_failed", {"error": f"{type(exc).__name__}: {exc}"}, run_id)
+                for body in left_out_records(exc.log):
+                    writer.append_body(body, run_id)
+            writer.append_body(run_failed(exc), run_id)
         raise
     finally:
         if writer is not None:
@@ -166,7 +167,7 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
         ledger=writer,
         site_names=FleetRegistry(registry).site_of if registry is not None else None,
     )
-    strategy_record = {"name": training.strategy, "options": dict(training.strategy_options)}
+    strategy_record = strategy_of(training)
     offset = plan.resume.after_round if plan.resume is not None else 0
     instructions = TrainInstructions(
         server_round=0,  # the strategy sets "server-round" in every round's config
@@ -186,14 +187,12 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
     initial: dict[str, float] = {}
     current = {"digest": initial_digest}
     if writer is not None:
-        writer.append("run_started", {
-            "config": plan.config_summary, "training": training.model_dump(),
-            "model_config": json.loads(plan.model_config.to_json()), "labels": list(plan.label_names),
-            "sites": plan.num_sites, "strategy": strategy_record, "initial_model": current["digest"],
-            "versions": software_versions(), "code_digest": code_digest(),
-            "resumes": {"run_id": plan.resume.run_id, "after_round": offset,
-                        "model_digest": plan.resume.model_digest} if plan.resume else None,
-        }, run_id)
+        writer.append_body(run_started(
+            config=plan.config_summary, training=training, model_config=plan.model_config,
+            labels=plan.label_names, sites=plan.num_sites, initial_model=current["digest"],
+            resumes=Resumes(run_id=plan.resume.run_id, after_round=offset, model_digest=plan.resume.model_digest)
+            if plan.resume else None,
+        ), run_id)
 
     def evaluate_and_commit(local_round: int, arrays: ArrayRecord) -> MetricRecord:
         # Flower counts this run's rounds from 1; a resumed run continues the numbering.
@@ -211,10 +210,10 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
         path, model_digest = save_checkpoint(plan.checkpoints, server_round, named, plan.model_config.to_json())
         log = strategy.rounds.get(local_round)
         if writer is not None:
-            for kind, body in round_records(log, server_round=server_round, model_in=current["digest"],
-                                            model_out=model_digest, checkpoint=path, strategy=strategy_record,
-                                            metrics={"accuracy": accuracy, "loss": loss}):
-                writer.append(kind, body, run_id)
+            for body in round_records(log, server_round=server_round, model_in=current["digest"],
+                                      model_out=model_digest, checkpoint=path, strategy=strategy_record,
+                                      metrics={"accuracy": accuracy, "loss": loss}):
+                writer.append_body(body, run_id)
         current["digest"] = model_digest
         result = RoundResult(round=server_round, accuracy=accuracy, loss=loss, sites=site_rounds(log),
                              checkpoint=str(path), model_digest=model_digest)
@@ -232,8 +231,8 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
         evaluate_fn=evaluate_and_commit,
     )
     if writer is not None:
-        writer.append("run_finished", {"rounds": len(rounds), "model_digest": current["digest"],
-                                       "head": writer.head_hash}, run_id)
+        writer.append_body(run_finished(rounds=len(rounds), model_digest=current["digest"], head=writer.head_hash),
+                           run_id)
     return RunResult(rounds=rounds, initial_accuracy=initial.get("accuracy", math.nan),
                      out_dir=str(plan.out_dir), config=plan.config_summary,
                      lineage=str(plan.lineage.ledger) if plan.lineage else None)

@@ -24,6 +24,7 @@ from pathlib import Path
 from fedgen.config import AggregatorConfig, ConfigError, RunConfig, load_toml
 from fedgen.data import DataError, load_dataset
 from fedgen.lineage import LineageError, read_records
+from fedgen.lineage.records import RoundCommitted, RunFinished, RunStarted, records_of
 from fedgen.model import preset_config
 from fedgen.results import RoundResult, RunResult
 from fedgen.sovereignty import sovereign_environment
@@ -140,22 +141,24 @@ def resume_point(ledger: Path, checkpoints: Path, training: dict, source: str) -
         records = read_records(ledger)
     except LineageError as exc:
         raise ConfigError(f"{source}: cannot resume: {exc}") from None
-    started = [r for r in records if r["type"] == "run_started"]
-    if not started:
+    runs = [r["run_id"] for r in records if r["type"] == RunStarted.TYPE]
+    if not runs:
         raise ConfigError(f"{source}: cannot resume: {ledger} holds no run")
-    last = started[-1]
-    run_id = last["run_id"]
-    if any(r["type"] == "run_finished" and r["run_id"] == run_id for r in records):
+    run_id = runs[-1]
+    if any(r["type"] == RunFinished.TYPE and r["run_id"] == run_id for r in records):
         raise ConfigError(f"{source}: cannot resume: the last run ({run_id}) finished; start a new one")
-    if last["body"]["training"] != training:
+    try:
+        started = records_of(records, RunStarted, run_id=run_id, source=ledger)[-1]
+        committed = records_of(records, RoundCommitted, run_id=run_id, source=ledger)
+    except LineageError as exc:
+        raise ConfigError(f"{source}: cannot resume: {exc}") from None
+    if started.body.training.model_dump() != training:
         raise ConfigError(f"{source}: training differs from that of run {run_id}, which --resume continues")
-    committed = [r for r in records if r["type"] == "round_committed" and r["run_id"] == run_id]
     if not committed:
         raise ConfigError(f"{source}: run {run_id} committed no round; start it again without --resume")
-    body = committed[-1]["body"]
-    return ResumePoint(run_id=run_id, after_round=int(body["round"]),
-                       checkpoint=checkpoints / body["model_out"]["checkpoint"],
-                       model_digest=body["model_out"]["digest"])
+    last = committed[-1].body
+    return ResumePoint(run_id=run_id, after_round=last.round, checkpoint=checkpoints / last.model_out.checkpoint,
+                       model_digest=last.model_out.digest)
 
 
 def submit(run: RunConfig, source: str, *, resume: bool = False) -> SubmittedRun:

@@ -1,12 +1,16 @@
-"""What the aggregator writes into the lineage ledger for a run and each of its rounds."""
+"""What the aggregator writes into the lineage ledger for a run and each of its rounds.
+
+The bodies are the types of `fedgen.lineage.records`; here they are filled in from the
+run's configuration and each round's `RoundLog`.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import platform
 from pathlib import Path
-from typing import Any
 
 import flwr
 import opacus
@@ -16,6 +20,12 @@ import fedgen
 import fedgen.client
 import fedgen.server
 import fedgen.strategies
+from fedgen.config import TrainingConfig
+from fedgen.lineage.records import (
+    Body, Contribution, HeadRef, LeftOut, ModelIn, ModelOut, Resumes, RoundCommitted, RunFailed, RunFinished,
+    RunStarted, SiteRefused, Strategy, UpdateRejected,
+)
+from fedgen.model import ModelConfig
 from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 
@@ -29,8 +39,8 @@ def code_digest() -> str:
     h = hashlib.sha256()
     for package in (fedgen, fedgen.client, fedgen.server, fedgen.strategies):
         root = Path(package.__file__).parent
-        for path in sorted(root.glob("*.py")):
-            h.update(f"{package.__name__}/{path.name}\0".encode())
+        for path in sorted(root.rglob("*.py")):  # subpackages (fedgen.lineage) included
+            h.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
             h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -40,47 +50,68 @@ def finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def contribution(outcome: SiteOutcome) -> dict[str, Any]:
+def strategy_of(training: TrainingConfig) -> Strategy:
+    return Strategy(name=training.strategy, options=dict(training.strategy_options))
+
+
+def run_started(*, config: dict, training: TrainingConfig, model_config: ModelConfig, labels: list[str],
+                sites: int, initial_model: str, resumes: Resumes | None) -> RunStarted:
+    """The start of a run, with the software that runs it."""
+    return RunStarted(config=config, training=training, model_config=json.loads(model_config.to_json()),
+                      labels=list(labels), sites=sites, strategy=strategy_of(training),
+                      initial_model=initial_model, versions=software_versions(), code_digest=code_digest(),
+                      resumes=resumes)
+
+
+def contribution(outcome: SiteOutcome) -> Contribution:
     report = outcome.report
-    assert report is not None
-    return {
-        "site": outcome.site, "fingerprint": outcome.fingerprint, "update_digest": outcome.update_digest,
-        "signature": outcome.signature, "certificate": outcome.certificate,
-        "examples": report.num_examples, "steps": report.steps, "train_loss": finite(report.train_loss),
-        "dp": report.dp, "noise_multiplier": report.noise_multiplier, "sample_rate": report.sample_rate,
-        "max_grad_norm": report.max_grad_norm, "epsilon": report.epsilon, "delta": report.delta,
-    }
+    assert report is not None and outcome.update_digest is not None
+    return Contribution(
+        site=outcome.site, fingerprint=outcome.fingerprint, update_digest=outcome.update_digest,
+        signature=outcome.signature, certificate=outcome.certificate,
+        examples=report.num_examples, steps=report.steps, train_loss=finite(report.train_loss),
+        dp=report.dp, noise_multiplier=report.noise_multiplier, sample_rate=report.sample_rate,
+        max_grad_norm=report.max_grad_norm, epsilon=report.epsilon, delta=report.delta,
+    )
 
 
-def left_out_records(log: RoundLog | None) -> list[tuple[str, dict]]:
+def left_out_records(log: RoundLog | None) -> list[UpdateRejected | SiteRefused]:
     """A record for each update the round rejected and each site that refused it."""
-    records: list[tuple[str, dict]] = []
+    records: list[UpdateRejected | SiteRefused] = []
     for o in log.outcomes if log is not None else []:
         if o.rejected is not None:
-            records.append(("update_rejected", {"round": log.server_round, "site": o.site,
-                                                "update_digest": o.update_digest, "reason": o.rejected}))
+            records.append(UpdateRejected(round=log.server_round, site=o.site, update_digest=o.update_digest,
+                                          reason=o.rejected))
         elif o.refused is not None:
-            records.append(("site_refused", {"round": log.server_round, "site": o.site, "reason": o.refused}))
+            records.append(SiteRefused(round=log.server_round, site=o.site, reason=o.refused))
     return records
 
 
 def round_records(log: RoundLog | None, *, server_round: int, model_in: str, model_out: str,
-                  checkpoint: Path, strategy: dict, metrics: dict[str, float]) -> list[tuple[str, dict]]:
+                  checkpoint: Path, strategy: Strategy, metrics: dict[str, float]) -> list[Body]:
     """The records of one committed round: each rejected update, each refusal, then the commit."""
     outcomes = log.outcomes if log is not None else []
-    records = left_out_records(log)
+    records: list[Body] = [*left_out_records(log)]
     head = log.head if log is not None else None
-    records.append(("round_committed", {
-        "round": server_round,
-        "started_at": log.started_at if log is not None else None,
-        "ledger_head": {"seq": head.seq, "hash": head.hash} if head is not None else None,
-        "model_in": {"digest": model_in},
-        "model_out": {"digest": model_out, "checkpoint": checkpoint.name},
-        "strategy": strategy,
-        "contributions": [contribution(o) for o in outcomes if o.contributed],
-        "rejected": [{"site": o.site, "reason": o.rejected} for o in outcomes if o.rejected is not None],
-        "refused": [{"site": o.site, "reason": o.refused} for o in outcomes if o.refused is not None],
-        "failed": [{"site": o.site, "reason": o.failed} for o in outcomes if o.failed is not None],
-        "metrics": {name: finite(value) for name, value in metrics.items()},
-    }))
+    records.append(RoundCommitted(
+        round=server_round,
+        started_at=log.started_at if log is not None else None,
+        ledger_head=HeadRef(seq=head.seq, hash=head.hash) if head is not None else None,
+        model_in=ModelIn(digest=model_in),
+        model_out=ModelOut(digest=model_out, checkpoint=checkpoint.name),
+        strategy=strategy,
+        contributions=[contribution(o) for o in outcomes if o.contributed],
+        rejected=[LeftOut(site=o.site, reason=o.rejected) for o in outcomes if o.rejected is not None],
+        refused=[LeftOut(site=o.site, reason=o.refused) for o in outcomes if o.refused is not None],
+        failed=[LeftOut(site=o.site, reason=o.failed) for o in outcomes if o.failed is not None],
+        metrics={name: finite(value) for name, value in metrics.items()},
+    ))
     return records
+
+
+def run_finished(*, rounds: int, model_digest: str, head: str | None) -> RunFinished:
+    return RunFinished(rounds=rounds, model_digest=model_digest, head=head)
+
+
+def run_failed(error: BaseException) -> RunFailed:
+    return RunFailed(error=f"{type(error).__name__}: {error}")

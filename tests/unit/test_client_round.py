@@ -16,7 +16,7 @@ from fedgen.data import DataError, load_dataset
 from fedgen.lineage import LedgerHead, LineageWriter, witness_statement
 from fedgen.params import digest, record_to_arrays
 from fedgen.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainReport, put_ledger_head
-from fedgen.receipts import RECEIPTS_FILE, Receipt, WitnessError, read_receipts
+from fedgen.lineage.receipts import RECEIPTS_FILE, Receipt, WitnessError, read_receipts
 
 from ..conftest import train_message, write_site
 

@@ -17,10 +17,11 @@ from fedgen import pki
 from fedgen.cli import app
 from fedgen.lineage import LedgerHead, LineageWriter, read_records, verify, witness_statement
 from fedgen.protocol import TrainReport
-from fedgen.receipts import (
+from fedgen.lineage.receipts import (
     RECEIPTS_FILE, ReceiptError, append_receipt, check_ledger_head, check_receipts, collect_receipts, new_receipt,
     read_receipts,
 )
+from fedgen.lineage.records import Strategy
 from fedgen.server.lineage_records import round_records
 from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
@@ -106,10 +107,10 @@ def federate(root: Path, consortium: Consortium, rounds: int = 3) -> Federation:
                     outcome = SiteOutcome(site, failed="no reply within the round timeout")
                 log.outcomes.append(outcome)
             model_out = f"{server_round:064x}"
-            for kind, body in round_records(log, server_round=server_round, model_in=model, model_out=model_out,
-                                            checkpoint=root / f"round-{server_round}.safetensors",
-                                            strategy={"name": "fedavg"}, metrics={"accuracy": 0.5}):
-                writer.append(kind, body, RUN)
+            for body in round_records(log, server_round=server_round, model_in=model, model_out=model_out,
+                                      checkpoint=root / f"round-{server_round}.safetensors",
+                                      strategy=Strategy(name="fedavg", options={}), metrics={"accuracy": 0.5}):
+                writer.append_body(body, RUN)
             model = model_out
         writer.append("run_finished", {"rounds": rounds, "model_digest": model}, RUN)
     return Federation(root / "lineage.jsonl", sites, read_records(root / "lineage.jsonl"))
@@ -267,7 +268,7 @@ def test_a_site_checks_the_head_is_signed_by_the_consortiums_lineage_signer(cons
         head, pem = writer.head, writer.certificate_pem
     check_ledger_head(head, pem, consortium.ca)
     other = make_consortium(tmp_path / "other", "Other")
-    from fedgen.receipts import WitnessError
+    from fedgen.lineage.receipts import WitnessError
 
     with pytest.raises(WitnessError, match="wrong issuer"):
         check_ledger_head(head, pem, other.ca)

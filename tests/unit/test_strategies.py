@@ -9,6 +9,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from fedgen.config import STRATEGY_NAMES
 from fedgen import pki
 from fedgen.lineage import LedgerHead, LineageWriter, witness_statement
+from fedgen.lineage.records import HeadRef, Strategy
 from fedgen.params import arrays_to_record, digest, record_to_arrays
 from fedgen.protocol import (
     ARRAYS_KEY, BUDGET_REFUSED, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainReport, site_record,
@@ -288,8 +289,8 @@ def test_instructions_carry_the_ledger_head_and_site_signatures_must_cover_it(fl
     assert [o.rejected for o in outcomes] == [None] + 2 * [
         "site signature over the update digest and the ledger head sent does not verify"]
     np.testing.assert_allclose(record_to_arrays(arrays)["w"], 1.0)
-    *rejected, (kind, body) = round_records(strategy.rounds[1], server_round=1, model_in="0" * 64,
-                                            model_out="1" * 64, checkpoint=tmp_path / "c.safetensors",
-                                            strategy={}, metrics={})
-    assert [k for k, _ in rejected] == 2 * ["update_rejected"] and kind == "round_committed"
-    assert body["ledger_head"] == {"seq": 0, "hash": first["hash"]}
+    *rejected, committed = round_records(strategy.rounds[1], server_round=1, model_in="0" * 64, model_out="1" * 64,
+                                         checkpoint=tmp_path / "c.safetensors",
+                                         strategy=Strategy(name="fedavg", options={}), metrics={})
+    assert [body.TYPE for body in rejected] == 2 * ["update_rejected"] and committed.TYPE == "round_committed"
+    assert committed.ledger_head == HeadRef(seq=0, hash=first["hash"])

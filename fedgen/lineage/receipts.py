@@ -4,7 +4,7 @@ A hash chain signed by one key cannot show its key holder rewriting or truncatin
 re-chained and re-signed, any history verifies. So the sites witness it. Each round's
 instructions carry the ledger head (seq, hash, and the lineage signer's signature over
 the hash); a site checks that signature, signs its update digest together with that head
-(`fedgen.lineage.witness_statement`) and, before its reply leaves, appends a receipt to
+(`fedgen.lineage.format.witness_statement`) and, before its reply leaves, appends a receipt to
 ``<state_dir>/lineage-receipts.jsonl``. The receipt holds the signer's own signature over
 the head, so a receipt whose head the ledger no longer holds proves that the holder of the
 lineage key rewrote or dropped a record it once signed.
@@ -12,7 +12,7 @@ lineage key rewrote or dropped a record it once signed.
 Receipt files
 -------------
 One JSON object per line, each line ending in ``\\n``, written in the canonical encoding
-of `fedgen.lineage.canonical_encoding`, with exactly the members ``head_hash`` (hex),
+of `fedgen.lineage.format.canonical_encoding`, with exactly the members ``head_hash`` (hex),
 ``head_seq`` (int), ``head_signature`` (base64), ``round`` (int), ``run_id`` (str),
 ``signature`` (the site's base64 signature over the witness statement, or null for a
 site without a certificate, as in simulations), ``site`` (str), ``time`` (ISO 8601 UTC)
@@ -58,14 +58,13 @@ from typing import Any
 from cryptography import x509
 
 from fedgen import pki
-from fedgen.lineage import LedgerHead, canonical_encoding
+
+from .format import LedgerHead, StrPath, canonical_encoding, is_count, is_hex_digest
 
 RECEIPTS_FILE = "lineage-receipts.jsonl"
 FAILURES = ("truncated", "rewritten", "dropped")
 NOTES = ("unacknowledged", "uncommitted", "unattested")
 STATUSES = ("witnessed", *FAILURES, *NOTES)
-
-StrPath = str | os.PathLike[str]
 
 
 class ReceiptError(ValueError):
@@ -111,7 +110,7 @@ class Receipt:
             raise ReceiptError(f"members missing: {missing or 'none'}; unknown: {extra or 'none'}")
         checks = {
             "site": lambda v: isinstance(v, str) and bool(v), "run_id": lambda v: isinstance(v, str) and bool(v),
-            "round": _is_count, "head_seq": _is_count, "head_hash": _is_hex, "update_digest": _is_hex,
+            "round": is_count, "head_seq": is_count, "head_hash": is_hex_digest, "update_digest": is_hex_digest,
             "head_signature": lambda v: isinstance(v, str), "signature": lambda v: v is None or isinstance(v, str),
             "time": lambda v: isinstance(v, str),
         }
@@ -156,14 +155,6 @@ class ReceiptReport:
 
     def count(self, status: str) -> int:
         return sum(finding.status == status for finding in self.findings)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_hex(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _decode_base64(text: str) -> bytes | None:
