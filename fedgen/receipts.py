@@ -59,8 +59,8 @@ from cryptography import x509
 
 from fedgen import pki
 from fedgen.lineage import LedgerHead, canonical_encoding
+from fedgen.state_files import RECEIPTS_FILE
 
-RECEIPTS_FILE = "lineage-receipts.jsonl"
 FAILURES = ("truncated", "rewritten", "dropped")
 NOTES = ("unacknowledged", "uncommitted", "unattested")
 STATUSES = ("witnessed", *FAILURES, *NOTES)

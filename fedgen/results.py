@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedgen import atomic
+
 
 @dataclass
 class SiteRound:
@@ -108,7 +110,7 @@ class RunResult:
         return {**record, "final_accuracy": self.final_accuracy}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        atomic.write_text(path, json.dumps(self.to_dict(), indent=2))
 
     def plot(self, ax=None):  # noqa: ANN001 - matplotlib is optional
         """Plot accuracy and each site's ε per round (needs matplotlib)."""

@@ -12,13 +12,13 @@ from fedgen.pki import (
     load_certificate, load_crl,
 )
 from fedgen.sovereignty import apply_sovereign_environment
+from fedgen.state_files import FLEET_REGISTRY_FILE, FLOWER_DATABASE
 
 from .door import FleetTLS
-from .fleet_registry import REGISTRY_FILE, FleetRegistry
+from .fleet_registry import FleetRegistry
 from .superlink import FleetDoor, build_superlink_app, check_flower_version, serve, superlink_servers
 
 log = logging.getLogger(__name__)
-FLOWER_DATABASE = "flower.db"
 
 
 def check_aggregator(config: AggregatorConfig, source: str) -> FleetTLS:
@@ -75,7 +75,7 @@ def start_aggregator(config: AggregatorConfig, source: str = "aggregator config"
     state_dir = Path(config.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     app = build_superlink_app(runtime_port=config.control_port, database=state_dir / FLOWER_DATABASE)
-    door = FleetDoor(app, tls, FleetRegistry(state_dir / REGISTRY_FILE))
+    door = FleetDoor(app, tls, FleetRegistry(state_dir / FLEET_REGISTRY_FILE))
     local, public = superlink_servers(app, door, public_host=config.fleet_host, fleet_port=config.fleet_port,
                                       runtime_port=config.control_port)
     log.info("Fleet API (mutual TLS) on %s:%d; Control and Runtime APIs on 127.0.0.1:%d",

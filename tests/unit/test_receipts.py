@@ -18,10 +18,11 @@ from fedgen.cli import app
 from fedgen.lineage import LedgerHead, LineageWriter, read_records, verify, witness_statement
 from fedgen.protocol import TrainReport
 from fedgen.receipts import (
-    RECEIPTS_FILE, ReceiptError, append_receipt, check_ledger_head, check_receipts, collect_receipts, new_receipt,
+    ReceiptError, append_receipt, check_ledger_head, check_receipts, collect_receipts, new_receipt,
     read_receipts,
 )
 from fedgen.server.lineage_records import round_records
+from fedgen.state_files import RECEIPTS_FILE
 from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 from .forgery import forge_ledger
