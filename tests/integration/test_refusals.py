@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from fedgen import pki
-from fedgen.client.supernode import SiteTLS, client_ssl_context
+from fedgen.client.supernode import client_ssl_context
 from fedgen.config import (
     AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, SiteConfig, SiteTLSConfig, write_toml,
 )
@@ -68,7 +68,8 @@ def _context(folder: Path, site: str | None, ca: Path):
 
         return ssl.create_default_context(cafile=str(ca))
     files = pki.layout(folder)
-    return client_ssl_context(SiteTLS(files.site_cert(site), files.site_key(site), ca))
+    return client_ssl_context(SiteTLSConfig(certificate=files.site_cert(site), private_key=files.site_key(site),
+                                            ca_certificate=ca))
 
 
 def _post(consortium, context, key_of: str | None = None) -> httpx.Response:
