@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from fedgen import atomic
 
 
+SiteStatus = Literal["trained", "refused", "rejected", "failed"]
+"""How a site took part in a round: it trained (its update was aggregated), it refused
+(its privacy budget would be exceeded), its update was rejected (digest, signature, shape
+or norm checks), or it failed (an error, or no reply within the round timeout)."""
+
+
 @dataclass
 class SiteRound:
-    """One site's part in one round; ``status`` is trained, refused or failed."""
+    """One site's part in one round: its `SiteStatus` and, unless it trained, the reason."""
 
     site: str
-    status: str
+    status: SiteStatus
     examples: int = 0
     train_loss: float | None = None
     epsilon: float | None = None

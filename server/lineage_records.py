@@ -56,11 +56,11 @@ def left_out_records(log: RoundLog | None) -> list[tuple[str, dict]]:
     """A record for each update the round rejected and each site that refused it."""
     records: list[tuple[str, dict]] = []
     for o in log.outcomes if log is not None else []:
-        if o.rejected is not None:
+        if o.status == "rejected":
             records.append(("update_rejected", {"round": log.server_round, "site": o.site,
-                                                "update_digest": o.update_digest, "reason": o.rejected}))
-        elif o.refused is not None:
-            records.append(("site_refused", {"round": log.server_round, "site": o.site, "reason": o.refused}))
+                                                "update_digest": o.update_digest, "reason": o.reason}))
+        elif o.status == "refused":
+            records.append(("site_refused", {"round": log.server_round, "site": o.site, "reason": o.reason}))
     return records
 
 
@@ -78,9 +78,9 @@ def round_records(log: RoundLog | None, *, server_round: int, model_in: str, mod
         "model_out": {"digest": model_out, "checkpoint": checkpoint.name},
         "strategy": strategy,
         "contributions": [contribution(o) for o in outcomes if o.contributed],
-        "rejected": [{"site": o.site, "reason": o.rejected} for o in outcomes if o.rejected is not None],
-        "refused": [{"site": o.site, "reason": o.refused} for o in outcomes if o.refused is not None],
-        "failed": [{"site": o.site, "reason": o.failed} for o in outcomes if o.failed is not None],
+        "rejected": [{"site": o.site, "reason": o.reason} for o in outcomes if o.status == "rejected"],
+        "refused": [{"site": o.site, "reason": o.reason} for o in outcomes if o.status == "refused"],
+        "failed": [{"site": o.site, "reason": o.reason} for o in outcomes if o.status == "failed"],
         "metrics": {name: finite(value) for name, value in metrics.items()},
     }))
     return records

@@ -102,9 +102,9 @@ def federate(root: Path, consortium: Consortium, rounds: int = 3) -> Federation:
             for site in SITES:
                 outcome = site_round(consortium, site, server_round, head, writer.certificate_pem, sites[site])
                 if site == "site-c" and server_round == 2:
-                    outcome.rejected = "update norm exceeds the bound"
+                    outcome.reject("update norm exceeds the bound")
                 if site == "site-c" and server_round == 3:
-                    outcome = SiteOutcome(site, failed="no reply within the round timeout")
+                    outcome = SiteOutcome(site, "failed", "no reply within the round timeout")
                 log.outcomes.append(outcome)
             model_out = f"{server_round:064x}"
             for kind, body in round_records(log, server_round=server_round, model_in=model, model_out=model_out,
