@@ -3,13 +3,12 @@
 Each Flower message runs in a fresh process, so an in-memory accountant would silently
 start from zero every round. The ledger stores the accountant's full history (noise
 multiplier, sample rate, steps) and every round's spend, and is rewritten atomically
-(temporary file, fsync, rename) so it is always either the old or the new state.
+(`fedgen.atomic`: temporary file, fsync, rename) so it is always either the old or the new state.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,9 @@ from pathlib import Path
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 
-LEDGER_FILE = "privacy-ledger.json"
+from fedgen import atomic
+from fedgen.state_files import PRIVACY_LEDGER_FILE
+
 LEDGER_VERSION = 1
 # Past this noise multiplier an update carries almost no signal: refuse instead.
 MAX_NOISE_MULTIPLIER = 50.0
@@ -67,7 +68,7 @@ class PrivacyLedger:
             If the file is corrupt, or its accountant or δ differ from the settings:
             composing across a change of either would misreport the spend.
         """
-        path = Path(state_dir) / LEDGER_FILE
+        path = Path(state_dir) / PRIVACY_LEDGER_FILE
         if not path.exists():
             return cls(path=path, accountant=accountant, delta=delta)
         try:
@@ -153,19 +154,8 @@ class PrivacyLedger:
         return epsilon
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps({
             "version": LEDGER_VERSION, "accountant": self.accountant, "delta": self.delta,
             "history": self.history, "rounds": self.rounds,
         }, indent=1)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        atomic.write_text(self.path, body)

@@ -28,19 +28,17 @@ import signal
 import ssl
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
-import flwr
 import httpx
 
-from fedgen.config import ConfigError, SiteConfig, load_toml
+from fedgen.config import ConfigError, SiteConfig, SiteTLSConfig, load_toml
+from fedgen.flower_pin import check_flower_version
 from fedgen.pki import PKIError, check_key_pair, check_tls_identity, site_id_of
 from fedgen.sovereignty import apply_sovereign_environment
 
 from .refusals import refusal_cause
 
-FLOWER_SERIES = "1.41."
 log = logging.getLogger(__name__)
 
 
@@ -48,16 +46,7 @@ class SiteStopped(RuntimeError):
     """The site's SuperNode stopped without being asked to; the message says why."""
 
 
-@dataclass(frozen=True)
-class SiteTLS:
-    """A site's credentials: its certificate and key, and the consortium CA it trusts."""
-
-    certificate: Path
-    private_key: Path
-    ca_certificate: Path
-
-
-def client_ssl_context(tls: SiteTLS) -> ssl.SSLContext:
+def client_ssl_context(tls: SiteTLSConfig) -> ssl.SSLContext:
     """TLS client context: verify the aggregator against the CA only, present the site cert."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_certificate))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -101,7 +90,7 @@ class StopReason:
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def install_mutual_tls(tls: SiteTLS) -> StopReason:
+def install_mutual_tls(tls: SiteTLSConfig) -> StopReason:
     """Make Flower's SuperNode connect with the site's certificate and certificate key.
 
     Returns
@@ -109,11 +98,7 @@ def install_mutual_tls(tls: SiteTLS) -> StopReason:
     StopReason
         Where the reason the aggregator refused this site, if it does, is kept.
     """
-    if not flwr.__version__.startswith(FLOWER_SERIES):
-        raise RuntimeError(
-            f"fedgen's mutual-TLS SuperNode glue is written for Flower {FLOWER_SERIES}x; "
-            f"found {flwr.__version__}. Install flwr>=1.41,<1.42."
-        )
+    check_flower_version("mutual-TLS SuperNode glue")
     from flwr.proto.fleet_pb2 import RegisterNodeFleetResponse, UnregisterNodeFleetResponse
     from flwr.supercore.error import ApiErrorCode, FlowerError
     from flwr.supernode import fleet_http_connection
@@ -160,7 +145,7 @@ def install_mutual_tls(tls: SiteTLS) -> StopReason:
     return stop
 
 
-def run_supernode(*, tls: SiteTLS, aggregator: str, site_config: Path, runtime_port: int) -> None:
+def run_supernode(*, tls: SiteTLSConfig, aggregator: str, site_config: Path, runtime_port: int) -> None:
     """Run Flower's SuperNode (blocking) for the site described by ``site_config``.
 
     ``runtime_port`` is the SuperNode's own loopback Runtime API, which its ClientApp
@@ -195,7 +180,7 @@ def run_supernode(*, tls: SiteTLS, aggregator: str, site_config: Path, runtime_p
               emit_telemetry=False)
 
 
-def check_site(site: SiteConfig, source: str) -> SiteTLS:
+def check_site(site: SiteConfig, source: str) -> SiteTLSConfig:
     """Check what joining a deployment needs, before anything starts.
 
     Raises
@@ -221,8 +206,7 @@ def check_site(site: SiteConfig, source: str) -> SiteTLS:
     if site_id_of(certificate) != site.site_id:
         raise ConfigError(f"{source}: site_id {site.site_id!r} differs from the certificate's "
                           f"{site_id_of(certificate)!r}; use the certificate issued for this site")
-    return SiteTLS(certificate=site.tls.certificate, private_key=site.tls.private_key,
-                   ca_certificate=site.tls.ca_certificate)
+    return site.tls
 
 
 def start_site(site_toml: Path) -> None:

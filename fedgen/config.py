@@ -20,6 +20,8 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
+from fedgen import atomic
+
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum", "median")
 
 
@@ -161,11 +163,7 @@ def to_toml(config: BaseModel, destination: str | Path) -> str:
 
 def write_toml(config: BaseModel, path: str | Path) -> Path:
     """Write ``config`` to ``path`` (see `to_toml`), whole or not at all."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(to_toml(config, path), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return atomic.write_text(path, to_toml(config, path))
 
 
 def _toml_path(value: Path, folder: Path) -> str:

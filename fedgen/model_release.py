@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from . import atomic
 from .lineage import LineageError, LineageWriter, read_records, verify
 from .lineage.records import ModelApproved, Record, RoundCommitted, RunStarted, records_of
 from .params import model_file_digest, read_model_file
@@ -117,6 +118,7 @@ def export_model(ledger: Path, signer_certificate: x509.Certificate, checkpoints
     try:
         _write_release(staging, checkpoint, entry, approvals, privacy_spend(ledger, entry), report.head_hash)
         os.replace(staging, out)  # over a missing or empty folder
+        atomic.fsync_directory(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -127,7 +129,8 @@ def _write_release(folder: Path, checkpoint: Path, entry: RoundEntry, approvals:
                    spend: dict[str, dict[str, float]], head_hash: str | None) -> None:
     model_out, started = entry.record.body.model_out, entry.run_started.body
     weights = folder / "model.safetensors"
-    shutil.copyfile(checkpoint, weights)
+    with atomic.replacing(weights) as temporary:
+        shutil.copyfile(checkpoint, temporary)
     try:
         copied_digest = model_file_digest(weights)
         _, metadata = read_model_file(weights)
@@ -142,8 +145,8 @@ def _write_release(folder: Path, checkpoint: Path, entry: RoundEntry, approvals:
     config = {"model_config": model_config, "tokenizer": started.training.tokenizer,
               "labels": started.labels, "model_digest": model_out.digest, "run_id": entry.run_id,
               "round": entry.round, "lineage_head": head_hash}
-    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (folder / "MODEL_CARD.md").write_text(model_card(entry, approvals, spend, head_hash), encoding="utf-8")
+    atomic.write_text(folder / "config.json", json.dumps(config, indent=2))
+    atomic.write_text(folder / "MODEL_CARD.md", model_card(entry, approvals, spend, head_hash))
 
 
 def model_card(entry: RoundEntry, approvals: list[Record[ModelApproved]], spend: dict[str, dict[str, float]],

@@ -13,7 +13,7 @@ Everything lives in one consortium folder (default ``certs/``)::
 
 Keys are EC P-256, written as unencrypted PKCS8 PEM with mode 0600 from creation: the
 file permissions, not a passphrase, protect them. Every file is written to a temporary
-name, fsynced and renamed, so a crash leaves either the old file or the new one.
+name, fsynced and renamed (`fedgen.atomic`), so a crash leaves either the old file or the new one.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import ipaddress
 import json
 import os
 import re
-import secrets
 import stat
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -34,6 +33,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedgen import atomic
 
 CA_DAYS = 365 * 5
 CERT_DAYS = 90
@@ -220,29 +221,6 @@ def _utc(moment: datetime | None) -> datetime:
 # ---------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` by way of a fsynced temporary file created with ``mode``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # O_EXCL + mode: a key file is 0600 from its first byte, never chmod-ed later.
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
 def _refuse_overwrite(paths: list[Path], force: bool, hint: str = "") -> None:
     if force:
         return
@@ -258,7 +236,7 @@ def _pem(cert: x509.Certificate) -> bytes:
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    _write_atomic(path, pem, 0o600)
+    atomic.write_bytes(path, pem, 0o600)
 
 
 def load_certificate(path: StrPath) -> x509.Certificate:
@@ -618,7 +596,7 @@ def _read_index(files: ConsortiumLayout) -> dict[str, Any]:
 
 
 def _write_index(files: ConsortiumLayout, index: dict[str, Any]) -> None:
-    _write_atomic(files.index, (json.dumps(index, indent=2) + "\n").encode("utf-8"), 0o644)
+    atomic.write_bytes(files.index, (json.dumps(index, indent=2) + "\n").encode("utf-8"), 0o644)
 
 
 def _index_entry(kind: str, cert: x509.Certificate, relative_path: str) -> dict[str, Any]:
@@ -715,7 +693,7 @@ def _issue_leaf(files: ConsortiumLayout, *, kind: str, common_name: str, extensi
     relative_path = files.relative(cert_path)
     previous = _current_entry(index, relative_path)
     _write_key(key_path, key)
-    _write_atomic(cert_path, _pem(cert), 0o644)
+    atomic.write_bytes(cert_path, _pem(cert), 0o644)
     index["certificates"].append(_index_entry(kind, cert, relative_path))
     if previous is not None and previous["revoked_at"] is None:
         previous.update(revoked_at=moment.isoformat(), reason="superseded")
@@ -753,7 +731,7 @@ def _write_crl(files: ConsortiumLayout, index: dict[str, Any], ca_cert: x509.Cer
         if entry["revoked_at"] is not None:
             builder = builder.add_revoked_certificate(_revoked_entry(entry))
     crl = builder.sign(ca_key, hashes.SHA256())
-    _write_atomic(files.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic.write_bytes(files.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 # ---------------------------------------------------------------------------- commands
@@ -795,7 +773,7 @@ def init_consortium(folder: StrPath, name: str, *, days: int = CA_DAYS, force: b
     index: dict[str, Any] = {"format": INDEX_FORMAT, "consortium": name, "crl_number": 0,
                              "certificates": [_index_entry("ca", cert, files.relative(files.ca_cert))]}
     _write_key(files.ca_key, key)
-    _write_atomic(files.ca_cert, _pem(cert), 0o644)
+    atomic.write_bytes(files.ca_cert, _pem(cert), 0o644)
     _write_crl(files, index, cert, key, moment, CRL_DAYS)
     _write_index(files, index)
     return files.ca_cert

@@ -5,14 +5,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from fedgen import atomic
+
+
+SiteStatus = Literal["trained", "refused", "rejected", "failed"]
+"""How a site took part in a round: it trained (its update was aggregated), it refused
+(its privacy budget would be exceeded), its update was rejected (digest, signature, shape
+or norm checks), or it failed (an error, or no reply within the round timeout)."""
 
 
 @dataclass
 class SiteRound:
-    """One site's part in one round; ``status`` is trained, refused or failed."""
+    """One site's part in one round: its `SiteStatus` and, unless it trained, the reason."""
 
     site: str
-    status: str
+    status: SiteStatus
     examples: int = 0
     train_loss: float | None = None
     epsilon: float | None = None
@@ -108,7 +117,7 @@ class RunResult:
         return {**record, "final_accuracy": self.final_accuracy}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        atomic.write_text(path, json.dumps(self.to_dict(), indent=2))
 
     def plot(self, ax=None):  # noqa: ANN001 - matplotlib is optional
         """Plot accuracy and each site's ε per round (needs matplotlib)."""

@@ -22,15 +22,14 @@ from .config import PrivacyConfig, SiteConfig, TrainingConfig, load_toml, write_
 from .data import SequenceDataset, bundled_data_dir, load_bundled, load_dataset, train_test_split
 from .model import ModelConfig, preset_config
 from .params import arrays_to_record, digest, record_to_arrays
-from .partition import partition
+from .partition import SCHEMES, partition
 from .protocol import ARRAYS_KEY, SITE_KEY
 from .results import RoundResult, RunResult
 from .sovereignty import apply_sovereign_environment, ray_without_api_server
+from .state_files import LINEAGE_FILE, RESULT_FILE
 from .tokenizers import make_tokenizer
 
-PARTITIONS = ("iid", "label-skew", "dirichlet")
 DEFAULTS = TrainingConfig()
-LEDGER_FILE = "lineage.jsonl"
 TEST_FRACTION = 0.15
 
 
@@ -115,8 +114,8 @@ def simulate(
     """
     if sites < 1:
         raise ValueError("sites must be at least 1")
-    if partition_scheme not in PARTITIONS:
-        raise ValueError(f"unknown partition {partition_scheme!r}; choose one of {', '.join(PARTITIONS)}")
+    if partition_scheme not in SCHEMES:
+        raise ValueError(f"unknown partition {partition_scheme!r}; choose one of {', '.join(SCHEMES)}")
     training = TrainingConfig(
         rounds=rounds, strategy=strategy, strategy_options=strategy_options or {},
         local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
@@ -156,7 +155,7 @@ def simulate(
     }
     result = _run(training, model_config, train.label_names, site_tomls, test, out_dir,
                   config_summary, cpus_per_site, device, tamper, on_round)
-    result.save(out_dir / "result.json")
+    result.save(out_dir / RESULT_FILE)
     return result
 
 
@@ -202,7 +201,7 @@ def simulation_signer(out_dir: Path) -> tuple[Path, Path, Path]:
     pki.init_consortium(folder, "fedgen-simulation", days=31)  # outlives the lineage certificate
     pki.issue_lineage(folder, days=30)
     layout = pki.layout(folder)
-    return out_dir / LEDGER_FILE, layout.lineage_key, layout.lineage_cert
+    return out_dir / LINEAGE_FILE, layout.lineage_key, layout.lineage_cert
 
 
 ATTACKS = ("sign-flip", "scale")

@@ -6,22 +6,21 @@ import asyncio
 import logging
 from pathlib import Path
 
-from fedgen.config import AggregatorConfig, ConfigError
+from fedgen.config import AggregatorConfig, AggregatorTLSConfig, ConfigError
 from fedgen.pki import (
     PKIError, check_crl_signature, check_key_pair, check_lineage_signer, check_tls_identity, crl_is_overdue,
     load_certificate, load_crl,
 )
 from fedgen.sovereignty import apply_sovereign_environment
+from fedgen.state_files import FLEET_REGISTRY_FILE, FLOWER_DATABASE
 
-from .door import FleetTLS
-from .fleet_registry import REGISTRY_FILE, FleetRegistry
+from .fleet_registry import FleetRegistry
 from .superlink import FleetDoor, build_superlink_app, check_flower_version, serve, superlink_servers
 
 log = logging.getLogger(__name__)
-FLOWER_DATABASE = "flower.db"
 
 
-def check_aggregator(config: AggregatorConfig, source: str) -> FleetTLS:
+def check_aggregator(config: AggregatorConfig, source: str) -> AggregatorTLSConfig:
     """Check every file the aggregator needs before anything starts.
 
     The server certificate must pair with its 0600 key, be issued by the consortium CA,
@@ -53,11 +52,10 @@ def check_aggregator(config: AggregatorConfig, source: str) -> FleetTLS:
         raise ConfigError(f"{source}: lineage: {exc}") from None
     if config.fleet_port == config.control_port:
         raise ConfigError(f"{source}: control_port must differ from fleet_port ({config.fleet_port})")
-    return FleetTLS(certificate=tls.certificate, private_key=tls.private_key,
-                    ca_certificate=tls.ca_certificate, crl=tls.crl)
+    return tls
 
 
-def crl_warning(tls: FleetTLS) -> str | None:
+def crl_warning(tls: AggregatorTLSConfig) -> str | None:
     """A warning if the CRL is past its next update (still enforced, but maybe incomplete)."""
     crl = load_crl(tls.crl)
     if not crl_is_overdue(crl):
@@ -75,7 +73,7 @@ def start_aggregator(config: AggregatorConfig, source: str = "aggregator config"
     state_dir = Path(config.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     app = build_superlink_app(runtime_port=config.control_port, database=state_dir / FLOWER_DATABASE)
-    door = FleetDoor(app, tls, FleetRegistry(state_dir / REGISTRY_FILE))
+    door = FleetDoor(app, tls, FleetRegistry(state_dir / FLEET_REGISTRY_FILE))
     local, public = superlink_servers(app, door, public_host=config.fleet_host, fleet_port=config.fleet_port,
                                       runtime_port=config.control_port)
     log.info("Fleet API (mutual TLS) on %s:%d; Control and Runtime APIs on 127.0.0.1:%d",

@@ -110,9 +110,7 @@ def site_rounds(log: RoundLog | None) -> list[SiteRound]:
                 noise_multiplier=r.noise_multiplier if r.dp else None, steps=r.steps,
             ))
         else:
-            status = "refused" if outcome.refused else "rejected" if outcome.rejected else "failed"
-            rows.append(SiteRound(site=outcome.site, status=status,
-                                  reason=outcome.refused or outcome.rejected or outcome.failed))
+            rows.append(SiteRound(site=outcome.site, status=outcome.status, reason=outcome.reason))
     return sorted(rows, key=lambda row: row.site)
 
 

@@ -7,12 +7,12 @@ digest is the model's identity in the file name, the lineage and any export.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from fedgen import atomic
 from fedgen.params import DIGEST_METADATA_KEY, NamedArrays, model_digest, read_model_file
 
 
@@ -37,12 +37,9 @@ def save_checkpoint(directory: Path, server_round: int, arrays: NamedArrays,
     metadata = checkpoint_metadata(server_round, model_config_json)
     digest = model_digest(arrays, metadata)
     path = directory / checkpoint_name(server_round, digest)
-    tmp = path.with_suffix(".tmp")
-    save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(tmp),
-              metadata={**metadata, DIGEST_METADATA_KEY: digest})
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic.replacing(path) as temporary:
+        save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(temporary),
+                  metadata={**metadata, DIGEST_METADATA_KEY: digest})
     return path, digest
 
 

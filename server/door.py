@@ -30,6 +30,7 @@ from typing import Any
 from cryptography import x509
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedgen.config import AggregatorTLSConfig
 from fedgen.pki import PKIError, check_crl_signature, crl_is_overdue, load_crl
 
 from .fleet_registry import FleetRegistry, Refusal
@@ -62,16 +63,6 @@ PEER_CERT_SCOPE_KEY = "fedgen.peer_certificate"
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class FleetTLS:
-    """Files of the public Fleet listener's mutual TLS."""
-
-    certificate: Path  # the aggregator's server certificate
-    private_key: Path
-    ca_certificate: Path  # the consortium CA: the only issuer of client certificates
-    crl: Path  # revoked site certificates
 
 
 def handshake_cause(error: BaseException) -> tuple[str, str] | None:
@@ -256,7 +247,7 @@ class _DoorSSLContext(ssl.SSLContext):
         return tls_object
 
 
-def door_ssl_context(tls: FleetTLS) -> ssl.SSLContext:
+def door_ssl_context(tls: AggregatorTLSConfig) -> ssl.SSLContext:
     """TLS 1.2+ server context: a client certificate issued by the consortium CA, in its
     validity period, is required (revocation: `RevocationList`, per request)."""
     context = _DoorSSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+# server/coordinator.py reads the name from here until it imports fedgen.state_files itself.
+from fedgen.state_files import FLEET_REGISTRY_FILE as REGISTRY_FILE  # noqa: F401
+
 log = logging.getLogger(__name__)
-REGISTRY_FILE = "fleet-registry.json"
 MAX_REFUSALS = 200  # the most recent are kept
 
 

@@ -79,11 +79,11 @@ def left_out_records(log: RoundLog | None) -> list[UpdateRejected | SiteRefused]
     """A record for each update the round rejected and each site that refused it."""
     records: list[UpdateRejected | SiteRefused] = []
     for o in log.outcomes if log is not None else []:
-        if o.rejected is not None:
+        if o.status == "rejected":
             records.append(UpdateRejected(round=log.server_round, site=o.site, update_digest=o.update_digest,
-                                          reason=o.rejected))
-        elif o.refused is not None:
-            records.append(SiteRefused(round=log.server_round, site=o.site, reason=o.refused))
+                                          reason=o.reason))
+        elif o.status == "refused":
+            records.append(SiteRefused(round=log.server_round, site=o.site, reason=o.reason))
     return records
 
 
@@ -101,9 +101,9 @@ def round_records(log: RoundLog | None, *, server_round: int, model_in: str, mod
         model_out=ModelOut(digest=model_out, checkpoint=checkpoint.name),
         strategy=strategy,
         contributions=[contribution(o) for o in outcomes if o.contributed],
-        rejected=[LeftOut(site=o.site, reason=o.rejected) for o in outcomes if o.rejected is not None],
-        refused=[LeftOut(site=o.site, reason=o.refused) for o in outcomes if o.refused is not None],
-        failed=[LeftOut(site=o.site, reason=o.failed) for o in outcomes if o.failed is not None],
+        rejected=[LeftOut(site=o.site, reason=o.reason) for o in outcomes if o.status == "rejected"],
+        refused=[LeftOut(site=o.site, reason=o.reason) for o in outcomes if o.status == "refused"],
+        failed=[LeftOut(site=o.site, reason=o.reason) for o in outcomes if o.status == "failed"],
         metrics={name: finite(value) for name, value in metrics.items()},
     ))
     return records

@@ -18,7 +18,7 @@ unregister (Flower 1.41 then refuses that key for good) and lets a site that res
 after a crash replace its stale session, so a site rejoins as itself after a crash, a
 clean stop or an aggregator restart.
 
-Pinned to Flower 1.41; ``check_flower_version`` and the tests in
+Pinned to `fedgen.flower_pin.FLOWER_SERIES`; ``check_flower_version`` and the tests in
 ``tests/integration/test_flower_internals.py`` fail loudly when Flower changes.
 """
 
@@ -36,22 +36,22 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import flwr
 import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER
 
+from fedgen.config import AggregatorTLSConfig
+from fedgen.flower_pin import check_flower_version as check_flower_series
 from fedgen.pki import PKIError, load_certificate, site_id_of
 
 from .door import (
-    BAD_CERTIFICATE, IDENTITY_MISMATCH, NO_CERTIFICATE, PEER_CERT_SCOPE_KEY, REVOKED, FleetTLS,
+    BAD_CERTIFICATE, IDENTITY_MISMATCH, NO_CERTIFICATE, PEER_CERT_SCOPE_KEY, REVOKED,
     RefusalLog, RevocationList, door_protocol, door_ssl_context,
 )
 from .fleet_registry import FleetRegistry
 
 log = logging.getLogger(__name__)
-FLOWER_SERIES = "1.41."
 FLEET_PREFIX = "/v1/fleet/"
 # The header in which a SuperNode sends the public key that signs its requests.
 NODE_PUBLIC_KEY_HEADER = FLEET_HTTP_PUBLIC_KEY_HEADER.encode("ascii")
@@ -66,11 +66,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 def check_flower_version() -> None:
     """Refuse to start against a Flower release this glue was not written for."""
-    if not flwr.__version__.startswith(FLOWER_SERIES):
-        raise RuntimeError(
-            f"fedgen's mutual-TLS SuperLink glue is written for Flower {FLOWER_SERIES}x; "
-            f"found {flwr.__version__}. Install flwr>=1.41,<1.42."
-        )
+    check_flower_series("mutual-TLS SuperLink glue")
 
 
 def build_superlink_app(*, runtime_port: int, database: Path) -> Any:
@@ -122,7 +118,7 @@ class FleetDoor:
     waiting a minute for Flower to notice the old one is gone.
     """
 
-    def __init__(self, app: Any, tls: FleetTLS, registry: FleetRegistry) -> None:
+    def __init__(self, app: Any, tls: AggregatorTLSConfig, registry: FleetRegistry) -> None:
         self.registry = registry
         self.refusals = RefusalLog(registry)
         self.revocations = RevocationList(tls.crl, load_certificate(tls.ca_certificate))

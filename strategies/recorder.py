@@ -30,6 +30,8 @@ from fedgen.protocol import (
     ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, ProtocolError, TrainReport, put_ledger_head,
 )
 
+from fedgen.results import SiteStatus
+
 from .validation import UpdatePolicy, update_problem
 
 
@@ -53,13 +55,12 @@ class LedgerHeadSource(Protocol):
 
 @dataclass
 class SiteOutcome:
-    """One site's answer in one round: a report, or why it did not contribute."""
+    """One site's answer in one round: a report, or why (``reason``) it did not contribute."""
 
     site: str
+    status: SiteStatus = "trained"
+    reason: str | None = None
     report: TrainReport | None = None
-    refused: str | None = None
-    failed: str | None = None
-    rejected: str | None = None
     update_digest: str | None = None
     signature: str | None = None  # base64
     certificate: str | None = None  # PEM
@@ -67,7 +68,11 @@ class SiteOutcome:
 
     @property
     def contributed(self) -> bool:
-        return self.report is not None and self.rejected is None
+        return self.status == "trained"
+
+    def reject(self, reason: str) -> None:
+        """Keep the report, but leave the update out of aggregation for ``reason``."""
+        self.status, self.reason = "rejected", reason
 
 
 @dataclass
@@ -85,7 +90,7 @@ class QuorumNotMet(RuntimeError):
     def __init__(self, log: RoundLog, quorum: int) -> None:
         self.log = log
         valid = sum(o.contributed for o in log.outcomes)
-        left_out = sorted(f"{o.site}: {o.rejected or o.refused or o.failed}"
+        left_out = sorted(f"{o.site}: {o.reason}"
                           for o in log.outcomes if not o.contributed)
         super().__init__(f"round {log.server_round} has {valid} valid update(s), fewer than the quorum of "
                          f"{quorum}; left out: " + ("; ".join(left_out) or "no site replied"))
@@ -177,11 +182,11 @@ class RecordingStrategy(Strategy):
             else:
                 replied.add(node)
                 log.outcomes.append(outcome)
-            if outcome.rejected is None:
+            if outcome.status != "rejected":
                 admitted.append(reply)
         for node in (n for n in log.sampled if n not in replied):  # e.g. a site that died mid-round
             outcome = unattributed.pop(0) if unattributed else SiteOutcome(
-                "", failed="no reply within the round timeout")
+                "", "failed", "no reply within the round timeout")
             outcome.site = self._name(node)
             log.outcomes.append(outcome)
         log.outcomes.extend(unattributed)
@@ -211,8 +216,8 @@ class RecordingStrategy(Strategy):
             site = self._name(node)
             reason = reply.error.reason or f"error code {reply.error.code}"
             if reply.error.code == BUDGET_REFUSED:
-                return SiteOutcome(site, refused=reason)
-            return SiteOutcome(site, failed=reason)
+                return SiteOutcome(site, "refused", reason)
+            return SiteOutcome(site, "failed", reason)
         content = reply.content
         identity = content[SITE_KEY] if SITE_KEY in content else ConfigRecord()
         site = str(identity.get("site-id", f"node-{node}"))
@@ -221,17 +226,19 @@ class RecordingStrategy(Strategy):
             report = TrainReport.from_record(content[METRICS_KEY])
             payload = content[ARRAYS_KEY]
             if payload.count_bytes() > self.policy.max_update_bytes:
-                return SiteOutcome(site, report=report, rejected=f"update of {payload.count_bytes()} bytes "
-                                   f"exceeds the limit of {self.policy.max_update_bytes}")
+                return SiteOutcome(site, "rejected", f"update of {payload.count_bytes()} bytes exceeds the "
+                                   f"limit of {self.policy.max_update_bytes}", report=report)
             update = record_to_arrays(payload)
         except (KeyError, ProtocolError) as exc:
-            return SiteOutcome(site, rejected=f"malformed reply: {exc}")
+            return SiteOutcome(site, "rejected", f"malformed reply: {exc}")
         outcome = SiteOutcome(site, report=report, update_digest=digest(update))
         statement = witness_statement(str(reply.metadata.run_id), log.server_round,
                                       log.head.seq if log.head else None, log.head.hash if log.head else None,
                                       outcome.update_digest)
-        outcome.rejected = self._check_identity(outcome, identity, statement) or update_problem(
+        problem = self._check_identity(outcome, identity, statement) or update_problem(
             update, self._global, self.policy)
+        if problem is not None:
+            outcome.reject(problem)
         return outcome
 
     def _check_identity(self, outcome: SiteOutcome, identity: ConfigRecord, statement: bytes) -> str | None:

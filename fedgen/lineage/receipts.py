@@ -59,9 +59,10 @@ from cryptography import x509
 
 from fedgen import pki
 
+from fedgen.state_files import RECEIPTS_FILE
+
 from .format import LedgerHead, StrPath, canonical_encoding, is_count, is_hex_digest
 
-RECEIPTS_FILE = "lineage-receipts.jsonl"
 FAILURES = ("truncated", "rewritten", "dropped")
 NOTES = ("unacknowledged", "uncommitted", "unattested")
 STATUSES = ("witnessed", *FAILURES, *NOTES)

@@ -11,8 +11,10 @@ import httpx
 import pytest
 
 from fedgen import pki
-from fedgen.client.supernode import SiteTLS, client_ssl_context
-from fedgen.config import AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, RunConfig, load_toml, to_toml
+from fedgen.client.supernode import client_ssl_context
+from fedgen.config import (
+    AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, RunConfig, SiteTLSConfig, load_toml, to_toml,
+)
 from fedgen.demo import ProcessGroup, free_port, wait_for_port
 from fedgen.server.coordinator import RunFailed, follow, submit
 from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
@@ -59,9 +61,9 @@ def consortium(tmp_path_factory):
     assert process.returncode == 0  # SIGTERM is a clean shutdown, not a kill
 
 
-def _site_tls(folder: Path, site: str, ca: Path) -> SiteTLS:
+def _site_tls(folder: Path, site: str, ca: Path) -> SiteTLSConfig:
     layout = pki.layout(folder)
-    return SiteTLS(certificate=layout.site_cert(site), private_key=layout.site_key(site), ca_certificate=ca)
+    return SiteTLSConfig(certificate=layout.site_cert(site), private_key=layout.site_key(site), ca_certificate=ca)
 
 
 def _fleet_post(consortium, context: ssl.SSLContext, path: str = "/v1/fleet/activate-node",

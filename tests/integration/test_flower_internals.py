@@ -16,7 +16,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
 def test_flower_is_the_pinned_series():
-    assert flwr.__version__.startswith("1.41."), flwr.__version__
+    from fedgen.flower_pin import FLOWER_SERIES, check_flower_version
+
+    assert tuple(int(part) for part in flwr.__version__.split(".")[:2]) == FLOWER_SERIES, flwr.__version__
+    check_flower_version("glue")  # does not raise on the installed Flower
 
 
 def test_superlink_is_built_from_flowers_parser_and_create_app(tmp_path):
@@ -67,14 +70,16 @@ def test_mutual_tls_substitution_is_used_by_the_supernode(tmp_path):
     from flwr.supernode import fleet_http_connection
 
     from fedgen import pki
-    from fedgen.client.supernode import SiteTLS, install_mutual_tls
+    from fedgen.client.supernode import install_mutual_tls
+    from fedgen.config import SiteTLSConfig
 
     pki.init_consortium(tmp_path, "t")
     pki.issue_site(tmp_path, "site-a")
     layout = pki.layout(tmp_path)
     original = (fleet_http_connection.FleetHttpClient, fleet_http_connection.generate_key_pairs)
     try:
-        install_mutual_tls(SiteTLS(layout.site_cert("site-a"), layout.site_key("site-a"), layout.ca_cert))
+        install_mutual_tls(SiteTLSConfig(certificate=layout.site_cert("site-a"), private_key=layout.site_key("site-a"),
+                                         ca_certificate=layout.ca_cert))
         private, public = fleet_http_connection.generate_key_pairs()
         cert = pki.load_certificate(layout.site_cert("site-a"))
         assert pki.certificate_matches_key(cert, private)

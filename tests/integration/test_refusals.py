@@ -12,12 +12,13 @@ import httpx
 import pytest
 
 from fedgen import pki
-from fedgen.client.supernode import SiteTLS, client_ssl_context
+from fedgen.client.supernode import client_ssl_context
 from fedgen.config import (
     AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, SiteConfig, SiteTLSConfig, write_toml,
 )
 from fedgen.demo import ProcessGroup, free_port, wait_for_port
-from fedgen.server.fleet_registry import REGISTRY_FILE, FleetRegistry
+from fedgen.server.fleet_registry import FleetRegistry
+from fedgen.state_files import FLEET_REGISTRY_FILE
 from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
 
 pytestmark = pytest.mark.slow
@@ -67,7 +68,8 @@ def _context(folder: Path, site: str | None, ca: Path):
 
         return ssl.create_default_context(cafile=str(ca))
     files = pki.layout(folder)
-    return client_ssl_context(SiteTLS(files.site_cert(site), files.site_key(site), ca))
+    return client_ssl_context(SiteTLSConfig(certificate=files.site_cert(site), private_key=files.site_key(site),
+                                            ca_certificate=ca))
 
 
 def _post(consortium, context, key_of: str | None = None) -> httpx.Response:
@@ -119,7 +121,7 @@ def test_every_refusal_is_logged_with_its_cause_and_the_peer_address(consortium)
     for line in wanted:
         assert line in text, line
     assert text.count("Fleet API refused 127.0.0.1: expired") == 1
-    registry = FleetRegistry(consortium["config"].state_dir / REGISTRY_FILE)
+    registry = FleetRegistry(consortium["config"].state_dir / FLEET_REGISTRY_FILE)
     causes = {(r.site, r.cause) for r in registry.refusals_since(NOW - timedelta(hours=1))}
     assert {(None, "expired"), (None, "no certificate"), (None, "unknown CA"), ("site-r", "revoked"),
             ("site-b", "identity mismatch")} <= causes

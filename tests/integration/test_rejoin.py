@@ -14,7 +14,8 @@ from fedgen.client.ledger import PrivacyLedger
 from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml, write_toml
 from fedgen.demo import ProcessGroup, wait_for_port, write_consortium
 from fedgen.server.coordinator import follow, submit
-from fedgen.server.fleet_registry import REGISTRY_FILE, FleetRegistry
+from fedgen.server.fleet_registry import FleetRegistry
+from fedgen.state_files import FLEET_REGISTRY_FILE
 
 pytestmark = pytest.mark.slow
 FEDGEN = [sys.executable, "-m", "fedgen.cli"]
@@ -93,7 +94,7 @@ def _one_round_trains_both(state: dict) -> None:
 
 
 def _registered_nodes(state: dict, site: str) -> list[int]:
-    return FleetRegistry(state["aggregator"].state_dir / REGISTRY_FILE).nodes_of(site)
+    return FleetRegistry(state["aggregator"].state_dir / FLEET_REGISTRY_FILE).nodes_of(site)
 
 
 def _stop(process, sig: int) -> int:

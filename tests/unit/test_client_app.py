@@ -8,7 +8,8 @@ from flwr.app import Context, Message, MessageType, Metadata, RecordDict
 from opacus.accountants import RDPAccountant
 
 from fedgen.client.app import make_client_app
-from fedgen.client.ledger import LEDGER_FILE, PrivacyLedger
+from fedgen.client.ledger import PrivacyLedger
+from fedgen.state_files import PRIVACY_LEDGER_FILE
 from fedgen.config import SiteConfig, load_toml
 from fedgen.params import digest, record_to_arrays
 from fedgen.protocol import (
@@ -98,7 +99,7 @@ def test_unexpected_failure_reply_carries_no_detail(flower_task, tmp_path):
     site_toml = write_site(tmp_path / "site-x")
     state = site_toml.parent / "state"
     state.mkdir()
-    (state / LEDGER_FILE).write_text("not json")
+    (state / PRIVACY_LEDGER_FILE).write_text("not json")
     reply = _call(site_toml, train_message())
     assert reply.has_error() and reply.error.code == SITE_ERROR
     assert reply.error.reason == "site site-x: LedgerError (details in the site's log)"

@@ -10,13 +10,14 @@ from flwr.common.serde import recorddict_to_proto
 
 from fedgen import pki
 from fedgen.client.app import train_round
-from fedgen.client.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
+from fedgen.client.ledger import BudgetExceeded, PrivacyLedger
 from fedgen.config import SiteConfig, SiteTLSConfig, load_toml
 from fedgen.data import DataError, load_dataset
 from fedgen.lineage import LedgerHead, LineageWriter, witness_statement
 from fedgen.params import digest, record_to_arrays
 from fedgen.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainReport, put_ledger_head
-from fedgen.lineage.receipts import RECEIPTS_FILE, Receipt, WitnessError, read_receipts
+from fedgen.lineage.receipts import Receipt, WitnessError, read_receipts
+from fedgen.state_files import PRIVACY_LEDGER_FILE, RECEIPTS_FILE
 
 from ..conftest import train_message, write_site
 
@@ -65,18 +66,18 @@ def test_round_past_the_ceiling_is_refused_and_spends_nothing(tmp_path):
     site = load_toml(write_site(tmp_path / "site-b", epsilon=ceiling, noise_multiplier=sigma), SiteConfig)
     first = TrainReport.from_record(train_round(site, train_message(1), run_id=1)[METRICS_KEY])
     assert first.epsilon == pytest.approx(one)
-    ledger_bytes = (site.state_dir / LEDGER_FILE).read_bytes()
+    ledger_bytes = (site.state_dir / PRIVACY_LEDGER_FILE).read_bytes()
     with pytest.raises(BudgetExceeded, match="past the site's ceiling"):
         train_round(site, train_message(2), run_id=1)
     # The refused round left the ledger exactly as the trained round wrote it.
-    assert (site.state_dir / LEDGER_FILE).read_bytes() == ledger_bytes
+    assert (site.state_dir / PRIVACY_LEDGER_FILE).read_bytes() == ledger_bytes
 
 
 def test_no_dp_mode_trains_without_a_ledger(tmp_path):
     site = load_toml(write_site(tmp_path / "site-c", enabled=False), SiteConfig)
     report = TrainReport.from_record(train_round(site, train_message(), run_id=1)[METRICS_KEY])
     assert not report.dp and report.epsilon == 0.0 and report.noise_multiplier == 0.0
-    assert not (site.state_dir / LEDGER_FILE).exists()
+    assert not (site.state_dir / PRIVACY_LEDGER_FILE).exists()
 
 
 def test_labels_outside_the_run_are_a_data_error(tmp_path):
@@ -177,7 +178,7 @@ def test_a_deployed_site_refuses_a_round_it_cannot_witness_before_spending_budge
     message = train_message() if how == "no-head" else with_head(train_message(), *forged_head(head, layout, how))
     with pytest.raises(WitnessError, match=reason):
         train_round(site, message, run_id=1)
-    assert not (site.state_dir / LEDGER_FILE).exists()  # no ε spent
+    assert not (site.state_dir / PRIVACY_LEDGER_FILE).exists()  # no ε spent
     assert not (site.state_dir / RECEIPTS_FILE).exists()
 
 

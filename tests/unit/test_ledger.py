@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from fedgen.client.ledger import LEDGER_FILE, BudgetExceeded, LedgerError, PrivacyLedger
+from fedgen.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger
+from fedgen.state_files import PRIVACY_LEDGER_FILE
 
 
 def test_accountant_anchor_rdp(tmp_path):
@@ -68,7 +69,7 @@ def test_changed_delta_or_accountant_is_refused(tmp_path):
 
 
 def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path):
-    (tmp_path / LEDGER_FILE).write_text('{"history": [[1.0, 0.01')
+    (tmp_path / PRIVACY_LEDGER_FILE).write_text('{"history": [[1.0, 0.01')
     with pytest.raises(LedgerError, match="unreadable"):
         PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
 
@@ -76,4 +77,4 @@ def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path):
 def test_commit_leaves_no_temporary_file(tmp_path):
     PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5).commit(
         [(1.0, 0.01, 10)], run_id=1, server_round=1, steps=10, noise_multiplier=1.0, sample_rate=0.01)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PRIVACY_LEDGER_FILE]

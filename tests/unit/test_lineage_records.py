@@ -54,16 +54,16 @@ def outcomes_of(records: list[dict], committed: Record[RoundCommitted]) -> list[
         if left_out.round != committed.body.round:
             continue
         if isinstance(left_out, UpdateRejected):
-            outcomes.append(SiteOutcome(left_out.site, rejected=left_out.reason, update_digest=left_out.update_digest))
+            outcomes.append(SiteOutcome(left_out.site, "rejected", left_out.reason, update_digest=left_out.update_digest))
         else:
-            outcomes.append(SiteOutcome(left_out.site, refused=left_out.reason))
+            outcomes.append(SiteOutcome(left_out.site, "refused", left_out.reason))
     for c in committed.body.contributions:
         report = TrainReport(num_examples=c.examples, train_loss=c.train_loss, steps=c.steps, sample_rate=c.sample_rate,
                              noise_multiplier=c.noise_multiplier, max_grad_norm=c.max_grad_norm, epsilon=c.epsilon,
                              delta=c.delta, dp=c.dp)
         outcomes.append(SiteOutcome(c.site, report=report, update_digest=c.update_digest, signature=c.signature,
                                     certificate=c.certificate, fingerprint=c.fingerprint))
-    return outcomes + [SiteOutcome(x.site, failed=x.reason) for x in committed.body.failed]
+    return outcomes + [SiteOutcome(x.site, "failed", x.reason) for x in committed.body.failed]
 
 
 def test_the_aggregator_writes_an_earlier_rounds_records_byte_for_byte():
@@ -97,8 +97,8 @@ def write_run(path: Path, files: pki.ConsortiumLayout, rounds: int, *, finished:
                                  max_grad_norm=1.0, epsilon=0.5 * server_round, delta=1e-5, dp=True)
             log = RoundLog(server_round, head=writer.head, outcomes=[
                 SiteOutcome("site-a", report=report, update_digest=f"{server_round:064x}"),
-                SiteOutcome("site-b", refused="ε ceiling") if server_round == 2 else
-                SiteOutcome("site-b", failed="no reply within the round timeout")])
+                SiteOutcome("site-b", "refused", "ε ceiling") if server_round == 2 else
+                SiteOutcome("site-b", "failed", "no reply within the round timeout")])
             for body in round_records(log, server_round=server_round, model_in=f"{server_round - 1:064x}",
                                       model_out=f"{server_round:064x}", checkpoint=path.parent / f"r{server_round}",
                                       strategy=strategy_of(TRAINING), metrics={"accuracy": float("nan")}):

@@ -18,11 +18,12 @@ from fedgen.cli import app
 from fedgen.lineage import LedgerHead, LineageWriter, read_records, verify, witness_statement
 from fedgen.protocol import TrainReport
 from fedgen.lineage.receipts import (
-    RECEIPTS_FILE, ReceiptError, append_receipt, check_ledger_head, check_receipts, collect_receipts, new_receipt,
+    ReceiptError, append_receipt, check_ledger_head, check_receipts, collect_receipts, new_receipt,
     read_receipts,
 )
 from fedgen.lineage.records import Strategy
 from fedgen.server.lineage_records import round_records
+from fedgen.state_files import RECEIPTS_FILE
 from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 from .forgery import forge_ledger
@@ -102,9 +103,9 @@ def federate(root: Path, consortium: Consortium, rounds: int = 3) -> Federation:
             for site in SITES:
                 outcome = site_round(consortium, site, server_round, head, writer.certificate_pem, sites[site])
                 if site == "site-c" and server_round == 2:
-                    outcome.rejected = "update norm exceeds the bound"
+                    outcome.reject("update norm exceeds the bound")
                 if site == "site-c" and server_round == 3:
-                    outcome = SiteOutcome(site, failed="no reply within the round timeout")
+                    outcome = SiteOutcome(site, "failed", "no reply within the round timeout")
                 log.outcomes.append(outcome)
             model_out = f"{server_round:064x}"
             for body in round_records(log, server_round=server_round, model_in=model, model_out=model_out,

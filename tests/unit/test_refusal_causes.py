@@ -15,9 +15,10 @@ import pytest
 
 from fedgen import pki
 from fedgen.client.refusals import refusal_cause
-from fedgen.client.supernode import SiteTLS, StopReason, as_retryable, client_ssl_context
+from fedgen.client.supernode import StopReason, as_retryable, client_ssl_context
+from fedgen.config import AggregatorTLSConfig, SiteTLSConfig
 from fedgen.server import door
-from fedgen.server.door import FleetTLS, RefusalLog, RevocationList, door_ssl_context, handshake_cause
+from fedgen.server.door import RefusalLog, RevocationList, door_ssl_context, handshake_cause
 from fedgen.server.fleet_registry import FleetRegistry, Refusal
 
 NOW = datetime.now(timezone.utc)
@@ -40,7 +41,9 @@ def certs(tmp_path_factory) -> Path:
 
 def _server(certs: Path) -> ssl.SSLContext:
     files = pki.layout(certs)
-    return door_ssl_context(FleetTLS(files.aggregator_cert, files.aggregator_key, files.ca_cert, files.crl))
+    return door_ssl_context(AggregatorTLSConfig(
+        certificate=files.aggregator_cert, private_key=files.aggregator_key, ca_certificate=files.ca_cert,
+        crl=files.crl))
 
 
 def _client(folder: Path, site: str | None, ca: Path, tls12: bool = False) -> ssl.SSLContext:
@@ -48,7 +51,8 @@ def _client(folder: Path, site: str | None, ca: Path, tls12: bool = False) -> ss
         context = ssl.create_default_context(cafile=str(ca))
     else:
         files = pki.layout(folder)
-        context = client_ssl_context(SiteTLS(files.site_cert(site), files.site_key(site), ca))
+        context = client_ssl_context(SiteTLSConfig(certificate=files.site_cert(site), private_key=files.site_key(site),
+                                                   ca_certificate=ca))
     if tls12:
         context.maximum_version = ssl.TLSVersion.TLSv1_2
     return context

@@ -47,6 +47,6 @@ def test_a_site_that_died_before_replying_is_named_by_its_site_id(flower_task, r
                    error=Error(code=0, reason="node unavailable"))
     with pytest.raises(QuorumNotMet, match="hospital-a: no reply.*hospital-b: node unavailable"):
         strategy.aggregate_train(1, [lost])
-    outcomes = {o.site: o.failed for o in strategy.rounds[1].outcomes}
+    outcomes = {o.site: o.reason for o in strategy.rounds[1].outcomes if o.status == "failed"}
     assert outcomes == {"hospital-a": "no reply within the round timeout", "hospital-b": "node unavailable",
                         "node-33": "no reply within the round timeout"}  # 33: never seen at the door

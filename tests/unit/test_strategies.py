@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from fedgen.config import STRATEGY_NAMES
 from fedgen import pki
 from fedgen.lineage import LedgerHead, LineageWriter, witness_statement
-from fedgen.lineage.records import HeadRef, Strategy
+from fedgen.lineage.records import HeadRef, LeftOut, Strategy
 from fedgen.params import arrays_to_record, digest, record_to_arrays
 from fedgen.protocol import (
     ARRAYS_KEY, BUDGET_REFUSED, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainReport, site_record,
@@ -156,8 +156,8 @@ def test_recorder_keeps_refusals_and_failures_with_the_site_name(flower_task):
     arrays, _ = strategy.aggregate_train(2, [refused, crashed, valid])
     np.testing.assert_allclose(record_to_arrays(arrays)["w"], 2.0)  # the round goes on without them
     first, second, third = strategy.rounds[2].outcomes
-    assert (first.site, first.refused, first.failed) == ("site-1", "site-1: budget", None)
-    assert (second.site, second.refused, second.failed) == ("site-2", None, "boom")
+    assert (first.site, first.status, first.reason) == ("site-1", "refused", "site-1: budget")
+    assert (second.site, second.status, second.reason) == ("site-2", "failed", "boom")
     assert third.contributed
 
 
@@ -186,8 +186,8 @@ def test_bad_updates_are_rejected_with_the_reason(flower_task, arrays, policy, r
     bad.content[ARRAYS_KEY] = arrays_to_record(arrays)
     bad.content[SITE_KEY] = site_record("site-2", digest(arrays))
     aggregated, _ = strategy.aggregate_train(1, [good, bad])
-    assert strategy.rounds[1].outcomes[0].rejected is None
-    assert re.search(reason, strategy.rounds[1].outcomes[1].rejected)
+    assert strategy.rounds[1].outcomes[0].status == "trained"
+    assert re.search(reason, _rejection(strategy.rounds[1].outcomes[1]))
     np.testing.assert_allclose(record_to_arrays(aggregated)["w"], 0.5)  # only the good update counts
 
 
@@ -216,9 +216,14 @@ def consortium(tmp_path_factory):
     return trust, signer, layout
 
 
+def _rejection(outcome):
+    """Why the update was rejected; None if it was not."""
+    return outcome.reason if outcome.status == "rejected" else None
+
+
 def _rejections(strategy, replies):
     arrays, _ = strategy.aggregate_train(1, replies)
-    return arrays, {o.site: o.rejected for o in strategy.rounds[1].outcomes}
+    return arrays, {o.site: _rejection(o) for o in strategy.rounds[1].outcomes}
 
 
 def test_update_whose_digest_does_not_match_is_left_out(flower_task):
@@ -233,7 +238,7 @@ def test_a_sampled_site_that_never_replies_is_reported(flower_task):
     strategy = _recording()
     strategy.aggregate_train(1, [_reply(1, 1.0, 10), _reply(2, 1.0, 10)])  # node 3 sampled, silent
     silent = strategy.rounds[1].outcomes[-1]
-    assert (silent.site, silent.failed) == ("node-3", "no reply within the round timeout")
+    assert (silent.site, silent.status, silent.reason) == ("node-3", "failed", "no reply within the round timeout")
     strategy.configure_train(2, arrays_to_record({"w": np.ones(4, np.float32)}), ConfigRecord(), _Grid())
     strategy.aggregate_train(2, [_reply(3, 1.0, 10)])  # it came back: known by name from now on
     strategy.configure_train(3, arrays_to_record({"w": np.ones(4, np.float32)}), ConfigRecord(), _Grid())
@@ -251,7 +256,7 @@ def test_signed_updates_are_checked_against_the_consortium(flower_task, consorti
         _reply(3, 7.0, 10, signer=signer("site-3")),  # revoked
         _reply(5, 8.0, 10, signer=(signer("site-1")[0], signer("site-2")[1]), site="site-2"),  # forged
     ])
-    assert [o.rejected for o in strategy.rounds[1].outcomes] == [
+    assert [_rejection(o) for o in strategy.rounds[1].outcomes] == [
         None,
         "update is not signed by the site",
         "certificate belongs to 'site-2', not 'site-4'",
@@ -286,7 +291,7 @@ def test_instructions_carry_the_ledger_head_and_site_signatures_must_cover_it(fl
         _reply(3, 6.0, 10, signer=signer("site-1"), site="site-1", head=None),  # signed no head at all
     ])
     outcomes = strategy.rounds[1].outcomes
-    assert [o.rejected for o in outcomes] == [None] + 2 * [
+    assert [_rejection(o) for o in outcomes] == [None] + 2 * [
         "site signature over the update digest and the ledger head sent does not verify"]
     np.testing.assert_allclose(record_to_arrays(arrays)["w"], 1.0)
     *rejected, committed = round_records(strategy.rounds[1], server_round=1, model_in="0" * 64, model_out="1" * 64,
@@ -294,3 +299,30 @@ def test_instructions_carry_the_ledger_head_and_site_signatures_must_cover_it(fl
                                          strategy=Strategy(name="fedavg", options={}), metrics={})
     assert [body.TYPE for body in rejected] == 2 * ["update_rejected"] and committed.TYPE == "round_committed"
     assert committed.ledger_head == HeadRef(seq=0, hash=first["hash"])
+
+
+def test_every_status_reaches_the_run_report_and_the_round_record_with_its_reason(flower_task, tmp_path):
+    from fedgen.server.app import site_rounds
+
+    strategy = _recording(policy=UpdatePolicy(min_updates=1))
+    strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, np.float32)}), ConfigRecord(), _Grid(4))
+    bad = _reply(4, 1.0, 10, claimed_digest="0" * 64)
+    strategy.aggregate_train(1, [
+        _reply(1, 1.0, 10),
+        Message(metadata=_metadata(2), error=Error(code=BUDGET_REFUSED, reason="budget spent")),
+        Message(metadata=_metadata(3), error=Error(code=2, reason="out of memory")),
+        bad,
+    ])
+    rows = {row.site: (row.status, row.reason) for row in site_rounds(strategy.rounds[1])}
+    assert rows == {"site-1": ("trained", None), "node-2": ("refused", "budget spent"),
+                    "node-3": ("failed", "out of memory"),
+                    "site-4": ("rejected", "update digest does not match the tensors sent")}
+    *left_out, body = round_records(strategy.rounds[1], server_round=1, model_in="0" * 64,
+                                    model_out="1" * 64, checkpoint=tmp_path / "c.safetensors",
+                                    strategy=Strategy(name="fedavg", options={}), metrics={})
+    assert [(record.TYPE, record.reason) for record in left_out] == [
+        ("site_refused", "budget spent"), ("update_rejected", "update digest does not match the tensors sent")]
+    assert [c.site for c in body.contributions] == ["site-1"]
+    assert (body.rejected, body.refused, body.failed) == (
+        [LeftOut(site="site-4", reason="update digest does not match the tensors sent")],
+        [LeftOut(site="node-2", reason="budget spent")], [LeftOut(site="node-3", reason="out of memory")])

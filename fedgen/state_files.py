@@ -1,0 +1,17 @@
+"""The names of the files fedgen keeps in a state or run folder: each named here once.
+
+A site's state folder holds its privacy ledger and lineage receipts; the aggregator's holds
+the lineage ledger, the checkpoints, Flower's database and the fleet registry; a run's
+folder (or a simulation's) holds its progress, its result and its own ledger and checkpoints.
+"""
+
+from __future__ import annotations
+
+LINEAGE_FILE = "lineage.jsonl"  # the signed, hash-chained lineage ledger
+CHECKPOINTS_DIR = "checkpoints"  # one safetensors file per committed round
+PRIVACY_LEDGER_FILE = "privacy-ledger.json"  # a site's accountant history
+RECEIPTS_FILE = "lineage-receipts.jsonl"  # a site's signed witnesses of the ledger heads it saw
+FLEET_REGISTRY_FILE = "fleet-registry.json"  # which site holds which Flower node, and refusals
+FLOWER_DATABASE = "flower.db"  # the SuperLink's own state
+PROGRESS_FILE = "progress.jsonl"  # a run's committed rounds, for the coordinator to follow
+RESULT_FILE = "result.json"  # a run's `fedgen.results.RunResult`
