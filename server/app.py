@@ -1,66 +1,43 @@
 """fedgen's Flower ServerApp: the aggregator's round loop.
 
 Each round: send the global trainable tensors and instructions to the sites, let the
-chosen strategy aggregate what they return, save the new global model as a checkpoint,
-evaluate it on the aggregator's held-out set and report the round.
+chosen strategy aggregate what they return, and commit the new global model (evaluate,
+checkpoint, sign its lineage records, report: `commit.RoundCommitter`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedgen.data import SequenceDataset, load_dataset
-from fedgen.model import build_model, evaluate_classifier, resolve_device
+from fedgen.model import build_model, resolve_device
 from fedgen.lineage import LineageWriter
-from fedgen.params import arrays_to_record, load_trainable, record_to_arrays, to_numpy, trainable_tensors
+from fedgen.params import arrays_to_record, to_numpy, trainable_tensors
 from fedgen.pki import load_certificate, load_crl, load_private_key, revocation_time
 from fedgen.protocol import TrainInstructions
-from fedgen.results import RoundResult, RunResult, SiteRound
-from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, RoundLog, SitesMissing, SiteTrust
+from fedgen.results import RoundResult, RunResult
+from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
 from fedgen.strategies.validation import UpdatePolicy
 from fedgen.strategies.registry import make_strategy
 from fedgen.tokenizers import make_tokenizer
 
-from .checkpoints import checkpoint_digest, load_checkpoint, save_checkpoint
+from .checkpoints import checkpoint_digest, load_checkpoint
+from .commit import RoundCallback, RoundCommitter
 from .fleet_registry import FleetRegistry
-from .lineage_records import code_digest, left_out_records, round_records, software_versions
+from .lineage_records import code_digest, left_out_records, software_versions
 from .plan import FAILURE_FILE, PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, RunPlan, read_plan
 
-RoundCallback = Callable[[RoundResult], None]
 logger = logging.getLogger(__name__)
-
-
-def site_rounds(log: RoundLog | None) -> list[SiteRound]:
-    """Per-site outcomes of a round, as reported to people and `--json`."""
-    if log is None:
-        return []
-    rows = []
-    for outcome in log.outcomes:
-        if outcome.contributed:
-            r = outcome.report
-            rows.append(SiteRound(
-                site=outcome.site, status="trained", examples=r.num_examples,
-                train_loss=r.train_loss, epsilon=r.epsilon if r.dp else None,
-                delta=r.delta if r.dp else None,
-                noise_multiplier=r.noise_multiplier if r.dp else None, steps=r.steps,
-            ))
-        else:
-            status = "refused" if outcome.refused else "rejected" if outcome.rejected else "failed"
-            rows.append(SiteRound(site=outcome.site, status=status,
-                                  reason=outcome.refused or outcome.rejected or outcome.failed))
-    return sorted(rows, key=lambda row: row.site)
 
 
 def run_federation(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None = None,
@@ -133,59 +110,30 @@ def _run_rounds(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None, on
         initial_digest = metadata["digest"]
         if initial_digest != plan.resume.model_digest:
             raise RuntimeError(f"{plan.resume.checkpoint} is not the model of round {offset} in the lineage")
-    rounds: list[RoundResult] = []
-    initial: dict[str, float] = {}
-    current = {"digest": initial_digest}
     if writer is not None:
         writer.append("run_started", {
             "config": plan.config_summary, "training": training.model_dump(),
             "model_config": json.loads(plan.model.to_json()), "labels": list(plan.label_names),
-            "sites": plan.num_sites, "strategy": strategy_record, "initial_model": current["digest"],
+            "sites": plan.num_sites, "strategy": strategy_record, "initial_model": initial_digest,
             "versions": software_versions(), "code_digest": code_digest(),
             "resumes": {"run_id": plan.resume.run_id, "after_round": offset,
                         "model_digest": plan.resume.model_digest} if plan.resume else None,
         }, run_id)
 
-    def evaluate_and_commit(local_round: int, arrays: ArrayRecord) -> MetricRecord:
-        # Flower counts this run's rounds from 1; a resumed run continues the numbering.
-        server_round = local_round + offset
-        named = record_to_arrays(arrays)
-        loss, accuracy = math.nan, math.nan
-        if evaluate_set is not None:
-            load_trainable(model, named)
-            loss, accuracy = evaluate_classifier(model, *evaluate_set, device)
-        if local_round == 0:
-            initial["accuracy"] = accuracy
-            if plan.resume is None:
-                save_checkpoint(plan.checkpoints, 0, named, plan.model.to_json())
-            return MetricRecord({"accuracy": accuracy, "loss": loss})
-        path, model_digest = save_checkpoint(plan.checkpoints, server_round, named, plan.model.to_json())
-        log = strategy.rounds.get(local_round)
-        if writer is not None:
-            for kind, body in round_records(log, server_round=server_round, model_in=current["digest"],
-                                            model_out=model_digest, checkpoint=path, strategy=strategy_record,
-                                            metrics={"accuracy": accuracy, "loss": loss}):
-                writer.append(kind, body, run_id)
-        current["digest"] = model_digest
-        result = RoundResult(round=server_round, accuracy=accuracy, loss=loss, sites=site_rounds(log),
-                             checkpoint=str(path), model_digest=model_digest)
-        rounds.append(result)
-        if on_round is not None:
-            on_round(result)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
-
+    committer = RoundCommitter(plan, model, device, evaluate_set, strategy, writer, run_id, strategy_record,
+                               initial_digest, on_round)
     strategy.start(
         grid=grid,
         initial_arrays=arrays_to_record(initial_arrays),
         num_rounds=training.rounds - offset,
         timeout=training.round_timeout,
         train_config=instructions.to_record(),
-        evaluate_fn=evaluate_and_commit,
+        evaluate_fn=committer.commit,
     )
     if writer is not None:
-        writer.append("run_finished", {"rounds": len(rounds), "model_digest": current["digest"],
+        writer.append("run_finished", {"rounds": len(committer.rounds), "model_digest": committer.model_digest,
                                        "head": writer.head_hash}, run_id)
-    return RunResult(rounds=rounds, initial_accuracy=initial.get("accuracy", math.nan),
+    return RunResult(rounds=committer.rounds, initial_accuracy=committer.initial_accuracy,
                      out_dir=str(plan.out_dir), config=plan.config_summary,
                      lineage=str(plan.lineage.ledger) if plan.lineage else None)
 
