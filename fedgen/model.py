@@ -1,7 +1,7 @@
 """The built-in DNA language model: a compact transformer encoder.
 
-Read top to bottom: config and presets, one attention block, the encoder, and the two
-heads (sequence classification, masked language modelling). Every layer is one that
+Read top to bottom: one attention block, the encoder, and the two heads (sequence
+classification, masked language modelling); its shape and presets are in `model_config`. Every layer is one that
 Opacus computes per-sample gradients for (Linear, Embedding, LayerNorm); attention uses
 Linear projections and ``scaled_dot_product_attention`` rather than
 ``nn.MultiheadAttention``, which Opacus rejects.
@@ -9,83 +9,13 @@ Linear projections and ``scaled_dot_product_attention`` rather than
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of a DNA transformer encoder.
-
-    Parameters
-    ----------
-    vocab_size : int
-        Number of token ids (from the tokenizer, special tokens included).
-    max_len : int
-        Longest token sequence the position table holds (CLS included).
-    d_model, n_layers, n_heads, d_ff : int
-        Width, depth, attention heads and feed-forward width.
-    dropout : float
-        Dropout after attention and feed-forward blocks.
-    num_labels : int
-        Classes of the classification head.
-    pad_id : int
-        Token id of padding; padded keys are masked out of attention and pooling.
-    """
-
-    vocab_size: int
-    max_len: int
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    d_ff: int = 128
-    dropout: float = 0.1
-    num_labels: int = 2
-    pad_id: int = 0
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
-        for field in ("vocab_size", "max_len", "d_model", "n_layers", "d_ff", "num_labels"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"ModelConfig.{field} must be >= 1")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        return cls(**json.loads(text))
-
-
-# Width, depth, heads, feed-forward. Parameter counts are for vocab 261 (4-mer tokenizer)
-# and max_len 512; `count_parameters(build_model(...))` gives the exact figure for yours.
-PRESETS: dict[str, dict[str, int]] = {
-    "nano": dict(d_model=32, n_layers=1, n_heads=2, d_ff=64),  # ~33 K: tests, and small data under DP
-    "tiny": dict(d_model=64, n_layers=2, n_heads=4, d_ff=128),  # ~0.12 M
-    "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024),  # ~3.4 M
-    "base": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048),  # ~25.6 M
-    "large": dict(d_model=768, n_layers=14, n_heads=12, d_ff=3072),  # ~99.8 M
-}
-
-
-def preset_config(
-    preset: str, *, vocab_size: int, max_len: int, num_labels: int = 2, pad_id: int = 0
-) -> ModelConfig:
-    """Return the `ModelConfig` of a named preset for a tokenizer and task."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return ModelConfig(
-        vocab_size=vocab_size, max_len=max_len, num_labels=num_labels, pad_id=pad_id,
-        **PRESETS[preset],
-    )
+from .model_config import PRESETS, ModelConfig, preset_config  # noqa: F401  (re-exported)
 
 
 class SelfAttention(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from flwr.app import RecordDict
 
 from . import pki
-from .config import PrivacyConfig, SiteConfig, TrainingConfig, load_toml, write_toml
+from .config import LineageSigningConfig, PrivacyConfig, SiteConfig, TrainingConfig, load_toml, write_toml
 from .data import SequenceDataset, bundled_data_dir, load_bundled, load_dataset, train_test_split
 from .model import ModelConfig, preset_config
 from .params import arrays_to_record, digest, record_to_arrays
@@ -167,12 +167,15 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
     from flwr.simulation import run_simulation
 
     from fedgen.client.app import make_client_app
-    from fedgen.server.app import LineageFiles, ServerPlan, make_server_app
+    from fedgen.server.app import make_server_app
+    from fedgen.server.plan import LineagePlan, RunPlan
 
-    plan = ServerPlan(training=training, model_config=model_config, label_names=list(label_names),
-                      num_sites=len(site_tomls), out_dir=out_dir, eval_data=test,
-                      config_summary=config_summary, lineage=LineageFiles(*simulation_signer(out_dir)))
-    server_app, outcome = make_server_app(plan, on_round)
+    ledger, key, certificate = simulation_signer(out_dir)
+    plan = RunPlan(training=training, model=model_config, label_names=list(label_names),
+                   num_sites=len(site_tomls), out_dir=out_dir, config_summary=config_summary,
+                   lineage=LineagePlan(ledger=ledger, signing=LineageSigningConfig(certificate=certificate,
+                                                                                   private_key=key)))
+    server_app, outcome = make_server_app(plan, test, on_round)
     client_app = make_client_app(_SimulatedSites([str(p) for p in site_tomls]), tamper)
     # Flower logs every message exchange at INFO; rounds are reported through on_round.
     logging.getLogger("flwr").setLevel(logging.ERROR)

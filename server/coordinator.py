@@ -17,24 +17,26 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fedgen.config import AggregatorConfig, ConfigError, RunConfig, load_toml
+from fedgen.config import (
+    AggregatorConfig, AggregatorTLSConfig, ConfigError, LineageSigningConfig, RunConfig, load_toml,
+)
 from fedgen.data import DataError, load_dataset
 from fedgen.lineage import LineageError, read_records
 from fedgen.lineage.records import RoundCommitted, RunFinished, RunStarted, records_of
-from fedgen.model import preset_config
+from fedgen.model_config import preset_config
 from fedgen.results import RoundResult, RunResult
 from fedgen.sovereignty import sovereign_environment
 from fedgen.tokenizers import make_tokenizer
 
-from .app import (
-    FAILURE_FILE, PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, LineageFiles, ResumePoint, ServerPlan,
-    TrustFiles, write_plan,
-)
 from .fleet_registry import REGISTRY_FILE, FleetRegistry
+from .plan import (
+    FAILURE_FILE, PLAN_FILE, PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, LineagePlan, ResumePoint, RunPlan,
+    write_plan,
+)
 
 FEDERATION = "fedgen"
 # In the aggregator's state folder: one ledger and one checkpoint folder for all runs
@@ -92,7 +94,7 @@ def _flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> dict:
     return answer
 
 
-def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, ServerPlan]:
+def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, RunPlan]:
     """Check the run configuration and turn it into the ServerApp's plan.
 
     Raises
@@ -115,17 +117,17 @@ def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, ServerPlan]
             raise ConfigError(f"{source}: eval_data: {exc}") from None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     state = Path(aggregator.state_dir).resolve()
-    tls = aggregator.tls
-    plan = ServerPlan(training=run.training, model_config=model_config, label_names=list(run.labels),
-                      num_sites=run.sites, out_dir=state / "runs" / stamp,
-                      config_summary={"run_config": source, "sites": run.sites,
-                                      "eval_data": str(run.eval_data) if run.eval_data else None},
-                      checkpoints_dir=state / CHECKPOINTS_DIR,
-                      lineage=LineageFiles(ledger=state / LEDGER_FILE,
-                                           private_key=aggregator.lineage.private_key.resolve(),
-                                           certificate=aggregator.lineage.certificate.resolve()),
-                      trust=TrustFiles(ca_certificate=tls.ca_certificate.resolve(), crl=tls.crl.resolve(),
-                                       registry=state / REGISTRY_FILE))
+    signing = aggregator.lineage
+    plan = RunPlan(training=run.training, model=model_config, label_names=list(run.labels),
+                   num_sites=run.sites, out_dir=state / "runs" / stamp,
+                   eval_data=run.eval_data.resolve() if run.eval_data else None,
+                   config_summary={"run_config": source, "sites": run.sites,
+                                   "eval_data": str(run.eval_data) if run.eval_data else None},
+                   checkpoints_dir=state / CHECKPOINTS_DIR,
+                   lineage=LineagePlan(ledger=state / LEDGER_FILE, signing=LineageSigningConfig(
+                       certificate=signing.certificate.resolve(), private_key=signing.private_key.resolve())),
+                   tls=AggregatorTLSConfig(**{name: path.resolve() for name, path in aggregator.tls}),
+                   fleet_registry=state / REGISTRY_FILE)
     return aggregator, plan
 
 
@@ -170,12 +172,12 @@ def submit(run: RunConfig, source: str, *, resume: bool = False) -> SubmittedRun
     submitted_at = datetime.now(timezone.utc)
     aggregator, plan = plan_run(run, source)
     if resume:
-        assert plan.lineage is not None and plan.checkpoints_dir is not None
-        point = resume_point(plan.lineage.ledger, plan.checkpoints_dir, run.training.model_dump(), source)
-        plan = replace(plan, resume=point)
+        assert plan.lineage is not None
+        point = resume_point(plan.lineage.ledger, plan.checkpoints, run.training.model_dump(), source)
+        plan = plan.model_copy(update={"resume": point})
     run_dir = plan.out_dir
     run_dir.mkdir(parents=True, exist_ok=False)
-    write_plan(plan, run.eval_data.resolve() if run.eval_data else None, run_dir / "plan.json")
+    write_plan(plan, run_dir / PLAN_FILE)
     app_dir = run_dir / "app"
     app_dir.mkdir()
     (app_dir / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
@@ -185,10 +187,9 @@ def submit(run: RunConfig, source: str, *, resume: bool = False) -> SubmittedRun
         f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
         f'address = "127.0.0.1:{aggregator.control_port}"\ninsecure = true\n', encoding="utf-8")
     answer = _flwr(["run", str(app_dir), FEDERATION, "--run-config",
-                    f'{PLAN_FILE_KEY}="{run_dir / "plan.json"}"'], flwr_home)
-    assert plan.trust is not None
+                    f'{PLAN_FILE_KEY}="{run_dir / PLAN_FILE}"'], flwr_home)
     return SubmittedRun(run_id=str(answer["run-id"]), run_dir=run_dir, flwr_home=flwr_home,
-                        registry=plan.trust.registry, submitted_at=submitted_at)
+                        registry=plan.fleet_registry, submitted_at=submitted_at)
 
 
 def run_status(submitted: SubmittedRun) -> str:

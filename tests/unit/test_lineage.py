@@ -477,15 +477,19 @@ def test_records_signed_after_the_signer_was_revoked_fail_against_the_crl(tmp_pa
 
 def test_the_aggregator_does_not_start_a_run_with_a_revoked_lineage_signer(tmp_path: Path):
     from fedgen.config import TrainingConfig
+    from fedgen.config import AggregatorTLSConfig, LineageSigningConfig
     from fedgen.model import preset_config
-    from fedgen.server.app import LineageFiles, ServerPlan, TrustFiles, run_federation
+    from fedgen.server.app import run_federation
+    from fedgen.server.plan import LineagePlan, RunPlan
 
     files = make_consortium(tmp_path / "certs", "Revoked").files
     pki.revoke_lineage(files.folder, "key-compromise")
-    plan = ServerPlan(training=TrainingConfig(), model_config=preset_config("nano", vocab_size=8, max_len=8),
-                      label_names=["0", "1"], num_sites=1, out_dir=tmp_path,
-                      lineage=LineageFiles(tmp_path / "lineage.jsonl", files.lineage_key, files.lineage_cert),
-                      trust=TrustFiles(files.ca_cert, files.crl))
+    plan = RunPlan(training=TrainingConfig(), model=preset_config("nano", vocab_size=8, max_len=8),
+                   label_names=["0", "1"], num_sites=1, out_dir=tmp_path,
+                   lineage=LineagePlan(ledger=tmp_path / "lineage.jsonl", signing=LineageSigningConfig(
+                       certificate=files.lineage_cert, private_key=files.lineage_key)),
+                   tls=AggregatorTLSConfig(certificate=files.aggregator_cert, private_key=files.aggregator_key,
+                                           ca_certificate=files.ca_cert, crl=files.crl))
     with pytest.raises(RuntimeError, match="lineage.pem is revoked.*fedgen certs issue lineage --force"):
         run_federation(grid=None, plan=plan)  # refused before any site is asked
     assert not (tmp_path / "lineage.jsonl").exists()

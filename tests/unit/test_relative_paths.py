@@ -66,7 +66,7 @@ def test_a_consortium_written_under_a_relative_folder_reads_back_from_another_di
     assert run.aggregator == root / "aggregator" / "aggregator.toml"
     planned, plan = plan_run(run, "run.toml")
     assert planned == aggregator
-    assert plan.lineage.certificate == root / "certs" / "lineage.pem"
+    assert plan.lineage.signing.certificate == root / "certs" / "lineage.pem"
     assert plan.out_dir.is_relative_to(root / "aggregator" / "state" / "runs")
 
     # `fedgen lineage … --config` finds the aggregator's ledger through the same file.

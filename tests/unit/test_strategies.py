@@ -302,7 +302,7 @@ def test_instructions_carry_the_ledger_head_and_site_signatures_must_cover_it(fl
 
 
 def test_every_status_reaches_the_run_report_and_the_round_record_with_its_reason(flower_task, tmp_path):
-    from fedgen.server.app import site_rounds
+    from fedgen.server.commit import site_rounds
 
     strategy = _recording(policy=UpdatePolicy(min_updates=1))
     strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, np.float32)}), ConfigRecord(), _Grid(4))
