@@ -17,6 +17,8 @@ from pathlib import Path
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 
+from fedgen.errors import FedgenError
+
 LEDGER_FILE = "privacy-ledger.json"
 LEDGER_VERSION = 1
 # Past this noise multiplier an update carries almost no signal: refuse instead.
@@ -25,11 +27,11 @@ MAX_NOISE_MULTIPLIER = 50.0
 Mechanism = tuple[float, float, int]  # noise multiplier, sample rate, steps
 
 
-class LedgerError(RuntimeError):
+class LedgerError(FedgenError, RuntimeError):
     """The ledger file is unreadable or inconsistent with the site's privacy settings."""
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(FedgenError, RuntimeError):
     """Training this round would push the site past its epsilon ceiling."""
 
 

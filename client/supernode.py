@@ -35,6 +35,7 @@ import flwr
 import httpx
 
 from fedgen.config import ConfigError, SiteConfig, load_toml
+from fedgen.errors import OperationFailed
 from fedgen.pki import PKIError, check_key_pair, check_tls_identity, site_id_of
 from fedgen.sovereignty import apply_sovereign_environment
 
@@ -44,7 +45,7 @@ FLOWER_SERIES = "1.41."
 log = logging.getLogger(__name__)
 
 
-class SiteStopped(RuntimeError):
+class SiteStopped(OperationFailed, RuntimeError):
     """The site's SuperNode stopped without being asked to; the message says why."""
 
 

@@ -20,10 +20,12 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
+from .errors import FedgenError
+
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum", "median")
 
 
-class ConfigError(ValueError):
+class ConfigError(FedgenError, ValueError):
     """A configuration file or value is invalid; the message names where and why."""
 
 

@@ -150,6 +150,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedgen import pki
+from fedgen.errors import FedgenError
 
 RECORD_TYPES = ("run_started", "round_committed", "update_rejected", "site_refused",
                 "model_approved", "run_finished", "run_failed")
@@ -165,7 +166,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _RECORD_START = b'{"body":'
 
 
-class LineageError(ValueError):
+class LineageError(FedgenError, ValueError):
     """A lineage ledger cannot be written or read; the message names the file or line."""
 
 

@@ -21,11 +21,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .errors import FedgenError
 from .lineage import LineageError, LineageWriter, read_records, verify
 from .params import model_file_digest, read_model_file
 
 
-class ReleaseError(ValueError):
+class ReleaseError(FedgenError, ValueError):
     """The round, run or ledger does not allow the approval or export asked for."""
 
 

@@ -58,6 +58,7 @@ from typing import Any
 from cryptography import x509
 
 from fedgen import pki
+from fedgen.errors import FedgenError
 from fedgen.lineage import LedgerHead, canonical_encoding
 
 RECEIPTS_FILE = "lineage-receipts.jsonl"
@@ -68,7 +69,7 @@ STATUSES = ("witnessed", *FAILURES, *NOTES)
 StrPath = str | os.PathLike[str]
 
 
-class ReceiptError(ValueError):
+class ReceiptError(FedgenError, ValueError):
     """A receipt file cannot be read or written; the message names the file and line."""
 
 

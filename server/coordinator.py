@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fedgen.config import AggregatorConfig, ConfigError, RunConfig, load_toml
 from fedgen.data import DataError, load_dataset
+from fedgen.errors import OperationFailed
 from fedgen.lineage import LineageError, read_records
 from fedgen.model import preset_config
 from fedgen.results import RoundResult, RunResult
@@ -63,7 +64,7 @@ clientapp = "fedgen.client.app:app"
 """
 
 
-class RunFailed(RuntimeError):
+class RunFailed(OperationFailed, RuntimeError):
     """The run could not be submitted, or Flower reports it failed."""
 
 
