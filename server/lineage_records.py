@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import platform
 from pathlib import Path
@@ -13,9 +14,6 @@ import opacus
 import torch
 
 import fedgen
-import fedgen.client
-import fedgen.server
-import fedgen.strategies
 from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 
@@ -27,10 +25,11 @@ def software_versions() -> dict[str, str]:
 def code_digest() -> str:
     """SHA-256 over the source of the fedgen that runs (every .py file, by relative path)."""
     h = hashlib.sha256()
-    for package in (fedgen, fedgen.client, fedgen.server, fedgen.strategies):
-        root = Path(package.__file__).parent
+    for package in ("fedgen", "fedgen.client", "fedgen.server", "fedgen.strategies"):
+        # Found, not imported: the server never imports the client.
+        root = Path(importlib.util.find_spec(package).origin).parent
         for path in sorted(root.glob("*.py")):
-            h.update(f"{package.__name__}/{path.name}\0".encode())
+            h.update(f"{package}/{path.name}\0".encode())
             h.update(path.read_bytes())
     return h.hexdigest()
 
