@@ -1,11 +1,12 @@
-# Two commands: `make demo` (the main job: a consortium on this machine) and `make test`.
-# Both create .venv on first use: torch 2.13.0 (CPU build) first, then fedgen.
+# Two commands: `make demo` (the main job: a consortium on this machine) and `make test`;
+# CI also runs `make lint` (ruff).
+# Each creates .venv on first use: torch 2.13.0 (CPU build) first, then fedgen.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedgen-installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +23,9 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -17,6 +17,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 
 from fedgen import atomic
+from fedgen.errors import FedgenError
 from fedgen.state_files import PRIVACY_LEDGER_FILE
 
 LEDGER_VERSION = 1
@@ -26,11 +27,11 @@ MAX_NOISE_MULTIPLIER = 50.0
 Mechanism = tuple[float, float, int]  # noise multiplier, sample rate, steps
 
 
-class LedgerError(RuntimeError):
+class LedgerError(FedgenError, RuntimeError):
     """The ledger file is unreadable or inconsistent with the site's privacy settings."""
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(FedgenError, RuntimeError):
     """Training this round would push the site past its epsilon ceiling."""
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from fedgen.config import ConfigError, SiteConfig, SiteTLSConfig, load_toml
+from fedgen.errors import OperationFailed
 from fedgen.flower_pin import check_flower_version
 from fedgen.pki import PKIError, check_key_pair, check_tls_identity, site_id_of
 from fedgen.sovereignty import apply_sovereign_environment
@@ -42,7 +43,7 @@ from .refusals import refusal_cause
 log = logging.getLogger(__name__)
 
 
-class SiteStopped(RuntimeError):
+class SiteStopped(OperationFailed, RuntimeError):
     """The site's SuperNode stopped without being asked to; the message says why."""
 
 

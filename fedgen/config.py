@@ -22,10 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 
 from fedgen import atomic
 
+from .errors import FedgenError
+
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum", "median")
 
 
-class ConfigError(ValueError):
+class ConfigError(FedgenError, ValueError):
     """A configuration file or value is invalid; the message names where and why."""
 
 

@@ -26,6 +26,8 @@ from typing import Literal, NamedTuple, TextIO
 
 import numpy as np
 
+from .errors import FedgenError
+
 ALPHABET = "ACGTN"
 TABLE_SUFFIXES = (".csv", ".tsv")
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna")
@@ -41,7 +43,7 @@ _HEADER_LABEL_TOKEN = re.compile(r"(?:^|[\s|;])label=([^\s|;]+)")
 _GENOMIC_BENCHMARKS_SEQUENCE_COLUMNS = ("seq", "sequence")
 
 
-class DataError(ValueError):
+class DataError(FedgenError, ValueError):
     """Invalid or unreadable input data.
 
     Parameters

@@ -21,12 +21,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import atomic
+from .errors import FedgenError
 from .lineage import LineageError, LineageWriter, read_records, verify
 from .lineage.records import ModelApproved, Record, RoundCommitted, RunStarted, records_of
 from .params import model_file_digest, read_model_file
 
 
-class ReleaseError(ValueError):
+class ReleaseError(FedgenError, ValueError):
     """The round, run or ledger does not allow the approval or export asked for."""
 
 

@@ -36,6 +36,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedgen import atomic
 
+from .errors import FedgenError
+
 CA_DAYS = 365 * 5
 CERT_DAYS = 90
 CRL_DAYS = 30
@@ -63,7 +65,7 @@ _INDEX_FIELDS = ("kind", "subject", "serial", "not_before", "not_after", "finger
                  "revoked_at", "reason")
 
 
-class PKIError(ValueError):
+class PKIError(FedgenError, ValueError):
     """A PKI problem the user can fix; the message names the file or field and the fix."""
 
 

@@ -20,6 +20,7 @@ from flwr.app import RecordDict
 from . import pki
 from .config import LineageSigningConfig, PrivacyConfig, SiteConfig, TrainingConfig, load_toml, write_toml
 from .data import SequenceDataset, bundled_data_dir, load_bundled, load_dataset, train_test_split
+from .errors import FedgenError, InputError, OperationFailed
 from .model import ModelConfig, preset_config
 from .params import arrays_to_record, digest, record_to_arrays
 from .partition import SCHEMES, partition
@@ -62,6 +63,10 @@ def write_sites(train: SequenceDataset, shares: list, root: Path, privacy: Priva
                           device=device, privacy=privacy, **(extra(index) if extra else {}))
         configs.append(write_toml(site, site_dir / "site.toml"))
     return configs
+
+
+class SimulationFailed(OperationFailed, RuntimeError):
+    """The simulation started from good input and failed on the way (e.g. a round without quorum)."""
 
 
 def simulate(
@@ -113,33 +118,38 @@ def simulate(
         Per-round accuracy and loss, per-site ε, checkpoint paths.
     """
     if sites < 1:
-        raise ValueError("sites must be at least 1")
+        raise InputError("sites must be at least 1")
     if partition_scheme not in SCHEMES:
-        raise ValueError(f"unknown partition {partition_scheme!r}; choose one of {', '.join(SCHEMES)}")
-    training = TrainingConfig(
-        rounds=rounds, strategy=strategy, strategy_options=strategy_options or {},
-        local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
-        model=model, tokenizer=tokenizer, seed=seed,
-    )
-    privacy = PrivacyConfig(
-        enabled=epsilon is not None, epsilon=epsilon or 8.0, delta=delta,
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-    )
-    token_ids = make_tokenizer(tokenizer)
-    tamper = Adversaries(adversaries) if adversaries else None
-    unknown = sorted(set(adversaries or {}) - {f"site-{i}" for i in range(sites)})
-    if unknown:
-        raise ValueError(f"adversaries {unknown} are not among site-0 .. site-{sites - 1}")
-    train, test = split_for_simulation(data, seed)
-    shares = partition(train.labels, sites, partition_scheme, seed, alpha=alpha)
-    longest = max(len(s) for s in (*train.sequences, *test.sequences))
-    model_config = preset_config(
-        model, vocab_size=token_ids.vocab_size, max_len=token_ids.token_length(longest),
-        num_labels=len(train.label_names), pad_id=token_ids.pad_id,
-    )
+        raise InputError(f"unknown partition {partition_scheme!r}; choose one of {', '.join(SCHEMES)}")
+    try:  # the settings, tokenizer, model preset and partition refuse unusable arguments with ValueError
+        training = TrainingConfig(
+            rounds=rounds, strategy=strategy, strategy_options=strategy_options or {},
+            local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
+            model=model, tokenizer=tokenizer, seed=seed,
+        )
+        privacy = PrivacyConfig(
+            enabled=epsilon is not None, epsilon=epsilon or 8.0, delta=delta,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        )
+        token_ids = make_tokenizer(tokenizer)
+        tamper = Adversaries(adversaries) if adversaries else None
+        unknown = sorted(set(adversaries or {}) - {f"site-{i}" for i in range(sites)})
+        if unknown:
+            raise InputError(f"adversaries {unknown} are not among site-0 .. site-{sites - 1}")
+        train, test = split_for_simulation(data, seed)
+        shares = partition(train.labels, sites, partition_scheme, seed, alpha=alpha)
+        longest = max(len(s) for s in (*train.sequences, *test.sequences))
+        model_config = preset_config(
+            model, vocab_size=token_ids.vocab_size, max_len=token_ids.token_length(longest),
+            num_labels=len(train.label_names), pad_id=token_ids.pad_id,
+        )
+    except FedgenError:
+        raise
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         # Its sites' privacy ledgers and checkpoints belong to another run: never mix them.
-        raise ValueError(f"{out}: folder is not empty; choose a new --out or remove the old run")
+        raise InputError(f"{out}: folder is not empty; choose a new --out or remove the old run")
     apply_sovereign_environment()  # refuses in a process where Flower or Ray would phone home
     # Only now that every input checked out does anything get written.
     # Absolute: Ray's workers load the site configs, and result.json names files, from anywhere.
@@ -191,9 +201,9 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
             },
         )
     if outcome.error is not None:
-        raise RuntimeError(f"simulation failed: {outcome.error}") from outcome.error
+        raise SimulationFailed(f"simulation failed: {outcome.error}") from outcome.error
     if outcome.result is None:
-        raise RuntimeError("simulation ended without a result; see the log above")
+        raise SimulationFailed("simulation ended without a result; see the log above")
     return outcome.result
 
 

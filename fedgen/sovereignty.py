@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import FedgenError
+
 NO_PHONE_HOME = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -66,7 +68,7 @@ class SovereigntyWarning(UserWarning):
     """This process was set up to phone home before fedgen could prevent it."""
 
 
-class SovereigntyError(RuntimeError):
+class SovereigntyError(FedgenError, RuntimeError):
     """fedgen refuses to start Flower or Ray in a process that would phone home."""
 
 

@@ -15,3 +15,5 @@ FLEET_REGISTRY_FILE = "fleet-registry.json"  # which site holds which Flower nod
 FLOWER_DATABASE = "flower.db"  # the SuperLink's own state
 PROGRESS_FILE = "progress.jsonl"  # a run's committed rounds, for the coordinator to follow
 RESULT_FILE = "result.json"  # a run's `fedgen.results.RunResult`
+PLAN_FILE = "plan.json"  # what the coordinator asks of the ServerApp (`fedgen.server.plan.RunPlan`)
+FAILURE_FILE = "failure.json"  # why the ServerApp stopped, for `fedgen run` to print

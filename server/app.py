@@ -30,13 +30,14 @@ from fedgen.results import RoundResult, RunResult
 from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
 from fedgen.strategies.validation import UpdatePolicy
 from fedgen.strategies.registry import make_strategy
+from fedgen.state_files import FAILURE_FILE, PROGRESS_FILE, RESULT_FILE
 from fedgen.tokenizers import make_tokenizer
 
 from .checkpoints import checkpoint_digest, load_checkpoint
 from .commit import RoundCallback, RoundCommitter
 from .fleet_registry import FleetRegistry
 from .lineage_records import left_out_records, run_failed, run_finished, run_started, strategy_of
-from .plan import FAILURE_FILE, PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, RunPlan, read_plan
+from .plan import PLAN_FILE_KEY, RunPlan, read_plan
 
 logger = logging.getLogger(__name__)
 

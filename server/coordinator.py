@@ -25,24 +25,26 @@ from fedgen.config import (
     AggregatorConfig, AggregatorTLSConfig, ConfigError, LineageSigningConfig, RunConfig, load_toml,
 )
 from fedgen.data import DataError, load_dataset
+from fedgen.errors import OperationFailed
 from fedgen.lineage import LineageError, read_records
 from fedgen.lineage.records import RoundCommitted, RunFinished, RunStarted, records_of
 from fedgen.model_config import preset_config
 from fedgen.results import RoundResult, RunResult
 from fedgen.sovereignty import sovereign_environment
+from fedgen.state_files import (
+    CHECKPOINTS_DIR, FAILURE_FILE, FLEET_REGISTRY_FILE, LINEAGE_FILE, PLAN_FILE, PROGRESS_FILE, RESULT_FILE,
+)
 from fedgen.tokenizers import make_tokenizer
 
-from .fleet_registry import REGISTRY_FILE, FleetRegistry
+from .fleet_registry import FleetRegistry
 from .plan import (
-    FAILURE_FILE, PLAN_FILE, PLAN_FILE_KEY, PROGRESS_FILE, RESULT_FILE, LineagePlan, ResumePoint, RunPlan,
+    PLAN_FILE_KEY, LineagePlan, ResumePoint, RunPlan,
     write_plan,
 )
 
 FEDERATION = "fedgen"
 # In the aggregator's state folder: one ledger and one checkpoint folder for all runs
 # (checkpoint names carry their digest, so runs never collide).
-LEDGER_FILE = "lineage.jsonl"
-CHECKPOINTS_DIR = "checkpoints"
 APP_PYPROJECT = f"""[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -66,7 +68,7 @@ clientapp = "fedgen.client.app:app"
 """
 
 
-class RunFailed(RuntimeError):
+class RunFailed(OperationFailed, RuntimeError):
     """The run could not be submitted, or Flower reports it failed."""
 
 
@@ -124,10 +126,10 @@ def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, RunPlan]:
                    config_summary={"run_config": source, "sites": run.sites,
                                    "eval_data": str(run.eval_data) if run.eval_data else None},
                    checkpoints_dir=state / CHECKPOINTS_DIR,
-                   lineage=LineagePlan(ledger=state / LEDGER_FILE, signing=LineageSigningConfig(
+                   lineage=LineagePlan(ledger=state / LINEAGE_FILE, signing=LineageSigningConfig(
                        certificate=signing.certificate.resolve(), private_key=signing.private_key.resolve())),
                    tls=AggregatorTLSConfig(**{name: path.resolve() for name, path in aggregator.tls}),
-                   fleet_registry=state / REGISTRY_FILE)
+                   fleet_registry=state / FLEET_REGISTRY_FILE)
     return aggregator, plan
 
 

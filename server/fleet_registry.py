@@ -20,7 +20,6 @@ from datetime import datetime
 from pathlib import Path
 
 # server/coordinator.py reads the name from here until it imports fedgen.state_files itself.
-from fedgen.state_files import FLEET_REGISTRY_FILE as REGISTRY_FILE  # noqa: F401
 
 log = logging.getLogger(__name__)
 MAX_REFUSALS = 200  # the most recent are kept

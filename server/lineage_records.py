@@ -7,6 +7,7 @@ run's configuration and each round's `RoundLog`.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import platform
@@ -17,9 +18,6 @@ import opacus
 import torch
 
 import fedgen
-import fedgen.client
-import fedgen.server
-import fedgen.strategies
 from fedgen.config import TrainingConfig
 from fedgen.lineage.records import (
     Body, Contribution, HeadRef, LeftOut, ModelIn, ModelOut, Resumes, RoundCommitted, RunFailed, RunFinished,
@@ -37,10 +35,11 @@ def software_versions() -> dict[str, str]:
 def code_digest() -> str:
     """SHA-256 over the source of the fedgen that runs (every .py file, by relative path)."""
     h = hashlib.sha256()
-    for package in (fedgen, fedgen.client, fedgen.server, fedgen.strategies):
-        root = Path(package.__file__).parent
-        for path in sorted(root.rglob("*.py")):  # subpackages (fedgen.lineage) included
-            h.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+    for package in ("fedgen", "fedgen.client", "fedgen.server", "fedgen.strategies"):
+        # Found, not imported: the server never imports the client.
+        root = Path(importlib.util.find_spec(package).origin).parent
+        for path in sorted(root.rglob("*.py")):  # subpackages (fedgen.lineage, fedgen.cli) included
+            h.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
             h.update(path.read_bytes())
     return h.hexdigest()
 

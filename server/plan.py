@@ -16,12 +16,9 @@ from pydantic import Field
 
 from fedgen.config import AggregatorTLSConfig, ConfigPath, LineageSigningConfig, StrictModel, TrainingConfig
 from fedgen.model_config import ModelConfig
+from fedgen.state_files import CHECKPOINTS_DIR
 
 # The run's folder: what the coordinator writes and what the ServerApp leaves there.
-PLAN_FILE = "plan.json"
-PROGRESS_FILE = "progress.jsonl"  # one committed round a line, for the coordinator to follow
-RESULT_FILE = "result.json"
-FAILURE_FILE = "failure.json"  # why the ServerApp stopped, for `fedgen run` to print
 PLAN_FILE_KEY = "plan-file"  # the run-config key that names the plan file
 
 
@@ -65,7 +62,7 @@ class RunPlan(StrictModel):
 
     @property
     def checkpoints(self) -> Path:
-        return self.checkpoints_dir or self.out_dir / "checkpoints"
+        return self.checkpoints_dir or self.out_dir / CHECKPOINTS_DIR
 
 
 def write_plan(plan: RunPlan, path: Path) -> None:

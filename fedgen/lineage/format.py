@@ -107,6 +107,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fedgen.errors import FedgenError
+
 RECORD_TYPES = ("run_started", "round_committed", "update_rejected", "site_refused",
                 "model_approved", "run_finished", "run_failed")
 RECORD_FIELDS = ("body", "hash", "prev", "run_id", "seq", "signature", "signer", "time", "type")
@@ -120,7 +122,7 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 _RECORD_START = b'{"body":'
 
 
-class LineageError(ValueError):
+class LineageError(FedgenError, ValueError):
     """A lineage ledger cannot be written or read; the message names the file or line."""
 
 

@@ -58,6 +58,7 @@ from typing import Any
 from cryptography import x509
 
 from fedgen import pki
+from fedgen.errors import FedgenError
 
 from fedgen.state_files import RECEIPTS_FILE
 
@@ -68,7 +69,7 @@ NOTES = ("unacknowledged", "uncommitted", "unattested")
 STATUSES = ("witnessed", *FAILURES, *NOTES)
 
 
-class ReceiptError(ValueError):
+class ReceiptError(FedgenError, ValueError):
     """A receipt file cannot be read or written; the message names the file and line."""
 
 

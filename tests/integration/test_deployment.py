@@ -15,7 +15,7 @@ from fedgen.client.supernode import client_ssl_context
 from fedgen.config import (
     AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, RunConfig, SiteTLSConfig, load_toml, to_toml,
 )
-from fedgen.demo import ProcessGroup, free_port, wait_for_port
+from fedgen.processes import ProcessGroup, free_port, wait_for_port
 from fedgen.server.coordinator import RunFailed, follow, submit
 from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
 

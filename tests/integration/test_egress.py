@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml, to_toml
-from fedgen.demo import ProcessGroup, wait_for_port, write_consortium
+from fedgen.cli.demo import write_consortium
+from fedgen.processes import ProcessGroup, wait_for_port
 from fedgen.sovereignty import NO_PHONE_HOME
 
 from ..egress_trace import EgressPolicy, find_egress, strace_command

@@ -16,7 +16,7 @@ from fedgen.client.supernode import client_ssl_context
 from fedgen.config import (
     AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, SiteConfig, SiteTLSConfig, write_toml,
 )
-from fedgen.demo import ProcessGroup, free_port, wait_for_port
+from fedgen.processes import ProcessGroup, free_port, wait_for_port
 from fedgen.server.fleet_registry import FleetRegistry
 from fedgen.state_files import FLEET_REGISTRY_FILE
 from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem

@@ -10,7 +10,8 @@ import pytest
 
 from fedgen.client.ledger import PrivacyLedger
 from fedgen.config import AggregatorConfig, RunConfig, load_toml, to_toml
-from fedgen.demo import ProcessGroup, wait_for_port, write_consortium
+from fedgen.cli.demo import write_consortium
+from fedgen.processes import ProcessGroup, wait_for_port
 from fedgen.lineage import read_records
 from fedgen.server.coordinator import follow, submit
 

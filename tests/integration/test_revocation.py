@@ -15,7 +15,8 @@ import pytest
 from fedgen import pki
 from fedgen.client.ledger import PrivacyLedger
 from fedgen.config import AggregatorConfig, RunConfig, load_toml, write_toml
-from fedgen.demo import ProcessGroup, wait_for_port, write_consortium
+from fedgen.cli.demo import write_consortium
+from fedgen.processes import ProcessGroup, wait_for_port
 from fedgen.lineage import read_records
 from fedgen.server.coordinator import follow, submit
 

@@ -7,7 +7,7 @@ from cryptography import x509
 from typer.testing import CliRunner
 
 from fedgen import pki
-from fedgen.cli_certs import certs_app
+from fedgen.cli.certs import certs_app
 
 runner = CliRunner()
 

@@ -54,7 +54,8 @@ def outcomes_of(records: list[dict], committed: Record[RoundCommitted]) -> list[
         if left_out.round != committed.body.round:
             continue
         if isinstance(left_out, UpdateRejected):
-            outcomes.append(SiteOutcome(left_out.site, "rejected", left_out.reason, update_digest=left_out.update_digest))
+            outcomes.append(SiteOutcome(left_out.site, "rejected", left_out.reason,
+                                        update_digest=left_out.update_digest))
         else:
             outcomes.append(SiteOutcome(left_out.site, "refused", left_out.reason))
     for c in committed.body.contributions:

@@ -13,7 +13,8 @@ from fedgen import pki
 from fedgen.cli import app
 from fedgen.client.supernode import check_site
 from fedgen.config import (
-    AggregatorConfig, AggregatorTLSConfig, ConfigError, LineageSigningConfig, SiteConfig, SiteTLSConfig, load_toml, write_toml,
+    AggregatorConfig, AggregatorTLSConfig, ConfigError, LineageSigningConfig, SiteConfig, SiteTLSConfig, load_toml,
+    write_toml,
 )
 from fedgen.pki import PKIError
 from fedgen.server.aggregator import check_aggregator, crl_warning

@@ -21,7 +21,7 @@ from fedgen.cli import app
 from fedgen.client.supernode import check_site
 from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml
 from fedgen.data import load_bundled
-from fedgen.demo import write_consortium
+from fedgen.cli.demo import write_consortium
 from fedgen.server.aggregator import check_aggregator
 from fedgen.server.coordinator import plan_run
 

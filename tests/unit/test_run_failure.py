@@ -3,7 +3,7 @@
 import json
 from datetime import datetime, timedelta
 
-from fedgen.server.plan import FAILURE_FILE
+from fedgen.state_files import FAILURE_FILE
 from fedgen.server.coordinator import SubmittedRun, failure_report
 from fedgen.server.fleet_registry import FleetRegistry, Refusal
 

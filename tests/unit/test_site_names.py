@@ -3,7 +3,7 @@ never replied: from the fleet registry the Fleet listener writes."""
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, Metadata
 
 from fedgen.params import arrays_to_record
 from fedgen.server.fleet_registry import FleetRegistry

@@ -28,7 +28,8 @@ def test_dp_training_extends_the_accountant_history_it_was_given():
     cfg, ids, labels = _data()
     prior = [(1.3, 0.5, 4)]
     dp = DPSettings(noise_multiplier=1.1, max_grad_norm=1.0, accountant="rdp", history=prior)
-    result = train_local(build_model(cfg), ids, labels, LocalPlan(steps=5, batch_size=32, learning_rate=1e-3, seed=0), CPU, dp)
+    plan = LocalPlan(steps=5, batch_size=32, learning_rate=1e-3, seed=0)
+    result = train_local(build_model(cfg), ids, labels, plan, CPU, dp)
     assert result.history == [(1.3, 0.5, 4), (1.1, 1 / 3, 5)]
     assert prior == [(1.3, 0.5, 4)]  # the caller's list is not mutated
 

@@ -9,110 +9,22 @@ end, also on Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
-from . import pki
-from .config import (
+from .. import pki
+from ..config import (
     AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, PrivacyConfig, RunConfig, SiteTLSConfig,
     TrainingConfig, write_toml,
 )
-from .data import bundled_data_dir, load_bundled
-from .partition import partition
-from .results import RoundResult, RunResult
-from .simulation import write_sites
-from .sovereignty import sovereign_environment
-
-STARTUP_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = STARTUP_TIMEOUT) -> None:
-    """Wait until ``port`` accepts connections; fail with the log tail if ``process`` dies."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode}; log {log}:\n"
-                               + log.read_text(errors="replace")[-2000:])
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listened on port {port} after {timeout:.0f} s; see {log}")
-
-
-class ProcessGroup:
-    """Processes started in their own sessions, stopped together with their children."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.processes: list[subprocess.Popen] = []
-        self.logs: list[Path] = []
-
-    def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
-        log = self.log_dir / f"{name}.log"
-        with open(log, "wb") as handle:
-            process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=sovereign_environment(), start_new_session=True)
-        self.processes.append(process)
-        self.logs.append(log)
-        return process, log
-
-    def check_alive(self) -> None:
-        """Raise if a process stopped before it was asked to, with the end of its log."""
-        for process, log in zip(self.processes, self.logs):
-            if process.poll() is not None:
-                raise RuntimeError(f"{log.stem} exited with code {process.returncode}; {log}:\n"
-                                   + log.read_text(errors="replace")[-2000:])
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every process group, then SIGKILL what is left after ``grace`` seconds."""
-        for process in self.processes:
-            _signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for process in self.processes:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(process, signal.SIGKILL)  # also children left behind in the group
-            process.wait()
-        self.processes.clear()
-        self.logs.clear()
-
-
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C so cleanup runs either way."""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+from ..data import bundled_data_dir, load_bundled
+from ..errors import InputError
+from ..partition import partition
+from ..processes import ProcessGroup, free_port, sigterm_as_interrupt, wait_for_port
+from ..results import RoundResult, RunResult
+from ..simulation import write_sites
 
 
 def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed: int) -> tuple[Path, list[Path], Path]:
@@ -161,7 +73,7 @@ def run_demo(*, sites: int = 3, rounds: int = 3, epsilon: float = 8.0, seed: int
 
     say = on_event or (lambda message: None)
     if out is not None and out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: folder is not empty; choose a new --out or remove the old demo")
+        raise InputError(f"{out}: folder is not empty; choose a new --out or remove the old demo")
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     aggregator_toml, site_tomls, run_toml = write_consortium(out, sites=sites, rounds=rounds,
@@ -170,7 +82,7 @@ def run_demo(*, sites: int = 3, rounds: int = 3, epsilon: float = 8.0, seed: int
     (out / "logs").mkdir()
     group = ProcessGroup(out / "logs")
     fedgen = [sys.executable, "-m", "fedgen.cli"]
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             process, log = group.start("aggregator", [*fedgen, "aggregator", "start", "--config", str(aggregator_toml)])
             wait_for_port(aggregator.fleet_port, process, log)

@@ -12,17 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cli_certs import certs_app
-from .cli_output import err, fail, log_to_stderr, warn
-from .cli_lineage import lineage_app, model_app
-from .config import (
-    STRATEGY_NAMES, AggregatorConfig, ConfigError, RunConfig, SiteConfig, TrainingConfig, load_toml,
-)
-from .data import DataError
-from .model import PRESETS
-from .results import RoundResult, RunResult
+from ..config import STRATEGY_NAMES, AggregatorConfig, RunConfig, SiteConfig, TrainingConfig, load_toml
+from ..model import PRESETS
+from ..results import RoundResult, RunResult
+from .certs import certs_app
+from .lineage import lineage_app, model_app
+from .output import ReportingGroup, err, fail, log_to_stderr, warn
 
-app = typer.Typer(help="Sovereign federated fine-tuning of genomic language models.",
+app = typer.Typer(cls=ReportingGroup, help="Sovereign federated fine-tuning of genomic language models.",
                   no_args_is_help=True, add_completion=False)
 app.add_typer(certs_app, name="certs")
 app.add_typer(lineage_app, name="lineage")
@@ -81,7 +78,7 @@ def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
 ) -> None:
     if version:
-        from . import __version__
+        from .. import __version__
 
         print(__version__)
         raise typer.Exit()
@@ -104,7 +101,8 @@ def simulate(
     model: Preset = typer.Option(DEFAULTS.model, "--model", help="Built-in model preset."),
     tokenizer: str = typer.Option(DEFAULTS.tokenizer, "--tokenizer",
                                  help="nucleotide, kmerK (non-overlapping) or kmerKsS (stride S)."),
-    local_epochs: float = typer.Option(DEFAULTS.local_epochs, "--local-epochs", min=0.0, help="Local epochs per round."),
+    local_epochs: float = typer.Option(DEFAULTS.local_epochs, "--local-epochs", min=0.0,
+                                       help="Local epochs per round."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1, help="Expected local batch size."),
     lr: float = typer.Option(DEFAULTS.learning_rate, "--lr", min=0.0, help="Local learning rate."),
     seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed for split, partition, init and training."),
@@ -116,7 +114,7 @@ def simulate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
 ) -> None:
     """Fine-tune across simulated sites on this machine (Flower + Ray)."""
-    from .simulation import simulate as run
+    from ..simulation import simulate as run
 
     adversaries = {}
     for item in adversary or []:
@@ -124,24 +122,22 @@ def simulate(
         if not attack:
             fail(f"--adversary {item!r}: expected SITE:ATTACK, e.g. site-0:sign-flip")
         adversaries[site] = attack
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is for --json alone
-            result = run(
-                data, sites=sites, rounds=rounds, strategy=strategy.value,
-                partition_scheme=partition.value, alpha=alpha,
-                epsilon=None if no_dp else epsilon, noise_multiplier=noise_multiplier,
-                model=model.value, tokenizer=tokenizer, local_epochs=local_epochs,
-                batch_size=batch_size, learning_rate=lr, seed=seed, out=out, device=device,
-                adversaries=adversaries, on_round=_report_round,
-            )
-    except (DataError, ConfigError, ValueError) as exc:
-        fail(str(exc))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for --json alone
+        result = run(
+            data, sites=sites, rounds=rounds, strategy=strategy.value,
+            partition_scheme=partition.value, alpha=alpha,
+            epsilon=None if no_dp else epsilon, noise_multiplier=noise_multiplier,
+            model=model.value, tokenizer=tokenizer, local_epochs=local_epochs,
+            batch_size=batch_size, learning_rate=lr, seed=seed, out=out, device=device,
+            adversaries=adversaries, on_round=_report_round,
+        )
     _print_result(result, as_json, "fedgen simulation")
 
 
-aggregator_app = typer.Typer(help="The consortium's aggregator (Flower SuperLink behind mutual TLS).",
-                              no_args_is_help=True)
-site_app = typer.Typer(help="A site: join a federation, inspect its privacy budget.", no_args_is_help=True)
+aggregator_app = typer.Typer(cls=ReportingGroup, no_args_is_help=True,
+                             help="The consortium's aggregator (Flower SuperLink behind mutual TLS).")
+site_app = typer.Typer(cls=ReportingGroup, help="A site: join a federation, inspect its privacy budget.",
+                       no_args_is_help=True)
 app.add_typer(aggregator_app, name="aggregator")
 app.add_typer(site_app, name="site")
 CONFIG_OPTION = typer.Option(..., "--config", "-c", help="TOML configuration file.")
@@ -150,48 +146,37 @@ CONFIG_OPTION = typer.Option(..., "--config", "-c", help="TOML configuration fil
 @aggregator_app.command("start")
 def aggregator_start(config: Path = CONFIG_OPTION) -> None:
     """Start the aggregator: Fleet API public with mutual TLS, Control/Runtime on loopback."""
-    from .server.aggregator import check_aggregator, crl_warning, start_aggregator
+    from ..server.aggregator import check_aggregator, crl_warning, start_aggregator
 
-    try:
-        settings = load_toml(config, AggregatorConfig)
-        tls = check_aggregator(settings, str(config))
-        if (warning := crl_warning(tls)) is not None:
-            warn(warning)
-        err.print(f"aggregator: Fleet API on {settings.fleet_host}:{settings.fleet_port} (mutual TLS), "
-                  f"Control API on 127.0.0.1:{settings.control_port}; state in {settings.state_dir}",
-                  highlight=False, soft_wrap=True)
-        log_to_stderr()
-        start_aggregator(settings, str(config))
-    except ConfigError as exc:
-        fail(str(exc))
+    settings = load_toml(config, AggregatorConfig)
+    tls = check_aggregator(settings, str(config))
+    if (warning := crl_warning(tls)) is not None:
+        warn(warning)
+    err.print(f"aggregator: Fleet API on {settings.fleet_host}:{settings.fleet_port} (mutual TLS), "
+              f"Control API on 127.0.0.1:{settings.control_port}; state in {settings.state_dir}",
+              highlight=False, soft_wrap=True)
+    log_to_stderr()
+    start_aggregator(settings, str(config))
 
 
 @site_app.command("start")
 def site_start(config: Path = CONFIG_OPTION) -> None:
     """Join the federation: run this site's SuperNode with its consortium certificate."""
-    from .client.supernode import SiteStopped, start_site
+    from ..client.supernode import start_site
 
-    try:
-        log_to_stderr()
-        start_site(config)
-    except ConfigError as exc:
-        fail(str(exc))
-    except SiteStopped as exc:
-        fail(str(exc), code=1)
+    log_to_stderr()
+    start_site(config)
 
 
 @site_app.command("budget")
 def site_budget(config: Path = CONFIG_OPTION,
                 as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show the ε this site has spent, from its privacy ledger."""
-    from .client.ledger import LedgerError, PrivacyLedger
+    from ..client.ledger import PrivacyLedger
 
-    try:
-        site = load_toml(config, SiteConfig)
-        p = site.privacy
-        ledger = PrivacyLedger.open(site.state_dir, accountant=p.accountant, delta=p.delta)
-    except (ConfigError, LedgerError) as exc:
-        fail(str(exc))
+    site = load_toml(config, SiteConfig)
+    p = site.privacy
+    ledger = PrivacyLedger.open(site.state_dir, accountant=p.accountant, delta=p.delta)
     spent = ledger.epsilon
     summary = {"site": site.site_id, "epsilon_spent": spent, "epsilon_ceiling": p.epsilon,
                "delta": p.delta, "accountant": p.accountant, "rounds": ledger.rounds}
@@ -235,15 +220,12 @@ def run_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
 ) -> None:
     """Submit a run to the aggregator (on its host) and follow it round by round."""
-    from .server.coordinator import RunFailed, follow, submit
+    from ..server.coordinator import follow, submit
 
-    try:
-        submitted = submit(load_toml(config, RunConfig), str(config), resume=resume)
-        err.print(f"run {submitted.run_id} submitted; following it (records in {submitted.run_dir})",
-                  highlight=False, soft_wrap=True)
-        result = follow(submitted, _report_round)
-    except (ConfigError, RunFailed) as exc:
-        fail(str(exc), code=1 if isinstance(exc, RunFailed) else 2)
+    submitted = submit(load_toml(config, RunConfig), str(config), resume=resume)
+    err.print(f"run {submitted.run_id} submitted; following it (records in {submitted.run_dir})",
+              highlight=False, soft_wrap=True)
+    result = follow(submitted, _report_round)
     _print_result(result, as_json, f"fedgen run {submitted.run_id}")
 
 
@@ -259,23 +241,14 @@ def demo(
 ) -> None:
     """A consortium on this machine: CA, aggregator and sites as real processes over mutual TLS."""
     from .demo import run_demo
-    from .server.coordinator import RunFailed
 
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            result = run_demo(sites=sites, rounds=rounds, epsilon=epsilon, seed=seed, out=out,
-                              on_round=_report_round,
-                              on_event=lambda m: err.print(m, highlight=False, soft_wrap=True))
-    except (ValueError, RuntimeError) as exc:
-        fail(str(exc), code=1 if isinstance(exc, RunFailed) else 2)
-    except KeyboardInterrupt:
-        fail("interrupted; every process the demo started was stopped", code=130)
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run_demo(sites=sites, rounds=rounds, epsilon=epsilon, seed=seed, out=out,
+                          on_round=_report_round,
+                          on_event=lambda m: err.print(m, highlight=False, soft_wrap=True))
     _print_result(result, as_json, "fedgen demo")
 
 
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    main()

@@ -18,19 +18,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import pki
-from .cli_output import err, fail
-from .config import AggregatorConfig, ConfigError, load_toml
-from .lineage import LineageError, VerifyReport, export_prov, read_records, verify
-from .lineage.records import (
+from .. import pki
+from ..config import AggregatorConfig, load_toml
+from ..lineage import LineageError, VerifyReport, export_prov, read_records, verify
+from ..lineage.receipts import STATUSES, ReceiptReport, check_receipts, collect_receipts
+from ..lineage.records import (
     Body, ModelApproved, RoundCommitted, RoundEvent, RunFailed, RunFinished, RunStarted, SiteRefused, UpdateRejected,
     parse_record,
 )
-from .model_release import ReleaseError, approve, export_model
-from .lineage.receipts import STATUSES, ReceiptError, ReceiptReport, check_receipts, collect_receipts
+from ..model_release import approve, export_model
+from ..state_files import CHECKPOINTS_DIR, LINEAGE_FILE
+from .output import ReportingGroup, err, fail
 
-lineage_app = typer.Typer(help="The signed, hash-chained lineage of every run and round.", no_args_is_help=True)
-model_app = typer.Typer(help="Approve a committed model (human oversight) and export it.", no_args_is_help=True)
+lineage_app = typer.Typer(cls=ReportingGroup, help="The signed, hash-chained lineage of every run and round.",
+                          no_args_is_help=True)
+model_app = typer.Typer(cls=ReportingGroup, help="Approve a committed model (human oversight) and export it.",
+                        no_args_is_help=True)
 
 LEDGER = typer.Option(None, "--ledger", help="lineage.jsonl (default: from --config).")
 CONFIG = typer.Option(None, "--config", "-c", help="aggregator.toml: finds ledger, checkpoints, certificates.")
@@ -56,23 +59,20 @@ def _files(ledger: Path | None, config: Path | None, cert: Path | None, ca: Path
            checkpoints: Path | None, key: Path | None = None, crl: Path | None = None) -> LedgerFiles:
     """Explicit options first, then the aggregator config, then a simulation's layout."""
     if config is not None:
-        try:
-            aggregator = load_toml(config, AggregatorConfig)
-        except ConfigError as exc:
-            fail(str(exc))
+        aggregator = load_toml(config, AggregatorConfig)
         state = Path(aggregator.state_dir)
-        ledger = ledger or state / "lineage.jsonl"
+        ledger = ledger or state / LINEAGE_FILE
         cert, key = cert or aggregator.lineage.certificate, key or aggregator.lineage.private_key
         ca, crl = ca or aggregator.tls.ca_certificate, crl or aggregator.tls.crl
-        checkpoints = checkpoints or state / "checkpoints"
+        checkpoints = checkpoints or state / CHECKPOINTS_DIR
     if ledger is None:
         fail("name the ledger with --ledger, or the aggregator with --config")
     simulation_pki = pki.layout(ledger.parent / "pki")
     if cert is None and simulation_pki.lineage_cert.exists():
         cert, key = simulation_pki.lineage_cert, key or simulation_pki.lineage_key
         ca = ca or simulation_pki.ca_cert
-    if checkpoints is None and (ledger.parent / "checkpoints").is_dir():
-        checkpoints = ledger.parent / "checkpoints"
+    if checkpoints is None and (ledger.parent / CHECKPOINTS_DIR).is_dir():
+        checkpoints = ledger.parent / CHECKPOINTS_DIR
     return LedgerFiles(ledger, cert, key, ca, checkpoints, crl)
 
 
@@ -80,11 +80,8 @@ def _trust(files: LedgerFiles) -> tuple[x509.Certificate | None, x509.Certificat
     """The CA and CRL to check certificates against, loaded (a CRL without a CA is refused)."""
     if files.crl is not None and files.ca is None:
         fail("--crl needs --ca: a CRL is checked against the CA that signed it")
-    try:
-        return (pki.load_certificate(files.ca) if files.ca else None,
-                pki.load_crl(files.crl) if files.crl else None)
-    except pki.PKIError as exc:
-        fail(str(exc))
+    return (pki.load_certificate(files.ca) if files.ca else None,
+            pki.load_crl(files.crl) if files.crl else None)
 
 
 def _records(ledger: Path) -> list[dict]:
@@ -154,17 +151,11 @@ def verify_command(
     files = _files(ledger, config, cert[0] if cert else None, ca, checkpoints, crl=crl)
     if files.certificate is None:
         fail("name the lineage-signing certificate with --cert (or --config)")
-    try:
-        signers = [pki.load_certificate(path) for path in (cert or [files.certificate])]
-    except pki.PKIError as exc:
-        fail(str(exc))
+    signers = [pki.load_certificate(path) for path in (cert or [files.certificate])]
     ca_certificate, revocations = _trust(files)
-    try:
-        collected = collect_receipts(receipts) if receipts else []
-        report = verify(files.ledger, signers, checkpoints_dir=files.checkpoints, ca_certificate=ca_certificate,
-                        crl=revocations)
-    except (LineageError, ReceiptError) as exc:
-        fail(str(exc))
+    collected = collect_receipts(receipts) if receipts else []
+    report = verify(files.ledger, signers, checkpoints_dir=files.checkpoints, ca_certificate=ca_certificate,
+                    crl=revocations)
     if not report.ok:
         fail(f"{files.ledger}: BROKEN at record seq {report.error_seq} (line {report.error_line}): "
              f"{report.error}", code=1)
@@ -207,10 +198,7 @@ def export(ledger: Path = LEDGER, config: Path = CONFIG,
     if format not in ("prov-json", "prov"):
         fail(f"unknown format {format!r}; supported: prov-json")
     files = _files(ledger, config, None, None, None)
-    try:
-        document = json.dumps(export_prov(files.ledger), indent=2)
-    except LineageError as exc:
-        fail(str(exc))
+    document = json.dumps(export_prov(files.ledger), indent=2)
     if out is None:
         print(document)
     else:
@@ -231,12 +219,9 @@ def approve_command(
     files = _files(ledger, config, cert, None, None, key)
     if files.certificate is None or files.private_key is None:
         fail("the lineage-signing --key and --cert (or --config) are needed to sign the approval")
-    try:
-        record = approve(files.ledger, pki.load_private_key(files.private_key),
-                         pki.load_certificate(files.certificate), server_round=round, by=by, reason=reason,
-                         run_id=run)
-    except (ReleaseError, pki.PKIError, LineageError) as exc:
-        fail(str(exc))
+    record = approve(files.ledger, pki.load_private_key(files.private_key),
+                     pki.load_certificate(files.certificate), server_round=round, by=by, reason=reason,
+                     run_id=run)
     print(f"approved run {record.run_id} round {round}: model {record.body.model_digest} "
           f"(record seq {record.seq}, hash {record.hash})")
 
@@ -254,10 +239,7 @@ def export_command(
     if files.certificate is None or files.checkpoints is None:
         fail("the lineage-signing --cert and --checkpoints (or --config) are needed")
     ca_certificate, revocations = _trust(files)
-    try:
-        path = export_model(files.ledger, pki.load_certificate(files.certificate), files.checkpoints, out,
-                            server_round=round, run_id=run, allow_unapproved=allow_unapproved,
-                            ca_certificate=ca_certificate, crl=revocations)
-    except (ReleaseError, pki.PKIError, LineageError) as exc:
-        fail(str(exc))
+    path = export_model(files.ledger, pki.load_certificate(files.certificate), files.checkpoints, out,
+                        server_round=round, run_id=run, allow_unapproved=allow_unapproved,
+                        ca_certificate=ca_certificate, crl=revocations)
     print(f"exported to {path}: model.safetensors, config.json, MODEL_CARD.md")

@@ -14,13 +14,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import pki
-from .cli_output import err, fail
+from .. import pki
+from .output import ReportingGroup, err, fail
 
-certs_app = typer.Typer(help="Consortium PKI: CA, aggregator, lineage-signing and site certificates, revocation.",
-                        no_args_is_help=True, add_completion=False)
-issue_app = typer.Typer(help="Issue the aggregator's server certificate, its lineage-signing certificate or a "
-                        "site's client certificate.", no_args_is_help=True)
+
+class CertsGroup(ReportingGroup):
+    bad_input = (OSError,)  # a consortium folder or file this user cannot read or write
+
+
+certs_app = typer.Typer(cls=CertsGroup, no_args_is_help=True, add_completion=False,
+                        help="Consortium PKI: CA, aggregator, lineage-signing and site certificates, revocation.")
+issue_app = typer.Typer(cls=CertsGroup, no_args_is_help=True,
+                        help="Issue the aggregator's server certificate, its lineage-signing certificate or a "
+                        "site's client certificate.")
 certs_app.add_typer(issue_app, name="issue")
 
 out = Console()
@@ -55,10 +61,7 @@ def init(
     force: bool = _force_option("an existing CA (every certificate it issued must then be re-issued)"),
 ) -> None:
     """Create the consortium CA, an empty CRL and index.json."""
-    try:
-        ca_cert = pki.init_consortium(folder, consortium, days=days, force=force)
-    except (pki.PKIError, OSError) as exc:
-        fail(str(exc))
+    ca_cert = pki.init_consortium(folder, consortium, days=days, force=force)
     files = pki.layout(folder)
     _say(f"Consortium {consortium!r}: CA certificate {ca_cert} (valid until {_expiry(ca_cert)}), "
          f"CA key {files.ca_key}, CRL {files.crl}, index {files.index}.")
@@ -76,10 +79,7 @@ def issue_aggregator(
 ) -> None:
     """Issue the aggregator's TLS server certificate."""
     hosts = [h.strip() for value in host for h in value.split(",")]
-    try:
-        cert = pki.issue_aggregator(folder, hosts, days=days, force=force)
-    except (pki.PKIError, OSError) as exc:
-        fail(str(exc))
+    cert = pki.issue_aggregator(folder, hosts, days=days, force=force)
     _say(f"Aggregator certificate for {', '.join(hosts)}: {cert} and key {pki.layout(folder).aggregator_key} "
          f"(valid until {_expiry(cert)}).")
     _say(f"Install both on the aggregator machine only. {KEY_WARNING}")
@@ -94,10 +94,7 @@ def issue_lineage(
     force: bool = _force_option("the current lineage-signing certificate (the old one is revoked as superseded)"),
 ) -> None:
     """Issue the aggregator's lineage-signing certificate (its own key; signs the lineage ledger only)."""
-    try:
-        cert = pki.issue_lineage(folder, days=days, force=force)
-    except (pki.PKIError, OSError) as exc:
-        fail(str(exc))
+    cert = pki.issue_lineage(folder, days=days, force=force)
     _say(f"Lineage-signing certificate: {cert} and key {pki.layout(folder).lineage_key} "
          f"(valid until {_expiry(cert)}). Name both in aggregator.toml's [lineage] table.")
     _say(f"Install the key on the aggregator machine only; give {cert} to auditors. {KEY_WARNING}")
@@ -114,10 +111,7 @@ def issue_site(
     force: bool = _force_option("the site's certificate (key rotation: the old one is revoked)"),
 ) -> None:
     """Issue a site's TLS client certificate."""
-    try:
-        cert = pki.issue_site(folder, site_id, days=days, force=force)
-    except (pki.PKIError, OSError) as exc:
-        fail(str(exc))
+    cert = pki.issue_site(folder, site_id, days=days, force=force)
     key = pki.layout(folder).site_key(site_id)
     _say(f"Site {site_id!r}: certificate {cert} and key {key} (valid until {_expiry(cert)}).")
     if force:
@@ -136,13 +130,10 @@ def revoke(
     """Revoke a site's certificate (or, with --lineage, the lineage-signing one) and re-sign the CRL."""
     if lineage == (site_id is not None):
         fail("name the site to revoke, or pass --lineage for the lineage-signing certificate (not both)")
-    try:
-        if lineage:
-            revoked = pki.revoke_lineage(folder, reason.value)
-        else:
-            revoked = pki.revoke_site(folder, site_id, reason.value)
-    except (pki.PKIError, OSError) as exc:
-        fail(str(exc))
+    if lineage:
+        revoked = pki.revoke_lineage(folder, reason.value)
+    else:
+        revoked = pki.revoke_site(folder, site_id, reason.value)
     crl = pki.layout(folder).crl
     what = "the lineage-signing certificate" if lineage else f"site {site_id!r}"
     _say(f"Revoked {what} (serial {revoked.serial}, reason {revoked.reason}); {crl} re-signed.")
@@ -159,11 +150,8 @@ def refresh_crl(
     days: int = typer.Option(pki.CRL_DAYS, "--days", min=1, help="Days until the CRL's next update."),
 ) -> None:
     """Re-sign the CRL before it lapses (a lapsed CRL makes every TLS handshake fail)."""
-    try:
-        crl = pki.refresh_crl(folder, days=days)
-        next_update = pki.load_crl(crl).next_update_utc
-    except (pki.PKIError, OSError) as exc:
-        fail(str(exc))
+    crl = pki.refresh_crl(folder, days=days)
+    next_update = pki.load_crl(crl).next_update_utc
     _say(f"{crl} re-signed; next update {next_update:%Y-%m-%d %H:%M UTC}. Copy it to the aggregator.")
 
 
@@ -191,10 +179,7 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array instead of a table."),
 ) -> None:
     """List every certificate issued, with expiry and revocation, checked against the files."""
-    try:
-        infos = pki.list_certificates(folder)
-    except (pki.PKIError, OSError) as exc:
-        fail(str(exc))
+    infos = pki.list_certificates(folder)
     if as_json:
         print(json.dumps([info.as_dict() for info in infos], indent=2))
     else:

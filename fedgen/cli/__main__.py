@@ -1,0 +1,5 @@
+"""`python -m fedgen.cli`: the `fedgen` command."""
+
+from . import main
+
+main()
