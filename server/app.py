@@ -154,16 +154,16 @@ def _run_rounds(grid: Grid, plan: ServerPlan, on_round: RoundCallback | None, ru
             tokenizer.encode(plan.eval_data.sequences, max_length=plan.model_config.max_len),
             torch.tensor(plan.eval_data.labels, dtype=torch.long),
         )
+    offset = plan.resume.after_round if plan.resume is not None else 0
     strategy = RecordingStrategy(
         make_strategy(training.strategy, min_sites=training.min_updates, options=training.strategy_options),
         trust=plan.trust.load() if plan.trust is not None else None,
         policy=UpdatePolicy(max_update_norm=training.max_update_norm, min_updates=training.min_updates,
                             max_update_bytes=int(training.max_update_mb * 2**20)),
         wait_for_sites=(plan.num_sites, training.site_wait),  # the first round; later, the quorum
-        ledger=writer,
+        ledger=writer, round_offset=offset,
     )
     strategy_record = {"name": training.strategy, "options": dict(training.strategy_options)}
-    offset = plan.resume.after_round if plan.resume is not None else 0
     instructions = TrainInstructions(
         server_round=0,  # the strategy sets "server-round" in every round's config
         num_rounds=training.rounds - offset, model_config=plan.model_config.to_json(),
