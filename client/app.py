@@ -73,8 +73,9 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
         If the site's data is unreadable or has labels the run does not know.
     """
     instructions = TrainInstructions.from_record(content[CONFIG_KEY])
+    notice = instructions.ledger
     if site.tls is not None:
-        check_ledger_head(instructions.ledger_head, instructions.ledger_signer,
+        check_ledger_head(notice.head if notice else None, notice.signer if notice else None,
                           load_certificate(site.tls.ca_certificate))
     dataset = load_dataset(site.data).with_label_names(instructions.label_names)
     model_config = ModelConfig.from_json(instructions.model_config)
@@ -136,18 +137,20 @@ def _witnessed_site_record(site: SiteConfig, instructions: TrainInstructions, ru
     """The site's identity and update digest, signed together with the ledger head it was sent.
 
     The receipt of that head is written, durably, before the reply can leave. A simulated
-    site (no certificate) keeps an unsigned receipt and sends no signature.
+    site (no certificate) keeps an unsigned receipt and sends no signature; without a
+    ledger notice (a run that keeps no lineage, which a deployed site refused before
+    training) there is nothing to witness.
     """
-    head = instructions.ledger_head
+    notice = instructions.ledger
+    if notice is None:
+        return site_record(site.site_id, update_digest)
     signature = certificate_pem = None
     if site.tls is not None:
-        statement = witness_statement(run_id, instructions.server_round, head.seq if head else None,
-                                      head.hash if head else None, update_digest)
+        statement = witness_statement(run_id, notice.round, notice.head.seq, notice.head.hash, update_digest)
         signature = sign_message(load_private_key(site.tls.private_key), statement)
         certificate_pem = site.tls.certificate.read_text(encoding="ascii")
-    if head is not None:
-        append_receipt(site.state_dir, new_receipt(site.site_id, run_id, instructions.server_round, head,
-                                                   update_digest, signature))
+    append_receipt(site.state_dir, new_receipt(site.site_id, run_id, notice.round, notice.head, update_digest,
+                                               signature))
     return site_record(site.site_id, update_digest, signature, certificate_pem)
 
 

@@ -28,13 +28,33 @@ SITE_DATA_ERROR = 1002
 # Custom error code of any other failure on a site; details stay in the site's own log.
 SITE_ERROR = 1003
 
-# The ledger head a round's instructions carry (absent when the run keeps no lineage).
-LEDGER_HEAD_KEYS = {"seq": "ledger-seq", "hash": "ledger-head", "signature": "ledger-head-signature",
-                    "signer": "ledger-signer"}
+# The lineage ledger notice a round's instructions carry (absent when the run keeps no lineage).
+LEDGER_NOTICE_KEYS = {"seq": "ledger-seq", "hash": "ledger-head", "signature": "ledger-head-signature",
+                      "signer": "ledger-signer", "round": "ledger-round"}
 
 
 class ProtocolError(ValueError):
     """A message does not carry what the protocol requires."""
+
+
+@dataclass(frozen=True)
+class LedgerNotice:
+    """What a round's instructions show the sites of the lineage ledger, for them to witness.
+
+    Attributes
+    ----------
+    head
+        The ledger's last record when the round was configured.
+    signer
+        PEM of the lineage-signing certificate whose signature ``head`` carries.
+    round
+        The number the ledger records the round under (a resumed run numbers its rounds
+        on, while the instructions' ``server_round`` counts this run's rounds from 1).
+    """
+
+    head: LedgerHead
+    signer: str
+    round: int
 
 
 @dataclass(frozen=True)
@@ -51,8 +71,7 @@ class TrainInstructions:
     learning_rate: float
     seed: int
     proximal_mu: float = 0.0
-    ledger_head: LedgerHead | None = None
-    ledger_signer: str | None = None  # PEM of the lineage-signing certificate that signed the head
+    ledger: LedgerNotice | None = None
 
     def to_record(self) -> ConfigRecord:
         record = ConfigRecord(
@@ -69,8 +88,8 @@ class TrainInstructions:
                 "proximal-mu": float(self.proximal_mu),
             }
         )
-        if self.ledger_head is not None and self.ledger_signer is not None:
-            put_ledger_head(record, self.ledger_head, self.ledger_signer)
+        if self.ledger is not None:
+            put_ledger_notice(record, self.ledger)
         return record
 
     @classmethod
@@ -103,34 +122,35 @@ class TrainInstructions:
             seed=values["seed"],
             # FedProx adds this key itself in configure_train.
             proximal_mu=float(record.get("proximal-mu", 0.0)),
-            **_ledger_head(record),
+            ledger=_ledger_notice(record),
         )
 
 
-def put_ledger_head(record: ConfigRecord, head: LedgerHead, signer_pem: str) -> None:
-    """Write the ledger head and the certificate that signed it into train instructions."""
-    record[LEDGER_HEAD_KEYS["seq"]] = head.seq
-    record[LEDGER_HEAD_KEYS["hash"]] = head.hash
-    record[LEDGER_HEAD_KEYS["signature"]] = head.signature
-    record[LEDGER_HEAD_KEYS["signer"]] = signer_pem
+def put_ledger_notice(record: ConfigRecord, notice: LedgerNotice) -> None:
+    """Write the lineage ledger notice into train instructions."""
+    for name, value in (("seq", notice.head.seq), ("hash", notice.head.hash), ("signature", notice.head.signature),
+                        ("signer", notice.signer), ("round", notice.round)):
+        record[LEDGER_NOTICE_KEYS[name]] = value
 
 
-def _ledger_head(record: ConfigRecord) -> dict[str, LedgerHead | str | None]:
-    """``ledger_head`` and ``ledger_signer`` of train instructions: all four keys, or none."""
-    present = [key for key in LEDGER_HEAD_KEYS.values() if key in record]
+def _ledger_notice(record: ConfigRecord) -> LedgerNotice | None:
+    """The ledger notice of train instructions: all its keys, or none."""
+    present = [key for key in LEDGER_NOTICE_KEYS.values() if key in record]
     if not present:
-        return {"ledger_head": None, "ledger_signer": None}
-    if len(present) < len(LEDGER_HEAD_KEYS):
-        missing = sorted(set(LEDGER_HEAD_KEYS.values()) - set(present))
-        raise ProtocolError(f"train message carries part of the ledger head: it lacks {missing}")
-    values = {name: record[key] for name, key in LEDGER_HEAD_KEYS.items()}
-    if not isinstance(values["seq"], int) or isinstance(values["seq"], bool) or values["seq"] < 0:
-        raise ProtocolError(f"config key 'ledger-seq' should be a non-negative int, got {values['seq']!r}")
+        return None
+    if len(present) < len(LEDGER_NOTICE_KEYS):
+        missing = sorted(set(LEDGER_NOTICE_KEYS.values()) - set(present))
+        raise ProtocolError(f"train message carries part of the ledger notice: it lacks {missing}")
+    values = {name: record[key] for name, key in LEDGER_NOTICE_KEYS.items()}
+    for name in ("seq", "round"):
+        if not isinstance(values[name], int) or isinstance(values[name], bool) or values[name] < 0:
+            raise ProtocolError(f"config key {LEDGER_NOTICE_KEYS[name]!r} should be a non-negative int, "
+                                f"got {values[name]!r}")
     for name in ("hash", "signature", "signer"):
         if not isinstance(values[name], str):
-            raise ProtocolError(f"config key {LEDGER_HEAD_KEYS[name]!r} should be str, got {values[name]!r:.80}")
-    return {"ledger_head": LedgerHead(values["seq"], values["hash"], values["signature"]),
-            "ledger_signer": values["signer"]}
+            raise ProtocolError(f"config key {LEDGER_NOTICE_KEYS[name]!r} should be str, got {values[name]!r:.80}")
+    return LedgerNotice(LedgerHead(values["seq"], values["hash"], values["signature"]), values["signer"],
+                        values["round"])
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ def _run_rounds(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None, on
             torch.tensor(eval_data.labels, dtype=torch.long),
         )
     registry = plan.fleet_registry  # deployment: who holds which node
+    offset = plan.resume.after_round if plan.resume is not None else 0
     strategy = RecordingStrategy(
         make_strategy(training.strategy, min_sites=training.min_updates, options=training.strategy_options),
         trust=SiteTrust(load_certificate(plan.tls.ca_certificate), load_crl(plan.tls.crl))
@@ -93,11 +94,10 @@ def _run_rounds(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None, on
         policy=UpdatePolicy(max_update_norm=training.max_update_norm, min_updates=training.min_updates,
                             max_update_bytes=int(training.max_update_mb * 2**20)),
         wait_for_sites=(plan.num_sites, training.site_wait),  # the first round; later, the quorum
-        ledger=writer,
+        ledger=writer, round_offset=offset,
         site_names=FleetRegistry(registry).site_of if registry is not None else None,
     )
     strategy_record = strategy_of(training)
-    offset = plan.resume.after_round if plan.resume is not None else 0
     instructions = TrainInstructions(
         server_round=0,  # the strategy sets "server-round" in every round's config
         num_rounds=training.rounds - offset, model_config=plan.model.to_json(),

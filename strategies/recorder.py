@@ -27,7 +27,7 @@ from fedgen import pki
 from fedgen.lineage import LedgerHead, witness_statement
 from fedgen.params import arrays_to_record, digest, record_to_arrays
 from fedgen.protocol import (
-    ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, ProtocolError, TrainReport, put_ledger_head,
+    ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, LedgerNotice, ProtocolError, TrainReport, put_ledger_notice,
 )
 
 from fedgen.results import SiteStatus
@@ -77,7 +77,7 @@ class SiteOutcome:
 
 @dataclass
 class RoundLog:
-    server_round: int
+    server_round: int  # as the lineage numbers it: a resumed run numbers its rounds on
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     sampled: list[int] = field(default_factory=list)  # node ids the round was sent to
     outcomes: list[SiteOutcome] = field(default_factory=list)
@@ -123,18 +123,22 @@ class RecordingStrategy(Strategy):
     site_names : callable, optional
         In deployment, the site id whose certificate holds a node id (the aggregator's
         fleet registry), so a site that never replied is still named by its site id.
+    round_offset : int
+        Rounds the lineage holds before this run's first (a resumed run's): Flower counts
+        this run's rounds from 1, `RoundLog` and the sites' signatures number them on.
     """
 
     def __init__(self, inner: Strategy, trust: SiteTrust | None = None,
                  policy: UpdatePolicy = UpdatePolicy(), wait_for_sites: tuple[int, float] | None = None,
                  ledger: LedgerHeadSource | None = None,
-                 site_names: Callable[[int], str | None] | None = None) -> None:
+                 site_names: Callable[[int], str | None] | None = None, round_offset: int = 0) -> None:
         self.inner = inner
         self.trust = trust
         self.policy = policy
         self.wait_for_sites = wait_for_sites
         self.ledger = ledger
         self.site_names = site_names
+        self.round_offset = round_offset
         self.rounds: dict[int, RoundLog] = {}
         self._site_of_node: dict[int, str] = {}
         self._global: dict[str, np.ndarray] = {}
@@ -144,11 +148,11 @@ class RecordingStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        log = self.rounds[server_round] = RoundLog(server_round)
+        log = self.rounds[server_round] = RoundLog(server_round + self.round_offset)
         self._global = record_to_arrays(arrays)
         log.head = self.ledger.head if self.ledger is not None else None
         if log.head is not None:
-            put_ledger_head(config, log.head, self.ledger.certificate_pem)
+            put_ledger_notice(config, LedgerNotice(log.head, self.ledger.certificate_pem, log.server_round))
         if self.wait_for_sites is not None:
             sites, seconds = self.wait_for_sites
             self._wait(grid, sites if not self._site_of_node else self.policy.min_updates, seconds)
@@ -172,7 +176,7 @@ class RecordingStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        log = self.rounds.setdefault(server_round, RoundLog(server_round))
+        log = self.rounds.setdefault(server_round, RoundLog(server_round + self.round_offset))
         admitted, replied, unattributed = [], set(), []
         for reply in replies:
             node = reply.metadata.src_node_id

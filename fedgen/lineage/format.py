@@ -59,7 +59,8 @@ followed by more bytes) is an error.
 What sites sign
 ---------------
 Each round's train instructions carry the ledger head when the round was configured (its
-``seq``, ``hash`` and ``signature``, and the lineage-signing certificate). A site signs,
+``seq``, ``hash`` and ``signature``, and the lineage-signing certificate) and the number
+the ledger records the round under (a resumed run numbers its rounds on). A site signs,
 with its certificate key (`fedgen.pki.sign_message`), the `witness_statement`: the
 canonical encoding of ``{"head_hash": hex or null, "head_seq": int or null, "purpose":
 "fedgen lineage witness v1", "round": int, "run_id": str, "update_digest": hex}``, and

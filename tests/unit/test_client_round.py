@@ -15,7 +15,9 @@ from fedgen.config import SiteConfig, SiteTLSConfig, load_toml
 from fedgen.data import DataError, load_dataset
 from fedgen.lineage import LedgerHead, LineageWriter, witness_statement
 from fedgen.params import digest, record_to_arrays
-from fedgen.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainReport, put_ledger_head
+from fedgen.protocol import (
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, LedgerNotice, TrainReport, put_ledger_notice,
+)
 from fedgen.lineage.receipts import Receipt, WitnessError, read_receipts
 from fedgen.state_files import PRIVACY_LEDGER_FILE, RECEIPTS_FILE
 
@@ -135,25 +137,26 @@ def deployed(tmp_path):
     return site, head, signer_pem, layout
 
 
-def with_head(message, head: LedgerHead, signer_pem: str):
-    put_ledger_head(message[CONFIG_KEY], head, signer_pem)
+def with_head(message, head: LedgerHead, signer_pem: str, ledger_round: int = 1):
+    put_ledger_notice(message[CONFIG_KEY], LedgerNotice(head, signer_pem, ledger_round))
     return message
 
 
 def test_a_deployed_site_signs_its_update_with_the_head_it_saw_and_keeps_a_receipt(deployed):
+    """Round 1 of a run that resumes another after its round 4: the ledger calls it round 5."""
     site, head, signer_pem, _ = deployed
-    reply = train_round(site, with_head(train_message(), head, signer_pem), run_id=1)
+    reply = train_round(site, with_head(train_message(1), head, signer_pem, ledger_round=5), run_id=1)
     signed = reply[SITE_KEY]
     update_digest = digest(record_to_arrays(reply[ARRAYS_KEY]))
     assert signed["update-digest"] == update_digest
     certificate = pki.x509.load_pem_x509_certificate(signed["certificate"].encode())
     assert pki.site_id_of(certificate) == "site-s"
-    statement = witness_statement("1", 1, head.seq, head.hash, update_digest)
+    statement = witness_statement("1", 5, head.seq, head.hash, update_digest)
     assert pki.verify_message_signature(certificate, statement, signed["signature"])
     assert not pki.verify_digest_signature(certificate, update_digest, signed["signature"])  # not the bare digest
     assert b"PRIVATE KEY" not in recorddict_to_proto(reply).SerializeToString()
     (kept,) = read_receipts(site.state_dir / RECEIPTS_FILE)
-    assert kept.receipt == Receipt(site="site-s", run_id="1", round=1, head_seq=head.seq, head_hash=head.hash,
+    assert kept.receipt == Receipt(site="site-s", run_id="1", round=5, head_seq=head.seq, head_hash=head.hash,
                                    head_signature=head.signature, update_digest=update_digest,
                                    signature=base64.b64encode(signed["signature"]).decode(),
                                    time=kept.receipt.time)

@@ -2,7 +2,7 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord
 
 from fedgen.lineage import LedgerHead
-from fedgen.protocol import LEDGER_HEAD_KEYS, ProtocolError, TrainInstructions, TrainReport
+from fedgen.protocol import LEDGER_NOTICE_KEYS, LedgerNotice, ProtocolError, TrainInstructions, TrainReport
 
 
 def _instructions(**kw):
@@ -16,14 +16,16 @@ def test_instructions_round_trip_through_a_config_record():
     assert TrainInstructions.from_record(sent.to_record()) == sent
 
 
-def test_instructions_carry_the_ledger_head_whole_or_not_at_all():
-    sent = _instructions(ledger_head=LedgerHead(3, "ab" * 32, "c2lnbmF0dXJl"), ledger_signer="-----BEGIN CERT")
+def test_instructions_carry_the_ledger_notice_whole_or_not_at_all():
+    notice = LedgerNotice(LedgerHead(3, "ab" * 32, "c2lnbmF0dXJl"), "-----BEGIN CERT", 7)
+    sent = _instructions(ledger=notice)
     record = sent.to_record()
-    assert {record[key] for key in LEDGER_HEAD_KEYS.values()} == {3, "ab" * 32, "c2lnbmF0dXJl", "-----BEGIN CERT"}
+    assert [record[key] for key in LEDGER_NOTICE_KEYS.values()] == [3, "ab" * 32, "c2lnbmF0dXJl",
+                                                                   "-----BEGIN CERT", 7]
     assert TrainInstructions.from_record(record) == sent
-    assert TrainInstructions.from_record(_instructions().to_record()).ledger_head is None
+    assert TrainInstructions.from_record(_instructions().to_record()).ledger is None
     del record["ledger-head-signature"]
-    with pytest.raises(ProtocolError, match="part of the ledger head.*ledger-head-signature"):
+    with pytest.raises(ProtocolError, match="part of the ledger notice.*ledger-head-signature"):
         TrainInstructions.from_record(record)
     record["ledger-head-signature"], record["ledger-seq"] = "c2ln", -1
     with pytest.raises(ProtocolError, match="'ledger-seq' should be a non-negative int"):

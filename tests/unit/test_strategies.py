@@ -36,9 +36,9 @@ def _metadata(node: int) -> Metadata:
 
 
 def _reply(node: int, value: float, examples: int, *, claimed_digest: str | None = None,
-           signer=None, site: str | None = None, head: LedgerHead | None = None) -> Message:
-    """A train reply to round 1 of run 1; ``signer`` = (private key, certificate PEM) signs its
-    digest with the ledger ``head`` it saw, as a site does."""
+           signer=None, site: str | None = None, head: LedgerHead | None = None, ledger_round: int = 1) -> Message:
+    """A train reply in run 1; ``signer`` = (private key, certificate PEM) signs its digest with
+    the ledger ``head`` it saw and the round's number in the ledger, as a site does."""
     report = TrainReport(num_examples=examples, train_loss=0.5, steps=3, sample_rate=0.1,
                          noise_multiplier=1.0, max_grad_norm=1.0, epsilon=0.1 * node, delta=1e-5, dp=True)
     arrays = {"w": np.full(4, value, dtype=np.float32)}
@@ -46,8 +46,8 @@ def _reply(node: int, value: float, examples: int, *, claimed_digest: str | None
     identity = site_record(site or f"site-{node}", update_digest)
     if signer is not None:
         key, certificate_pem = signer
-        statement = witness_statement("1", 1, head.seq if head else None, head.hash if head else None,
-                                      update_digest)
+        statement = witness_statement("1", ledger_round, head.seq if head else None,
+                                      head.hash if head else None, update_digest)
         identity = site_record(site or f"site-{node}", update_digest, pki.sign_message(key, statement),
                                certificate_pem)
     content = RecordDict({ARRAYS_KEY: arrays_to_record(arrays), METRICS_KEY: report.to_record(),
@@ -269,11 +269,13 @@ def test_signed_updates_are_checked_against_the_consortium(flower_task, consorti
 
 
 def test_instructions_carry_the_ledger_head_and_site_signatures_must_cover_it(flower_task, consortium, tmp_path):
+    """Round 1 of a run resuming another after its round 2: the ledger and the sites call it round 3."""
     trust, signer, layout = consortium
     certificate, key = pki.check_key_pair(layout.lineage_cert, layout.lineage_key)
     with LineageWriter.open(tmp_path / "lineage.jsonl", key, certificate) as writer:
         first = writer.append("run_started", {}, "1")
-        strategy = RecordingStrategy(make_strategy("fedavg", min_sites=1), trust=trust, ledger=writer)
+        strategy = RecordingStrategy(make_strategy("fedavg", min_sites=1), trust=trust, ledger=writer,
+                                     round_offset=2)
         messages = list(strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, np.float32)}),
                                                  ConfigRecord({"model-config": "{}"}), _Grid()))
         writer.append("site_refused", {"round": 1, "site": "site-9", "reason": "budget"}, "1")  # the head moves on
@@ -283,21 +285,24 @@ def test_instructions_carry_the_ledger_head_and_site_signatures_must_cover_it(fl
         assert (config["ledger-seq"], config["ledger-head"]) == (0, first["hash"])
         assert config["ledger-head-signature"] == first["signature"]
         assert config["ledger-signer"] == layout.lineage_cert.read_text()
-    assert strategy.rounds[1].head == sent
+        assert (config["ledger-round"], config["server-round"]) == (3, 1)
+    assert strategy.rounds[1].head == sent and strategy.rounds[1].server_round == 3
     moved_on = LedgerHead(1, "ab" * 32, "")
     arrays, _ = _rejections(strategy, [
-        _reply(1, 1.0, 10, signer=signer("site-1"), head=sent),
-        _reply(2, 5.0, 10, signer=signer("site-2"), head=moved_on),  # signed a head it was not sent
-        _reply(3, 6.0, 10, signer=signer("site-1"), site="site-1", head=None),  # signed no head at all
+        _reply(1, 1.0, 10, signer=signer("site-1"), head=sent, ledger_round=3),
+        _reply(2, 5.0, 10, signer=signer("site-2"), head=moved_on, ledger_round=3),  # a head it was not sent
+        _reply(3, 6.0, 10, signer=signer("site-1"), site="site-1", head=None, ledger_round=3),  # no head
+        _reply(4, 7.0, 10, signer=signer("site-2"), site="site-2", head=sent, ledger_round=1),  # Flower's round
     ])
     outcomes = strategy.rounds[1].outcomes
-    assert [_rejection(o) for o in outcomes] == [None] + 2 * [
+    assert [_rejection(o) for o in outcomes] == [None] + 3 * [
         "site signature over the update digest and the ledger head sent does not verify"]
     np.testing.assert_allclose(record_to_arrays(arrays)["w"], 1.0)
-    *rejected, committed = round_records(strategy.rounds[1], server_round=1, model_in="0" * 64, model_out="1" * 64,
+    *rejected, committed = round_records(strategy.rounds[1], server_round=3, model_in="0" * 64, model_out="1" * 64,
                                          checkpoint=tmp_path / "c.safetensors",
                                          strategy=Strategy(name="fedavg", options={}), metrics={})
-    assert [body.TYPE for body in rejected] == 2 * ["update_rejected"] and committed.TYPE == "round_committed"
+    assert [(body.TYPE, body.round) for body in rejected] == 3 * [("update_rejected", 3)]
+    assert committed.TYPE == "round_committed"
     assert committed.ledger_head == HeadRef(seq=0, hash=first["hash"])
 
 
