@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedgen.client.trainer import LocalPlan, local_steps, train_local
 
 import fedgen
-from fedgen.client.trainer import LocalPlan, local_steps, train_local
 from fedgen.config import TrainingConfig
 from fedgen.data import SequenceDataset, load_bundled
 from fedgen.model import build_model, evaluate_classifier, preset_config
@@ -37,12 +37,18 @@ CPU = torch.device("cpu")
 def centralized(train: SequenceDataset, test: SequenceDataset, cfg: TrainingConfig, epochs: int) -> float:
     tokenizer = make_tokenizer(cfg.tokenizer)
     longest = max(len(s) for s in (*train.sequences, *test.sequences))
-    model = build_model(preset_config(cfg.model, vocab_size=tokenizer.vocab_size,
-                                      max_len=tokenizer.token_length(longest)), seed=cfg.seed)
+    model = build_model(
+        preset_config(cfg.model, vocab_size=tokenizer.vocab_size, max_len=tokenizer.token_length(longest)),
+        seed=cfg.seed,
+    )
     ids, labels = tokenizer.encode(train.sequences), torch.tensor(train.labels)
     for epoch in range(epochs):
-        plan = LocalPlan(steps=local_steps(len(ids), cfg.batch_size, 1.0), batch_size=cfg.batch_size,
-                         learning_rate=cfg.learning_rate, seed=cfg.seed + epoch)
+        plan = LocalPlan(
+            steps=local_steps(len(ids), cfg.batch_size, 1.0),
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            seed=cfg.seed + epoch,
+        )
         train_local(model, ids, labels, plan, CPU, dp=None)
     return evaluate_classifier(model, tokenizer.encode(test.sequences), torch.tensor(test.labels), CPU)[1]
 
@@ -52,7 +58,7 @@ def kmer_counts(sequences: tuple[str, ...], k: int = 4) -> torch.Tensor:
     counts = np.zeros((len(sequences), len(index)), dtype=np.float32)
     for row, seq in enumerate(sequences):
         for start in range(len(seq) - k + 1):
-            column = index.get(seq[start:start + k])
+            column = index.get(seq[start : start + k])
             if column is not None:
                 counts[row, column] += 1
     return torch.from_numpy(counts / counts.sum(1, keepdims=True).clip(min=1))
@@ -81,16 +87,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=TrainingConfig().rounds)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="one run per seed (partition, initialisation, training)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="one run per seed (partition, initialisation, training)"
+    )
     parser.add_argument("--partition", default="dirichlet", choices=["iid", "label-skew", "dirichlet"])
     parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration")
     parser.add_argument("--out", type=Path, default=None, help="folder for the simulations")
     args = parser.parse_args()
     train, test = load_bundled("train"), load_bundled("test")
     out = args.out or Path(tempfile.mkdtemp(prefix="fedgen-quality-"))
-    federated = ((f"{args.sites}-site federated, no DP", None),
-                 (f"{args.sites}-site federated, DP ε={args.epsilon:g}", args.epsilon))
+    federated = (
+        (f"{args.sites}-site federated, no DP", None),
+        (f"{args.sites}-site federated, DP ε={args.epsilon:g}", args.epsilon),
+    )
 
     accuracies: dict[str, list[float]] = {}
     seconds: dict[str, list[float]] = {}
@@ -106,24 +115,35 @@ def main() -> None:
         record("centralized, no DP", centralized(train, test, cfg, epochs), start)
         for label, epsilon in federated:
             start = time.perf_counter()
-            result = fedgen.simulate(sites=args.sites, rounds=cfg.rounds, epsilon=epsilon, seed=seed,
-                                     partition_scheme=args.partition, alpha=args.alpha,
-                                     out=out / f"seed-{seed}-{'dp' if epsilon else 'no-dp'}")
+            result = fedgen.simulate(
+                sites=args.sites,
+                rounds=cfg.rounds,
+                epsilon=epsilon,
+                seed=seed,
+                partition_scheme=args.partition,
+                alpha=args.alpha,
+                out=out / f"seed-{seed}-{'dp' if epsilon else 'no-dp'}",
+            )
             record(label, result.final_accuracy, start)
     start = time.perf_counter()
     record("4-mer logistic regression (reference)", kmer_logistic_regression(train, test), start)
 
     reference = float(np.mean(accuracies["centralized, no DP"]))
-    print(f"\nmodel {cfg.model}, tokenizer {cfg.tokenizer}, {epochs} epochs in total "
-          f"({cfg.rounds} rounds x {cfg.local_epochs:g} local epochs), test n={len(test)}, "
-          f"seeds {args.seeds}, partition {args.partition}"
-          + (f"({args.alpha:g})" if args.partition == "dirichlet" else ""))
+    print(
+        f"\nmodel {cfg.model}, tokenizer {cfg.tokenizer}, {epochs} epochs in total "
+        f"({cfg.rounds} rounds x {cfg.local_epochs:g} local epochs), test n={len(test)}, "
+        f"seeds {args.seeds}, partition {args.partition}"
+        + (f"({args.alpha:g})" if args.partition == "dirichlet" else "")
+    )
     print(f"{'setting':44s} {'accuracy':>8s} {'(sd)':>7s} {'vs centralized':>15s} {'seconds':>8s}  per seed")
     for label, values in accuracies.items():
         mean, sd = float(np.mean(values)), float(np.std(values))
-        print(f"{label:44s} {mean:8.4f} {sd:7.4f} {mean / reference:15.3f} "
-              f"{np.mean(seconds[label]):8.1f}  {' '.join(f'{v:.4f}' for v in values)}")
+        print(
+            f"{label:44s} {mean:8.4f} {sd:7.4f} {mean / reference:15.3f} "
+            f"{np.mean(seconds[label]):8.1f}  {' '.join(f'{v:.4f}' for v in values)}"
+        )
     (out / "quality.json").write_text(json.dumps({"accuracy": accuracies, "seconds": seconds}, indent=2))
+
 
 if __name__ == "__main__":
     main()

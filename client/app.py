@@ -20,16 +20,29 @@ from flwr.clientapp import ClientApp
 from fedgen.config import SiteConfig, load_toml
 from fedgen.data import DataError, load_dataset
 from fedgen.lineage import witness_statement
+from fedgen.lineage.receipts import WitnessError, append_receipt, check_ledger_head, new_receipt
 from fedgen.model import ModelConfig, build_model, resolve_device
 from fedgen.params import (
-    arrays_to_record, digest, load_trainable, record_to_arrays, to_numpy, trainable_tensors,
+    arrays_to_record,
+    digest,
+    load_trainable,
+    record_to_arrays,
+    to_numpy,
+    trainable_tensors,
 )
 from fedgen.pki import load_certificate, load_private_key, sign_message
 from fedgen.protocol import (
-    ARRAYS_KEY, BUDGET_REFUSED, CONFIG_KEY, METRICS_KEY, SITE_DATA_ERROR, SITE_ERROR, SITE_KEY,
-    TrainInstructions, TrainReport, site_record,
+    ARRAYS_KEY,
+    BUDGET_REFUSED,
+    CONFIG_KEY,
+    METRICS_KEY,
+    SITE_DATA_ERROR,
+    SITE_ERROR,
+    SITE_KEY,
+    TrainInstructions,
+    TrainReport,
+    site_record,
 )
-from fedgen.lineage.receipts import WitnessError, append_receipt, check_ledger_head, new_receipt
 from fedgen.tokenizers import make_tokenizer
 
 from .ledger import BudgetExceeded, PrivacyLedger
@@ -75,8 +88,11 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
     instructions = TrainInstructions.from_record(content[CONFIG_KEY])
     notice = instructions.ledger
     if site.tls is not None:
-        check_ledger_head(notice.head if notice else None, notice.signer if notice else None,
-                          load_certificate(site.tls.ca_certificate))
+        check_ledger_head(
+            notice.head if notice else None,
+            notice.signer if notice else None,
+            load_certificate(site.tls.ca_certificate),
+        )
     dataset = load_dataset(site.data).with_label_names(instructions.label_names)
     model_config = ModelConfig.from_json(instructions.model_config)
     tokenizer = make_tokenizer(instructions.tokenizer)
@@ -91,8 +107,10 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
     batch_size = min(instructions.batch_size, n)
     plan = LocalPlan(
         steps=local_steps(n, batch_size, instructions.local_epochs),
-        batch_size=batch_size, learning_rate=instructions.learning_rate,
-        seed=_site_seed(site.site_id, instructions), proximal_mu=instructions.proximal_mu,
+        batch_size=batch_size,
+        learning_rate=instructions.learning_rate,
+        seed=_site_seed(site.site_id, instructions),
+        proximal_mu=instructions.proximal_mu,
     )
     privacy = site.privacy
     sample_rate = poisson_sample_rate(n, batch_size)
@@ -106,34 +124,50 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
             remaining_rounds = max(1, instructions.num_rounds - instructions.server_round + 1)
             sigma = ledger.calibrate(sample_rate, plan.steps * remaining_rounds, privacy.epsilon)
         ledger.check(sigma, sample_rate, plan.steps, privacy.epsilon)
-        dp = DPSettings(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm,
-                        accountant=privacy.accountant, history=ledger.history)
+        dp = DPSettings(
+            noise_multiplier=sigma,
+            max_grad_norm=privacy.max_grad_norm,
+            accountant=privacy.accountant,
+            history=ledger.history,
+        )
 
     result = train_local(model, ids, labels, plan, device, dp)
 
     epsilon = 0.0
     if ledger is not None and dp is not None:
         # Persist the spend before anything leaves the site.
-        epsilon = ledger.commit(result.history, run_id=run_id, server_round=instructions.server_round,
-                                steps=plan.steps, noise_multiplier=dp.noise_multiplier,
-                                sample_rate=sample_rate)
+        epsilon = ledger.commit(
+            result.history,
+            run_id=run_id,
+            server_round=instructions.server_round,
+            steps=plan.steps,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=sample_rate,
+        )
     report = TrainReport(
-        num_examples=n, train_loss=result.mean_loss, steps=plan.steps,
+        num_examples=n,
+        train_loss=result.mean_loss,
+        steps=plan.steps,
         sample_rate=sample_rate if dp else 0.0,
         noise_multiplier=dp.noise_multiplier if dp else 0.0,
         max_grad_norm=dp.max_grad_norm if dp else 0.0,
-        epsilon=epsilon, delta=privacy.delta if dp else 0.0, dp=dp is not None,
+        epsilon=epsilon,
+        delta=privacy.delta if dp else 0.0,
+        dp=dp is not None,
     )
     update = to_numpy(trainable_tensors(model))
-    return RecordDict({
-        ARRAYS_KEY: arrays_to_record(update),
-        METRICS_KEY: report.to_record(),
-        SITE_KEY: _witnessed_site_record(site, instructions, str(run_id), digest(update)),
-    })
+    return RecordDict(
+        {
+            ARRAYS_KEY: arrays_to_record(update),
+            METRICS_KEY: report.to_record(),
+            SITE_KEY: _witnessed_site_record(site, instructions, str(run_id), digest(update)),
+        }
+    )
 
 
-def _witnessed_site_record(site: SiteConfig, instructions: TrainInstructions, run_id: str,
-                           update_digest: str) -> ConfigRecord:
+def _witnessed_site_record(
+    site: SiteConfig, instructions: TrainInstructions, run_id: str, update_digest: str
+) -> ConfigRecord:
     """The site's identity and update digest, signed together with the ledger head it was sent.
 
     The receipt of that head is written, durably, before the reply can leave. A simulated
@@ -149,13 +183,13 @@ def _witnessed_site_record(site: SiteConfig, instructions: TrainInstructions, ru
         statement = witness_statement(run_id, notice.round, notice.head.seq, notice.head.hash, update_digest)
         signature = sign_message(load_private_key(site.tls.private_key), statement)
         certificate_pem = site.tls.certificate.read_text(encoding="ascii")
-    append_receipt(site.state_dir, new_receipt(site.site_id, run_id, notice.round, notice.head, update_digest,
-                                               signature))
+    append_receipt(
+        site.state_dir, new_receipt(site.site_id, run_id, notice.round, notice.head, update_digest, signature)
+    )
     return site_record(site.site_id, update_digest, signature, certificate_pem)
 
 
-def make_client_app(resolve_site: SiteResolver = site_from_node_config,
-                    tamper: ReplyTamper | None = None) -> ClientApp:
+def make_client_app(resolve_site: SiteResolver = site_from_node_config, tamper: ReplyTamper | None = None) -> ClientApp:
     """Build the ClientApp; ``resolve_site`` maps a node's context to its SiteConfig.
 
     Every failure becomes an error reply whose reason names no path and no sequence:

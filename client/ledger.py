@@ -75,11 +75,17 @@ class PrivacyLedger:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
-            ledger = cls(path=path, accountant=raw["accountant"], delta=float(raw["delta"]),
-                         history=history, rounds=list(raw["rounds"]))
+            ledger = cls(
+                path=path,
+                accountant=raw["accountant"],
+                delta=float(raw["delta"]),
+                history=history,
+                rounds=list(raw["rounds"]),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise LedgerError(f"{path}: privacy ledger is unreadable ({exc}); "
-                              "restore it from backup, never delete it") from None
+            raise LedgerError(
+                f"{path}: privacy ledger is unreadable ({exc}); restore it from backup, never delete it"
+            ) from None
         if ledger.accountant != accountant or ledger.delta != delta:
             raise LedgerError(
                 f"{path}: ledger was kept with accountant={ledger.accountant} "
@@ -141,22 +147,42 @@ class PrivacyLedger:
             )
         return after
 
-    def commit(self, history: list[Mechanism], *, run_id: int, server_round: int, steps: int,
-               noise_multiplier: float, sample_rate: float) -> float:
+    def commit(
+        self,
+        history: list[Mechanism],
+        *,
+        run_id: int,
+        server_round: int,
+        steps: int,
+        noise_multiplier: float,
+        sample_rate: float,
+    ) -> float:
         """Record a trained round with the accountant's new history; return ε spent."""
         self.history = [(float(s), float(q), int(n)) for s, q, n in history]
         epsilon = self.epsilon
-        self.rounds.append({
-            "run_id": run_id, "round": server_round, "steps": steps,
-            "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
-            "epsilon_after": epsilon, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
+        self.rounds.append(
+            {
+                "run_id": run_id,
+                "round": server_round,
+                "steps": steps,
+                "noise_multiplier": noise_multiplier,
+                "sample_rate": sample_rate,
+                "epsilon_after": epsilon,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
         self._write()
         return epsilon
 
     def _write(self) -> None:
-        body = json.dumps({
-            "version": LEDGER_VERSION, "accountant": self.accountant, "delta": self.delta,
-            "history": self.history, "rounds": self.rounds,
-        }, indent=1)
+        body = json.dumps(
+            {
+                "version": LEDGER_VERSION,
+                "accountant": self.accountant,
+                "delta": self.delta,
+                "history": self.history,
+                "rounds": self.rounds,
+            },
+            indent=1,
+        )
         atomic.write_text(self.path, body)

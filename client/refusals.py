@@ -16,10 +16,10 @@ import httpx
 
 _ALERTS = {
     "CERTIFICATE_EXPIRED": "the aggregator refused this site's certificate: it has expired (or this "
-                           "machine's clock is wrong); ask the consortium operator for a new one",
+    "machine's clock is wrong); ask the consortium operator for a new one",
     "CERTIFICATE_REVOKED": "the aggregator refused this site's certificate: it is revoked",
     "UNKNOWN_CA": "the aggregator does not accept this site's certificate: it was not issued by the "
-                  "consortium CA the aggregator trusts",
+    "consortium CA the aggregator trusts",
     "CERTIFICATE_REQUIRED": "the aggregator requires a client certificate and this site presented none",
 }
 _NOT_TLS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE")
@@ -53,15 +53,20 @@ def refusal_cause(error: BaseException) -> str | None:
         if isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 401:
             return f"the aggregator refused this site: {_response_detail(cause.response)}"
         if isinstance(cause, ssl.SSLCertVerificationError):
-            return (f"the aggregator's certificate failed verification: {cause.verify_message}; check "
-                    "`aggregator` (its host name) and `tls.ca_certificate` in the site config")
+            return (
+                f"the aggregator's certificate failed verification: {cause.verify_message}; check "
+                "`aggregator` (its host name) and `tls.ca_certificate` in the site config"
+            )
         if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLEOFError):
             reason = str(cause.reason or "")
             if "_ALERT_" in reason:
                 alert = reason.split("_ALERT_", 1)[1]
-                return _ALERTS.get(alert, "the aggregator refused the TLS handshake "
-                                          f"({alert.replace('_', ' ').lower()})")
+                return _ALERTS.get(
+                    alert, f"the aggregator refused the TLS handshake ({alert.replace('_', ' ').lower()})"
+                )
             if reason in _NOT_TLS:
-                return ("the aggregator's address does not answer with TLS; check `aggregator` "
-                        "(host:port of its Fleet API) in the site config")
+                return (
+                    "the aggregator's address does not answer with TLS; check `aggregator` "
+                    "(host:port of its Fleet API) in the site config"
+                )
     return None

@@ -65,8 +65,9 @@ def as_retryable(error: httpx.TransportError) -> httpx.TransportError | None:
     give up although nothing was refused; None if Flower retries it as it is."""
     if not any(word in str(error).lower() for word in _FLOWER_GIVES_UP_ON):
         return None
-    retryable = type(error)(f"the connection to the aggregator broke ({type(error).__name__}); retrying",
-                            request=error.request)
+    retryable = type(error)(
+        f"the connection to the aggregator broke ({type(error).__name__}); retrying", request=error.request
+    )
     retryable.__cause__ = error
     return retryable
 
@@ -110,10 +111,10 @@ def install_mutual_tls(tls: SiteTLSConfig) -> StopReason:
 
     class MutualTLSFleetClient(fleet_http_connection.FleetHttpClient):  # type: ignore[misc, name-defined]
         @classmethod
-        def from_server_address(cls, server_address, insecure, root_certificates, interceptors, *,
-                                retry_invoker=None):  # noqa: ANN001, ANN206 - Flower's signature
-            return cls(f"https://{server_address}", interceptors=interceptors, verify=context,
-                       retry_invoker=retry_invoker)
+        def from_server_address(cls, server_address, insecure, root_certificates, interceptors, *, retry_invoker=None):  # noqa: ANN001, ANN206 - Flower's signature
+            return cls(
+                f"https://{server_address}", interceptors=interceptors, verify=context, retry_invoker=retry_invoker
+            )
 
         def _unary_unary(self, **request):  # noqa: ANN003, ANN202 - Flower's one call for every RPC
             try:
@@ -162,10 +163,17 @@ def run_supernode(*, tls: SiteTLSConfig, aggregator: str, site_config: Path, run
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = [
-        "flower-supernode", "--superlink", aggregator,
-        "--root-certificates", str(tls.ca_certificate),
-        "--host", "127.0.0.1", "--port", str(runtime_port),
-        "--node-config", f'site-config="{site_config}"',
+        "flower-supernode",
+        "--superlink",
+        aggregator,
+        "--root-certificates",
+        str(tls.ca_certificate),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        "--node-config",
+        f'site-config="{site_config}"',
     ]  # SuperNodes install no runtime dependencies unless asked to (1.41 default)
     try:
         flower_supernode()
@@ -177,8 +185,9 @@ def run_supernode(*, tls: SiteTLSConfig, aggregator: str, site_config: Path, run
         raise SiteStopped(stop.cause)
     # Flower returns only when its connection loop broke on an error it logged, with its
     # Runtime API thread still running: leave through its exit path, non-zero.
-    flwr_exit(ExitCode.SUPERNODE_CONNECTION_ERROR, "the connection to the aggregator broke (see above)",
-              emit_telemetry=False)
+    flwr_exit(
+        ExitCode.SUPERNODE_CONNECTION_ERROR, "the connection to the aggregator broke (see above)", emit_telemetry=False
+    )
 
 
 def check_site(site: SiteConfig, source: str) -> SiteTLSConfig:
@@ -200,13 +209,14 @@ def check_site(site: SiteConfig, source: str) -> SiteTLSConfig:
     if not Path(site.data).exists():
         raise ConfigError(f"{source}: data: {site.data} not found")
     try:  # what the aggregator will check, checked here first, with the fix in the message
-        certificate = check_tls_identity(site.tls.certificate, site.tls.private_key,
-                                         site.tls.ca_certificate, "client")
+        certificate = check_tls_identity(site.tls.certificate, site.tls.private_key, site.tls.ca_certificate, "client")
     except PKIError as exc:
         raise ConfigError(f"{source}: tls: {exc}") from None
     if site_id_of(certificate) != site.site_id:
-        raise ConfigError(f"{source}: site_id {site.site_id!r} differs from the certificate's "
-                          f"{site_id_of(certificate)!r}; use the certificate issued for this site")
+        raise ConfigError(
+            f"{source}: site_id {site.site_id!r} differs from the certificate's "
+            f"{site_id_of(certificate)!r}; use the certificate issued for this site"
+        )
     return site.tls
 
 
@@ -215,5 +225,6 @@ def start_site(site_toml: Path) -> None:
     site = load_toml(site_toml, SiteConfig)
     tls = check_site(site, str(site_toml))
     apply_sovereign_environment()
-    run_supernode(tls=tls, aggregator=site.aggregator, site_config=Path(site_toml).resolve(),
-                  runtime_port=site.runtime_port)
+    run_supernode(
+        tls=tls, aggregator=site.aggregator, site_config=Path(site_toml).resolve(), runtime_port=site.runtime_port
+    )

@@ -80,17 +80,20 @@ def train_local(
     anchor = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.01)
-    loader = DataLoader(TensorDataset(ids, labels), batch_size=plan.batch_size,
-                        shuffle=True, generator=generator)
+    loader = DataLoader(TensorDataset(ids, labels), batch_size=plan.batch_size, shuffle=True, generator=generator)
     engine = None
     trained_module: nn.Module = model
     if dp is not None:
         engine = PrivacyEngine(accountant=dp.accountant)
         engine.accountant.history = list(dp.history)
         trained_module, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode="hooks",
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
         )
     criterion = nn.CrossEntropyLoss()
     losses: list[float] = []

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from fedgen import atomic
@@ -79,9 +79,7 @@ class SiteConfig(StrictModel):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda", "mps") or (
-            value.startswith("cuda:") and value[5:].isdigit()
-        ):
+        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")
 
@@ -186,11 +184,11 @@ def _toml_value(value: object, folder: Path) -> str:
 
 
 def _toml_table(values: dict, prefix: str, folder: Path) -> str:
-    scalars = [f"{key} = {_toml_value(value, folder)}"
-               for key, value in values.items() if not isinstance(value, dict)]
+    scalars = [f"{key} = {_toml_value(value, folder)}" for key, value in values.items() if not isinstance(value, dict)]
     tables = [
         f"\n[{prefix}{key}]\n" + _toml_table(value, f"{prefix}{key}.", folder)
-        for key, value in values.items() if isinstance(value, dict)
+        for key, value in values.items()
+        if isinstance(value, dict)
     ]
     return "\n".join(scalars) + ("\n" if scalars else "") + "".join(tables)
 

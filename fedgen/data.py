@@ -105,9 +105,7 @@ class SequenceDataset:
                 f"({len(self.sequences)}), got shape {labels.shape}"
             )
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_names)):
-            raise ValueError(
-                f"labels must lie in [0, {len(self.label_names)}) to index label_names"
-            )
+            raise ValueError(f"labels must lie in [0, {len(self.label_names)}) to index label_names")
         labels.flags.writeable = False
         object.__setattr__(self, "sequences", tuple(self.sequences))
         object.__setattr__(self, "labels", labels)
@@ -117,10 +115,7 @@ class SequenceDataset:
         return len(self.sequences)
 
     def __repr__(self) -> str:
-        return (
-            f"SequenceDataset(n={len(self)}, classes={self.class_counts()}, "
-            f"source={self.source!r})"
-        )
+        return f"SequenceDataset(n={len(self)}, classes={self.class_counts()}, source={self.source!r})"
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> SequenceDataset:
         """Samples at ``indices`` (integers or a boolean mask); all label names are kept."""
@@ -214,16 +209,13 @@ def _check_bases(path: Path, text: str, line: int) -> str:
         position = invalid.start()
         raise DataError(
             path,
-            f"character {text[position]!r} at position {position + 1} "
-            f"is not one of {', '.join(ALPHABET)}",
+            f"character {text[position]!r} at position {position + 1} is not one of {', '.join(ALPHABET)}",
             line,
         )
     return sequence
 
 
-def _read_table(
-    path: Path, sequence_columns: Sequence[str], label_column: str | None
-) -> list[_Record]:
+def _read_table(path: Path, sequence_columns: Sequence[str], label_column: str | None) -> list[_Record]:
     """Read a delimited table with a header.
 
     The sequence is taken from the first of ``sequence_columns`` present in the
@@ -242,13 +234,9 @@ def _read_table(
             sequence_column = next((c for c in sequence_columns if c in header), None)
             if sequence_column is None:
                 wanted = " or ".join(repr(c) for c in sequence_columns)
-                raise DataError(
-                    path, f"no column {wanted} in the header (columns found: {found})", 1
-                )
+                raise DataError(path, f"no column {wanted} in the header (columns found: {found})", 1)
             if label_column is not None and label_column not in header:
-                raise DataError(
-                    path, f"no column {label_column!r} in the header (columns found: {found})", 1
-                )
+                raise DataError(path, f"no column {label_column!r} in the header (columns found: {found})", 1)
             sequence_index = header.index(sequence_column)
             label_index = None if label_column is None else header.index(label_column)
 
@@ -272,9 +260,7 @@ def _read_table(
     return records
 
 
-def _index_labels(
-    records: Sequence[_Record], label_names: Sequence[str] | None
-) -> tuple[np.ndarray, tuple[str, ...]]:
+def _index_labels(records: Sequence[_Record], label_names: Sequence[str] | None) -> tuple[np.ndarray, tuple[str, ...]]:
     """Map string labels to indices.
 
     Given ``label_names``, a label's index is its position there and any other
@@ -307,9 +293,7 @@ def _index_labels(
     return labels, names
 
 
-def _build_dataset(
-    records: Sequence[_Record], label_names: Sequence[str] | None, source: str
-) -> SequenceDataset:
+def _build_dataset(records: Sequence[_Record], label_names: Sequence[str] | None, source: str) -> SequenceDataset:
     labels, names = _index_labels(records, label_names)
     return SequenceDataset(tuple(r.sequence for r in records), labels, names, source)
 
@@ -456,8 +440,7 @@ def read_fasta(
                 if found is None:
                     raise DataError(
                         path,
-                        f"no label in header '>{header}'; expected a 'label=X' token "
-                        f"or a last '|'-separated field",
+                        f"no label in header '>{header}'; expected a 'label=X' token or a last '|'-separated field",
                         line,
                     )
                 label = found
@@ -510,9 +493,7 @@ def read_genomic_benchmarks(root: PathLike, split: str = "train") -> SequenceDat
     split_dir = root / split
     if not split_dir.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise DataError(
-            root, f"no {split!r} split folder (folders found: {', '.join(found) or 'none'})"
-        )
+        raise DataError(root, f"no {split!r} split folder (folders found: {', '.join(found) or 'none'})")
 
     class_tables: dict[str, Path] = {}
     class_dirs: dict[str, Path] = {}
@@ -523,19 +504,15 @@ def read_genomic_benchmarks(root: PathLike, split: str = "train") -> SequenceDat
             class_name = _name_without_suffixes(entry)
             if class_name in class_tables:
                 raise DataError(
-                    split_dir, f"two files for class {class_name!r}: "
-                    f"{class_tables[class_name].name} and {entry.name}"
+                    split_dir, f"two files for class {class_name!r}: {class_tables[class_name].name} and {entry.name}"
                 )
             class_tables[class_name] = entry
     if class_tables and class_dirs:
         raise DataError(
-            split_dir, "holds both class tables (<class>.csv) and class folders (<class>/); "
-            "expected one layout"
+            split_dir, "holds both class tables (<class>.csv) and class folders (<class>/); expected one layout"
         )
     if not class_tables and not class_dirs:
-        raise DataError(
-            split_dir, "no class tables (<class>.csv[.gz]) or class folders (<class>/*.txt)"
-        )
+        raise DataError(split_dir, "no class tables (<class>.csv[.gz]) or class folders (<class>/*.txt)")
 
     records = []
     for class_name, table in sorted(class_tables.items()):
@@ -574,9 +551,7 @@ def load_dataset(path: PathLike, *, split: str | None = None) -> SequenceDataset
     if path.is_dir():
         if (path / (split or "train")).is_dir():
             return read_genomic_benchmarks(path, split or "train")
-        fasta_files = sorted(
-            p for p in path.iterdir() if p.is_file() and _has_suffix(p, FASTA_SUFFIXES)
-        )
+        fasta_files = sorted(p for p in path.iterdir() if p.is_file() and _has_suffix(p, FASTA_SUFFIXES))
         if fasta_files and split is None:
             return read_fasta(fasta_files, labels_from="file")
         raise DataError(
@@ -623,10 +598,7 @@ def train_test_split(
     is_test = np.zeros(len(dataset), dtype=bool)
     is_test[np.concatenate(test_parts)] = True
     if is_test.all() or not is_test.any():
-        raise ValueError(
-            f"test_fraction={test_fraction} leaves the train or test part of "
-            f"{len(dataset)} samples empty"
-        )
+        raise ValueError(f"test_fraction={test_fraction} leaves the train or test part of {len(dataset)} samples empty")
     return dataset.subset(~is_test), dataset.subset(is_test)
 
 

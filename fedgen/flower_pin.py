@@ -23,5 +23,7 @@ def check_flower_version(glue: str) -> None:
 
     if tuple(int(part) for part in flwr.__version__.split(".")[:2]) != FLOWER_SERIES:
         series = ".".join(map(str, FLOWER_SERIES))
-        raise RuntimeError(f"fedgen's {glue} is written for Flower {series}.x; found {flwr.__version__}. "
-                           f"Install flwr{FLOWER_REQUIREMENT}.")
+        raise RuntimeError(
+            f"fedgen's {glue} is written for Flower {series}.x; found {flwr.__version__}. "
+            f"Install flwr{FLOWER_REQUIREMENT}."
+        )

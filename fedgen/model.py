@@ -34,7 +34,10 @@ class SelfAttention(nn.Module):
         # [B, T, C] -> [B, H, T, C/H]
         q, k, v = (t.view(batch, length, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
         attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask[:, None, None, :],
+            q,
+            k,
+            v,
+            attn_mask=key_mask[:, None, None, :],
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out(attended.transpose(1, 2).reshape(batch, length, width))
@@ -112,8 +115,15 @@ class MaskedLanguageModel(nn.Module):
 
 
 def mask_tokens(
-    ids: torch.Tensor, *, mask_id: int, pad_id: int, cls_id: int, vocab_size: int,
-    num_special: int, probability: float = 0.15, generator: torch.Generator | None = None,
+    ids: torch.Tensor,
+    *,
+    mask_id: int,
+    pad_id: int,
+    cls_id: int,
+    vocab_size: int,
+    num_special: int,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-style masking: return (inputs, labels) with labels -100 where not predicted.
 
@@ -124,9 +134,7 @@ def mask_tokens(
     chosen = maskable & (draw < probability)
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
     action = torch.rand(ids.shape, generator=generator, device=ids.device)
-    random_ids = torch.randint(
-        num_special, vocab_size, ids.shape, generator=generator, device=ids.device
-    )
+    random_ids = torch.randint(num_special, vocab_size, ids.shape, generator=generator, device=ids.device)
     inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, mask_id), ids)
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
     return inputs, labels
@@ -179,14 +187,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
-             device: torch.device, batch_size: int = 512) -> tuple[float, float]:
+def evaluate_classifier(
+    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 512
+) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on a labelled set."""
     model.to(device).eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(ids), batch_size):
-        x = ids[start:start + batch_size].to(device)
-        y = labels[start:start + batch_size].to(device)
+        x = ids[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
         logits = model(x)
         total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a DNA transformer encoder.
@@ -41,9 +42,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for field in ("vocab_size", "max_len", "d_model", "n_layers", "d_ff", "num_labels"):
             if getattr(self, field) < 1:
                 raise ValueError(f"ModelConfig.{field} must be >= 1")
@@ -67,13 +66,14 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def preset_config(
-    preset: str, *, vocab_size: int, max_len: int, num_labels: int = 2, pad_id: int = 0
-) -> ModelConfig:
+def preset_config(preset: str, *, vocab_size: int, max_len: int, num_labels: int = 2, pad_id: int = 0) -> ModelConfig:
     """Return the `ModelConfig` of a named preset for a tokenizer and task."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig(
-        vocab_size=vocab_size, max_len=max_len, num_labels=num_labels, pad_id=pad_id,
+        vocab_size=vocab_size,
+        max_len=max_len,
+        num_labels=num_labels,
+        pad_id=pad_id,
         **PRESETS[preset],
     )

@@ -63,15 +63,29 @@ def approvals_of(ledger: Path, entry: RoundEntry) -> list[Record[ModelApproved]]
     return [a for a in approvals if a.body.model_digest == entry.record.body.model_out.digest]
 
 
-def approve(ledger: Path, private_key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate, *,
-            server_round: int, by: str, reason: str, run_id: str | None = None) -> Record[ModelApproved]:
+def approve(
+    ledger: Path,
+    private_key: ec.EllipticCurvePrivateKey,
+    certificate: x509.Certificate,
+    *,
+    server_round: int,
+    by: str,
+    reason: str,
+    run_id: str | None = None,
+) -> Record[ModelApproved]:
     """Append an approval of a committed round's model, signed with the lineage-signing key; return the record."""
     if not by.strip() or not reason.strip():
         raise ReleaseError("an approval needs who approves (--by) and why (--reason)")
     entry = find_round(ledger, server_round, run_id)
     model_out = entry.record.body.model_out
-    body = ModelApproved(round=server_round, by=by, reason=reason, model_digest=model_out.digest,
-                         checkpoint=model_out.checkpoint, round_record=entry.record.hash)
+    body = ModelApproved(
+        round=server_round,
+        by=by,
+        reason=reason,
+        model_digest=model_out.digest,
+        checkpoint=model_out.checkpoint,
+        round_record=entry.record.hash,
+    )
     try:
         with LineageWriter.open(ledger, private_key, certificate) as writer:
             return writer.append_body(body, entry.run_id)
@@ -90,24 +104,33 @@ def privacy_spend(ledger: Path, entry: RoundEntry) -> dict[str, dict[str, float]
     return spend
 
 
-def export_model(ledger: Path, signer_certificate: x509.Certificate, checkpoints: Path, out: Path, *,
-                 server_round: int, run_id: str | None = None, allow_unapproved: bool = False,
-                 ca_certificate: x509.Certificate | None = None,
-                 crl: x509.CertificateRevocationList | None = None) -> Path:
+def export_model(
+    ledger: Path,
+    signer_certificate: x509.Certificate,
+    checkpoints: Path,
+    out: Path,
+    *,
+    server_round: int,
+    run_id: str | None = None,
+    allow_unapproved: bool = False,
+    ca_certificate: x509.Certificate | None = None,
+    crl: x509.CertificateRevocationList | None = None,
+) -> Path:
     """Write weights, configuration and a model card for a committed round into ``out``.
 
     ``out`` is written whole or not at all: the files go to a temporary folder beside it,
     which is renamed to ``out`` once the copied weights' model digest checked out.
     """
-    report = verify(ledger, signer_certificate, checkpoints_dir=checkpoints, ca_certificate=ca_certificate,
-                    crl=crl)
+    report = verify(ledger, signer_certificate, checkpoints_dir=checkpoints, ca_certificate=ca_certificate, crl=crl)
     if not report.ok:
         raise ReleaseError(f"{ledger}: lineage does not verify: {report.error}")
     entry = find_round(ledger, server_round, run_id)
     approvals = approvals_of(ledger, entry)
     if not approvals and not allow_unapproved:
-        raise ReleaseError(f"run {entry.run_id} round {server_round} is not approved; "
-                           "approve it with `fedgen model approve` or pass --allow-unapproved")
+        raise ReleaseError(
+            f"run {entry.run_id} round {server_round} is not approved; "
+            "approve it with `fedgen model approve` or pass --allow-unapproved"
+        )
     checkpoint = checkpoints / entry.record.body.model_out.checkpoint
     if not checkpoint.is_file():
         raise ReleaseError(f"checkpoint {checkpoint} not found")
@@ -126,8 +149,14 @@ def export_model(ledger: Path, signer_certificate: x509.Certificate, checkpoints
     return out
 
 
-def _write_release(folder: Path, checkpoint: Path, entry: RoundEntry, approvals: list[Record[ModelApproved]],
-                   spend: dict[str, dict[str, float]], head_hash: str | None) -> None:
+def _write_release(
+    folder: Path,
+    checkpoint: Path,
+    entry: RoundEntry,
+    approvals: list[Record[ModelApproved]],
+    spend: dict[str, dict[str, float]],
+    head_hash: str | None,
+) -> None:
     model_out, started = entry.record.body.model_out, entry.run_started.body
     weights = folder / "model.safetensors"
     with atomic.replacing(weights) as temporary:
@@ -138,38 +167,55 @@ def _write_release(folder: Path, checkpoint: Path, entry: RoundEntry, approvals:
     except ValueError as exc:
         raise ReleaseError(str(exc)) from None
     if copied_digest != model_out.digest:
-        raise ReleaseError(f"{checkpoint} changed while it was exported: its model digest is now "
-                           f"{copied_digest[:16]}…, not {model_out.digest[:16]}… as the ledger commits")
+        raise ReleaseError(
+            f"{checkpoint} changed while it was exported: its model digest is now "
+            f"{copied_digest[:16]}…, not {model_out.digest[:16]}… as the ledger commits"
+        )
     model_config = json.loads(metadata.get("model_config", "null"))
     if model_config != started.architecture:
         raise ReleaseError(f"{checkpoint}: its model config is not the one run {entry.run_id} started with")
-    config = {"model_config": model_config, "tokenizer": started.training.tokenizer,
-              "labels": started.labels, "model_digest": model_out.digest, "run_id": entry.run_id,
-              "round": entry.round, "lineage_head": head_hash}
+    config = {
+        "model_config": model_config,
+        "tokenizer": started.training.tokenizer,
+        "labels": started.labels,
+        "model_digest": model_out.digest,
+        "run_id": entry.run_id,
+        "round": entry.round,
+        "lineage_head": head_hash,
+    }
     atomic.write_text(folder / "config.json", json.dumps(config, indent=2))
     atomic.write_text(folder / "MODEL_CARD.md", model_card(entry, approvals, spend, head_hash))
 
 
-def model_card(entry: RoundEntry, approvals: list[Record[ModelApproved]], spend: dict[str, dict[str, float]],
-               head_hash: str | None) -> str:
+def model_card(
+    entry: RoundEntry, approvals: list[Record[ModelApproved]], spend: dict[str, dict[str, float]], head_hash: str | None
+) -> str:
     body, started = entry.record.body, entry.run_started.body
     lines = [
-        f"# Model card: run {entry.run_id}, round {entry.round}", "",
+        f"# Model card: run {entry.run_id}, round {entry.round}",
+        "",
         f"- Model digest (SHA-256 of the named tensors and the checkpoint metadata): `{body.model_out.digest}`",
         f"- Lineage head hash at export: `{head_hash}`",
         f"- Round record hash: `{entry.record.hash}`",
         f"- Model: {started.training.model} ({started.training.tokenizer}), labels {started.labels}",
         f"- Strategy: {started.strategy.name}, {started.training.rounds} rounds planned",
         "- Software: " + ", ".join(f"{k} {v}" for k, v in started.versions.items()),
-        f"- Held-out accuracy at this round: {body.metrics.get('accuracy')}", "",
-        "## Approval", "",
+        f"- Held-out accuracy at this round: {body.metrics.get('accuracy')}",
+        "",
+        "## Approval",
+        "",
     ]
     if approvals:
         lines += [f"- Approved by {a.body.by} at {a.time}: {a.body.reason}" for a in approvals]
     else:
         lines.append("- **NOT APPROVED**: exported with --allow-unapproved; do not use in production.")
-    lines += ["", "## Privacy spent per site (sample-level DP, the site's own accountant)", "",
-              "| site | ε | δ |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Privacy spent per site (sample-level DP, the site's own accountant)",
+        "",
+        "| site | ε | δ |",
+        "|---|---|---|",
+    ]
     lines += [f"| {site} | {s['epsilon']:.4f} | {s['delta']:g} |" for site, s in sorted(spend.items())]
     if not spend:
         lines.append("| (no site trained under DP) | | |")

@@ -32,11 +32,7 @@ _MODEL_DOMAIN = b"fedgen model v1\0"  # a model digest never equals a tensors di
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's parameters that require gradients, by name, detached on the CPU."""
-    return {
-        name: param.detach().cpu()
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    }
+    return {name: param.detach().cpu() for name, param in model.named_parameters() if param.requires_grad}
 
 
 def to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -28,8 +28,7 @@ def _check_labels(labels: Labels, n_sites: int) -> np.ndarray:
         raise ValueError(f"n_sites must be at least 1, got {n_sites}")
     if n_sites > len(label_array):
         raise ValueError(
-            f"cannot split {len(label_array)} samples among {n_sites} sites: "
-            f"every site needs at least one sample"
+            f"cannot split {len(label_array)} samples among {n_sites} sites: every site needs at least one sample"
         )
     return label_array
 
@@ -46,14 +45,10 @@ def partition_iid(labels: Labels, n_sites: int, seed: int) -> list[np.ndarray]:
     # Stable sort by class keeps the random order within each class.
     dealing_order = shuffled[np.argsort(label_array[shuffled], kind="stable")]
     site_of_slot = np.arange(len(dealing_order)) % n_sites
-    return [
-        np.sort(dealing_order[site_of_slot == site]).astype(np.int64) for site in range(n_sites)
-    ]
+    return [np.sort(dealing_order[site_of_slot == site]).astype(np.int64) for site in range(n_sites)]
 
 
-def partition_label_skew(
-    labels: Labels, n_sites: int, seed: int, classes_per_site: int = 1
-) -> list[np.ndarray]:
+def partition_label_skew(labels: Labels, n_sites: int, seed: int, classes_per_site: int = 1) -> list[np.ndarray]:
     """Give each site samples of only ``classes_per_site`` classes.
 
     With classes ``c_0 < c_1 < ...`` (``C`` in all), site ``s`` holds classes
@@ -75,8 +70,7 @@ def partition_label_skew(
     classes = np.unique(label_array)
     if not 1 <= classes_per_site <= len(classes):
         raise ValueError(
-            f"classes_per_site must be between 1 and the number of classes "
-            f"({len(classes)}), got {classes_per_site}"
+            f"classes_per_site must be between 1 and the number of classes ({len(classes)}), got {classes_per_site}"
         )
     if n_sites * classes_per_site < len(classes):
         raise ValueError(
@@ -105,9 +99,7 @@ def partition_label_skew(
     return sites
 
 
-def partition_dirichlet(
-    labels: Labels, n_sites: int, alpha: float, seed: int, min_size: int = 10
-) -> list[np.ndarray]:
+def partition_dirichlet(labels: Labels, n_sites: int, alpha: float, seed: int, min_size: int = 10) -> list[np.ndarray]:
     """Split each class among sites in Dirichlet(``alpha``) proportions.
 
     For every class a proportion vector is drawn from a symmetric Dirichlet
@@ -128,10 +120,7 @@ def partition_dirichlet(
     if min_size < 1:
         raise ValueError(f"min_size must be at least 1, got {min_size}")
     if n_sites * min_size > len(label_array):
-        raise ValueError(
-            f"{len(label_array)} samples cannot give {n_sites} sites at least "
-            f"{min_size} samples each"
-        )
+        raise ValueError(f"{len(label_array)} samples cannot give {n_sites} sites at least {min_size} samples each")
     rng = np.random.default_rng(seed)
     class_members = [np.flatnonzero(label_array == c) for c in np.unique(label_array)]
     for _ in range(MAX_DIRICHLET_DRAWS):
@@ -151,9 +140,7 @@ def partition_dirichlet(
     )
 
 
-def partition(
-    labels: Labels, n_sites: int, scheme: str, seed: int, alpha: float = 0.5
-) -> list[np.ndarray]:
+def partition(labels: Labels, n_sites: int, scheme: str, seed: int, alpha: float = 0.5) -> list[np.ndarray]:
     """Partition by scheme name.
 
     ``"iid"``, ``"label-skew"`` (one class per site) or ``"dirichlet"``;

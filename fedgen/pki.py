@@ -47,8 +47,14 @@ DEFAULT_DIR = Path("certs")
 CLOCK_SKEW = timedelta(minutes=5)
 SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # certificate_hold (no un-hold here) and remove_from_crl (delta CRLs only) are left out.
-REVOCATION_REASONS = ("unspecified", "key_compromise", "affiliation_changed", "superseded",
-                      "cessation_of_operation", "privilege_withdrawn")
+REVOCATION_REASONS = (
+    "unspecified",
+    "key_compromise",
+    "affiliation_changed",
+    "superseded",
+    "cessation_of_operation",
+    "privilege_withdrawn",
+)
 INDEX_FORMAT = 1
 # "fedgen lineage signing": the extended key usage only the lineage-signing certificate has.
 # A private OID under the UUID arc 2.25 (ITU-T X.667), which needs no registration.
@@ -61,8 +67,7 @@ _HOST_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*")
 _DIGEST_HEX = re.compile(r"[0-9a-f]{64}")
 _MAX_NAME = 50  # "<name> consortium CA" must fit the 64 characters X.509 allows a CN
-_INDEX_FIELDS = ("kind", "subject", "serial", "not_before", "not_after", "fingerprint", "path",
-                 "revoked_at", "reason")
+_INDEX_FIELDS = ("kind", "subject", "serial", "not_before", "not_after", "fingerprint", "path", "revoked_at", "reason")
 
 
 class PKIError(FedgenError, ValueError):
@@ -167,8 +172,10 @@ def validate_site_id(site_id: str) -> str:
         If it does not match ``SITE_ID_PATTERN``.
     """
     if not isinstance(site_id, str) or not SITE_ID_PATTERN.fullmatch(site_id):
-        raise PKIError(f"site id {site_id!r} is not valid: use 1-64 letters, digits, '_', '.' or '-', "
-                       "starting with a letter or digit")
+        raise PKIError(
+            f"site id {site_id!r} is not valid: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
     return site_id
 
 
@@ -178,13 +185,14 @@ def _validate_hosts(hosts: list[str]) -> list[str]:
         raise PKIError("the aggregator needs at least one host name or IP address (--host)")
     for host in unique:
         if not host or any(c.isspace() for c in host):
-            raise PKIError(f"host {host!r} is empty or contains spaces; give names like "
-                           "aggregator.example.org or 10.0.0.5, separated by commas")
+            raise PKIError(
+                f"host {host!r} is empty or contains spaces; give names like "
+                "aggregator.example.org or 10.0.0.5, separated by commas"
+            )
         if not _is_ip(host) and not _HOSTNAME.fullmatch(host):
             raise PKIError(f"host {host!r} is neither a DNS name nor an IP address")
     if len(unique[0]) > 64:
-        raise PKIError(f"host {unique[0]!r} is longer than the 64 characters a CN allows; "
-                       "list a shorter name first")
+        raise PKIError(f"host {unique[0]!r} is longer than the 64 characters a CN allows; list a shorter name first")
     return unique
 
 
@@ -236,8 +244,7 @@ def _pem(cert: x509.Certificate) -> bytes:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     atomic.write_bytes(path, pem, 0o600)
 
 
@@ -268,11 +275,14 @@ def load_private_key(path: StrPath) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except FileNotFoundError:
-        raise PKIError(f"{path} not found; a private key stays on the machine it belongs to, "
-                       "so check that you are on the right one") from None
+        raise PKIError(
+            f"{path} not found; a private key stays on the machine it belongs to, "
+            "so check that you are on the right one"
+        ) from None
     except TypeError:
-        raise PKIError(f"{path} is encrypted; fedgen expects an unencrypted PKCS8 key "
-                       "protected by its file mode (0600)") from None
+        raise PKIError(
+            f"{path} is encrypted; fedgen expects an unencrypted PKCS8 key protected by its file mode (0600)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise PKIError(f"{path} is not a readable PEM private key ({exc})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -291,8 +301,10 @@ def load_crl(path: StrPath) -> x509.CertificateRevocationList:
     try:
         return x509.load_pem_x509_crl(Path(path).read_bytes())
     except FileNotFoundError:
-        raise PKIError(f"{path} not found; write it with `fedgen certs refresh-crl` on the CA machine "
-                       "and copy it next to the aggregator's certificate") from None
+        raise PKIError(
+            f"{path} not found; write it with `fedgen certs refresh-crl` on the CA machine "
+            "and copy it next to the aggregator's certificate"
+        ) from None
     except (OSError, ValueError) as exc:
         raise PKIError(f"{path} is not a readable PEM CRL ({exc})") from None
 
@@ -307,9 +319,10 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 def certificate_matches_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
     """True if ``key`` is the private half of the certificate's public key."""
+
     def spki(public_key: Any) -> bytes:
-        return public_key.public_bytes(serialization.Encoding.DER,
-                                       serialization.PublicFormat.SubjectPublicKeyInfo)
+        return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
     return spki(cert.public_key()) == spki(key.public_key())
 
 
@@ -328,8 +341,10 @@ def check_key_pair(cert_path: StrPath, key_path: StrPath) -> tuple[x509.Certific
     """
     cert, key = load_certificate(cert_path), load_private_key(key_path)
     if not certificate_matches_key(cert, key):
-        raise PKIError(f"{cert_path} does not match its key {key_path}: the pair was mixed up or one "
-                       "of them was replaced; restore the pair or re-issue it with --force")
+        raise PKIError(
+            f"{cert_path} does not match its key {key_path}: the pair was mixed up or one "
+            "of them was replaced; restore the pair or re-issue it with --force"
+        )
     return cert, key
 
 
@@ -345,8 +360,10 @@ def check_key_file_mode(key_path: StrPath) -> None:
         return
     mode = stat.S_IMODE(os.stat(key_path).st_mode)
     if mode & 0o077:
-        raise PKIError(f"{key_path} is readable or writable by group or others (mode {mode:04o}); "
-                       f"a private key must be private: run `chmod 600 {key_path}`")
+        raise PKIError(
+            f"{key_path} is readable or writable by group or others (mode {mode:04o}); "
+            f"a private key must be private: run `chmod 600 {key_path}`"
+        )
 
 
 TLS_PURPOSES = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
@@ -368,22 +385,29 @@ def check_tls_purpose(cert: x509.Certificate, purpose: str, cert_path: StrPath) 
     try:
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
-        raise PKIError(f"{cert_path} has no extended key usage; it must allow TLS {label}: "
-                       f"issue a {purpose} certificate with `fedgen certs issue`") from None
+        raise PKIError(
+            f"{cert_path} has no extended key usage; it must allow TLS {label}: "
+            f"issue a {purpose} certificate with `fedgen certs issue`"
+        ) from None
     if wanted not in usages:
-        raise PKIError(f"{cert_path} is not a TLS {purpose} certificate (its extended key usage lacks "
-                       f"{label}); issue the right kind with `fedgen certs issue`")
+        raise PKIError(
+            f"{cert_path} is not a TLS {purpose} certificate (its extended key usage lacks "
+            f"{label}); issue the right kind with `fedgen certs issue`"
+        )
     try:
         key_usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return
     if not key_usage.digital_signature:
-        raise PKIError(f"{cert_path}: its key usage does not allow digital signatures, which a TLS "
-                       "handshake needs; issue a new certificate with `fedgen certs issue`")
+        raise PKIError(
+            f"{cert_path}: its key usage does not allow digital signatures, which a TLS "
+            "handshake needs; issue a new certificate with `fedgen certs issue`"
+        )
 
 
-def check_tls_identity(cert_path: StrPath, key_path: StrPath, ca_path: StrPath, purpose: str, *,
-                       at: datetime | None = None) -> x509.Certificate:
+def check_tls_identity(
+    cert_path: StrPath, key_path: StrPath, ca_path: StrPath, purpose: str, *, at: datetime | None = None
+) -> x509.Certificate:
     """Check, before connecting, what the TLS peer will check about our own certificate.
 
     The certificate and key belong together, the key file is private (0600), the
@@ -405,9 +429,11 @@ def check_tls_identity(cert_path: StrPath, key_path: StrPath, ca_path: StrPath, 
     check_key_file_mode(key_path)
     ca_cert, moment = load_certificate(ca_path), _utc(at)
     if not ca_cert.not_valid_before_utc <= moment <= ca_cert.not_valid_after_utc:
-        raise PKIError(f"{ca_path}: the consortium CA is valid only from "
-                       f"{ca_cert.not_valid_before_utc.isoformat()} to {ca_cert.not_valid_after_utc.isoformat()} "
-                       "(check this machine's clock)")
+        raise PKIError(
+            f"{ca_path}: the consortium CA is valid only from "
+            f"{ca_cert.not_valid_before_utc.isoformat()} to {ca_cert.not_valid_after_utc.isoformat()} "
+            "(check this machine's clock)"
+        )
     try:
         verify_issued_by(cert, ca_cert, at=moment)
     except PKIError as exc:
@@ -425,8 +451,9 @@ def check_crl_signature(crl: x509.CertificateRevocationList, ca_cert: x509.Certi
         If it did not.
     """
     if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):
-        raise PKIError("the CRL was not signed by this consortium's CA; write a new one with "
-                       "`fedgen certs refresh-crl`")
+        raise PKIError(
+            "the CRL was not signed by this consortium's CA; write a new one with `fedgen certs refresh-crl`"
+        )
 
 
 def crl_is_overdue(crl: x509.CertificateRevocationList, *, at: datetime | None = None) -> bool:
@@ -466,25 +493,31 @@ def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate, *, at: d
     moment = _utc(at)
     who = f"certificate for {_common_name(cert.subject)!r} (serial {cert.serial_number:x})"
     if cert.issuer != ca_cert.subject:
-        raise PKIError(f"{who} has the wrong issuer: issued by {cert.issuer.rfc4514_string()!r}, "
-                       f"not by this consortium's CA {ca_cert.subject.rfc4514_string()!r}")
+        raise PKIError(
+            f"{who} has the wrong issuer: issued by {cert.issuer.rfc4514_string()!r}, "
+            f"not by this consortium's CA {ca_cert.subject.rfc4514_string()!r}"
+        )
     try:
         cert.verify_directly_issued_by(ca_cert)
     except InvalidSignature:
-        raise PKIError(f"{who} has a bad signature: it was not signed by this consortium's CA "
-                       "(a different CA with the same name, or a tampered certificate)") from None
+        raise PKIError(
+            f"{who} has a bad signature: it was not signed by this consortium's CA "
+            "(a different CA with the same name, or a tampered certificate)"
+        ) from None
     except (ValueError, TypeError) as exc:
         raise PKIError(f"{who} cannot be checked against the CA: {exc}") from None
     if moment < cert.not_valid_before_utc:
-        raise PKIError(f"{who} is not yet valid: valid from {cert.not_valid_before_utc.isoformat()} "
-                       "(check this machine's clock)")
+        raise PKIError(
+            f"{who} is not yet valid: valid from {cert.not_valid_before_utc.isoformat()} (check this machine's clock)"
+        )
     if moment > cert.not_valid_after_utc:
-        raise PKIError(f"{who} expired on {cert.not_valid_after_utc.isoformat()}; issue a new one "
-                       "with `fedgen certs issue … --force`")
+        raise PKIError(
+            f"{who} expired on {cert.not_valid_after_utc.isoformat()}; issue a new one "
+            "with `fedgen certs issue … --force`"
+        )
 
 
-def check_crl(crl: x509.CertificateRevocationList, ca_cert: x509.Certificate, *,
-              at: datetime | None = None) -> None:
+def check_crl(crl: x509.CertificateRevocationList, ca_cert: x509.Certificate, *, at: datetime | None = None) -> None:
     """Check that the CA signed ``crl`` and that it is current at ``at`` (default now).
 
     OpenSSL rejects every handshake once a loaded CRL is past its next update, so a stale
@@ -500,8 +533,10 @@ def check_crl(crl: x509.CertificateRevocationList, ca_cert: x509.Certificate, *,
     if moment < crl.last_update_utc:
         raise PKIError(f"the CRL is not valid before {crl.last_update_utc.isoformat()} (check the clocks)")
     if crl_is_overdue(crl, at=moment):
-        raise PKIError("the CRL is past its next update; TLS peers now reject every handshake: "
-                       "write a new one with `fedgen certs refresh-crl` and copy it to the aggregator")
+        raise PKIError(
+            "the CRL is past its next update; TLS peers now reject every handshake: "
+            "write a new one with `fedgen certs refresh-crl` and copy it to the aggregator"
+        )
 
 
 def is_revoked(cert: x509.Certificate, crl: x509.CertificateRevocationList) -> bool:
@@ -509,8 +544,7 @@ def is_revoked(cert: x509.Certificate, crl: x509.CertificateRevocationList) -> b
 
     The CRL's own signature and freshness are not checked here: see `check_crl`.
     """
-    return (cert.issuer == crl.issuer
-            and crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None)
+    return cert.issuer == crl.issuer and crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
 
 
 def revocation_time(cert: x509.Certificate, crl: x509.CertificateRevocationList) -> datetime | None:
@@ -539,8 +573,11 @@ def verify_message_signature(cert: x509.Certificate, message: bytes, signature: 
     itself is trustworthy is `verify_issued_by` and `is_revoked`.
     """
     public_key = cert.public_key()
-    if (not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(message, bytes)
-            or not isinstance(signature, (bytes, bytearray, memoryview))):
+    if (
+        not isinstance(public_key, ec.EllipticCurvePublicKey)
+        or not isinstance(message, bytes)
+        or not isinstance(signature, (bytes, bytearray, memoryview))
+    ):
         return False
     try:
         public_key.verify(bytes(signature), message, ec.ECDSA(hashes.SHA256()))
@@ -582,8 +619,10 @@ def _read_index(files: ConsortiumLayout) -> dict[str, Any]:
     try:
         index = json.loads(files.index.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PKIError(f"{files.index} not found: create the consortium first with "
-                       f"`fedgen certs init --consortium NAME --dir {files.folder}`") from None
+        raise PKIError(
+            f"{files.index} not found: create the consortium first with "
+            f"`fedgen certs init --consortium NAME --dir {files.folder}`"
+        ) from None
     except (OSError, ValueError) as exc:
         raise PKIError(f"{files.index} is not readable JSON ({exc}); restore it from a backup") from None
     entries = index.get("certificates") if isinstance(index, dict) else None
@@ -592,8 +631,9 @@ def _read_index(files: ConsortiumLayout) -> dict[str, Any]:
     for number, entry in enumerate(entries, start=1):
         missing = [f for f in _INDEX_FIELDS if not isinstance(entry, dict) or f not in entry]
         if missing:
-            raise PKIError(f"{files.index}: certificate entry {number} lacks {', '.join(missing)}; "
-                           "restore the file from a backup")
+            raise PKIError(
+                f"{files.index}: certificate entry {number} lacks {', '.join(missing)}; restore the file from a backup"
+            )
     return index
 
 
@@ -625,21 +665,42 @@ def _current_entry(index: dict[str, Any], relative_path: str) -> dict[str, Any] 
 
 def _cert_info(entry: dict[str, Any], problem: str | None = None) -> CertInfo:
     revoked_at = datetime.fromisoformat(entry["revoked_at"]) if entry["revoked_at"] else None
-    return CertInfo(kind=entry["kind"], subject=entry["subject"], serial=entry["serial"],
-                    not_after=datetime.fromisoformat(entry["not_after"]), fingerprint=entry["fingerprint"],
-                    revoked=revoked_at is not None, path=entry["path"], revoked_at=revoked_at,
-                    reason=entry["reason"], problem=problem)
+    return CertInfo(
+        kind=entry["kind"],
+        subject=entry["subject"],
+        serial=entry["serial"],
+        not_after=datetime.fromisoformat(entry["not_after"]),
+        fingerprint=entry["fingerprint"],
+        revoked=revoked_at is not None,
+        path=entry["path"],
+        revoked_at=revoked_at,
+        reason=entry["reason"],
+        problem=problem,
+    )
 
 
 # ---------------------------------------------------------------------------- building
 
 
-def _key_usage(*, digital_signature: bool = False, content_commitment: bool = False, key_agreement: bool = False,
-               key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=digital_signature, content_commitment=content_commitment,
-                         key_encipherment=False, data_encipherment=False, key_agreement=key_agreement,
-                         key_cert_sign=key_cert_sign, crl_sign=crl_sign, encipher_only=False,
-                         decipher_only=False)
+def _key_usage(
+    *,
+    digital_signature: bool = False,
+    content_commitment: bool = False,
+    key_agreement: bool = False,
+    key_cert_sign: bool = False,
+    crl_sign: bool = False,
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=content_commitment,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=key_agreement,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -650,17 +711,32 @@ def _load_issuer(files: ConsortiumLayout, now: datetime) -> tuple[x509.Certifica
     """The CA certificate and key, checked to pair up and to be valid at ``now``."""
     ca_cert, ca_key = check_key_pair(files.ca_cert, files.ca_key)
     if now < ca_cert.not_valid_before_utc:
-        raise PKIError(f"{files.ca_cert} is not valid before {ca_cert.not_valid_before_utc.isoformat()} "
-                       "(check this machine's clock)")
+        raise PKIError(
+            f"{files.ca_cert} is not valid before {ca_cert.not_valid_before_utc.isoformat()} "
+            "(check this machine's clock)"
+        )
     if now > ca_cert.not_valid_after_utc:
-        raise PKIError(f"{files.ca_cert} expired on {ca_cert.not_valid_after_utc.isoformat()}; "
-                       "start a new consortium with `fedgen certs init --force` and re-issue every certificate")
+        raise PKIError(
+            f"{files.ca_cert} expired on {ca_cert.not_valid_after_utc.isoformat()}; "
+            "start a new consortium with `fedgen certs init --force` and re-issue every certificate"
+        )
     return ca_cert, ca_key
 
 
-def _issue_leaf(files: ConsortiumLayout, *, kind: str, common_name: str, extensions: list[x509.ExtensionType],
-                cert_path: Path, key_path: Path, days: int, force: bool, now: datetime | None,
-                with_organization: bool = False, overwrite_hint: str = "") -> Path:
+def _issue_leaf(
+    files: ConsortiumLayout,
+    *,
+    kind: str,
+    common_name: str,
+    extensions: list[x509.ExtensionType],
+    cert_path: Path,
+    key_path: Path,
+    days: int,
+    force: bool,
+    now: datetime | None,
+    with_organization: bool = False,
+    overwrite_hint: str = "",
+) -> Path:
     """Issue an end-entity certificate; a replaced certificate is revoked as superseded.
 
     ``with_organization`` puts the consortium name (the CA's O) into the subject.
@@ -671,22 +747,25 @@ def _issue_leaf(files: ConsortiumLayout, *, kind: str, common_name: str, extensi
     _refuse_overwrite([cert_path, key_path], force, overwrite_hint)
     not_after = moment + timedelta(days=days)
     if not_after > ca_cert.not_valid_after_utc:
-        raise PKIError(f"a {days}-day certificate would outlive the CA in {files.ca_cert} (expires "
-                       f"{ca_cert.not_valid_after_utc.date()}); use fewer --days or start a new consortium")
+        raise PKIError(
+            f"a {days}-day certificate would outlive the CA in {files.ca_cert} (expires "
+            f"{ca_cert.not_valid_after_utc.date()}); use fewer --days or start a new consortium"
+        )
     organization = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME) if with_organization else []
     subject = x509.Name([*organization, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     key = _new_key()
-    builder = (x509.CertificateBuilder()
-               .subject_name(subject)
-               .issuer_name(ca_cert.subject)
-               .public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(moment - CLOCK_SKEW)
-               .not_valid_after(not_after)
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                              critical=False))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(moment - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
     for extension in extensions:
         # Key usage is critical (RFC 5280 §4.2.1.3); the rest are informational.
         builder = builder.add_extension(extension, critical=isinstance(extension, x509.KeyUsage))
@@ -705,30 +784,39 @@ def _issue_leaf(files: ConsortiumLayout, *, kind: str, common_name: str, extensi
 
 
 def _revoked_entry(entry: dict[str, Any]) -> x509.RevokedCertificate:
-    builder = (x509.RevokedCertificateBuilder()
-               .serial_number(int(entry["serial"], 16))
-               .revocation_date(datetime.fromisoformat(entry["revoked_at"])))
+    builder = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(int(entry["serial"], 16))
+        .revocation_date(datetime.fromisoformat(entry["revoked_at"]))
+    )
     # RFC 5280 §5.3.1: leave the reason code out rather than write "unspecified".
     if entry["reason"] != "unspecified":
         builder = builder.add_extension(x509.CRLReason(x509.ReasonFlags[entry["reason"]]), critical=False)
     return builder.build()
 
 
-def _write_crl(files: ConsortiumLayout, index: dict[str, Any], ca_cert: x509.Certificate,
-               ca_key: ec.EllipticCurvePrivateKey, now: datetime, days: int) -> None:
+def _write_crl(
+    files: ConsortiumLayout,
+    index: dict[str, Any],
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    now: datetime,
+    days: int,
+) -> None:
     """Sign and write a full CRL of every revoked entry; bumps ``index["crl_number"]``.
 
     Callers write the CRL before index.json: if the two ever disagree after a crash, the
     revocation is already in force.
     """
     index["crl_number"] = int(index.get("crl_number", 0)) + 1
-    builder = (x509.CertificateRevocationListBuilder()
-               .issuer_name(ca_cert.subject)
-               .last_update(now - CLOCK_SKEW)
-               .next_update(now + timedelta(days=days))
-               .add_extension(x509.CRLNumber(index["crl_number"]), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                              critical=False))
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(now + timedelta(days=days))
+        .add_extension(x509.CRLNumber(index["crl_number"]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
     for entry in index["certificates"]:
         if entry["revoked_at"] is not None:
             builder = builder.add_revoked_certificate(_revoked_entry(entry))
@@ -739,8 +827,9 @@ def _write_crl(files: ConsortiumLayout, index: dict[str, Any], ca_cert: x509.Cer
 # ---------------------------------------------------------------------------- commands
 
 
-def init_consortium(folder: StrPath, name: str, *, days: int = CA_DAYS, force: bool = False,
-                    now: datetime | None = None) -> Path:
+def init_consortium(
+    folder: StrPath, name: str, *, days: int = CA_DAYS, force: bool = False, now: datetime | None = None
+) -> Path:
     """Create the consortium CA, an empty CRL and index.json in ``folder``.
 
     With ``force`` an existing CA is replaced: every certificate it issued stops being
@@ -757,23 +846,33 @@ def init_consortium(folder: StrPath, name: str, *, days: int = CA_DAYS, force: b
         raise PKIError(f"consortium name {name!r} must be 1-{_MAX_NAME} printable characters (--consortium)")
     _refuse_overwrite([files.ca_cert, files.ca_key, files.crl, files.index], force)
     key = _new_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
-                         x509.NameAttribute(NameOID.COMMON_NAME, f"{name} consortium CA")])
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(moment - CLOCK_SKEW)
-            .not_valid_after(moment + timedelta(days=days))
-            # path_length=0: the CA signs end-entity certificates only, never another CA.
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    index: dict[str, Any] = {"format": INDEX_FORMAT, "consortium": name, "crl_number": 0,
-                             "certificates": [_index_entry("ca", cert, files.relative(files.ca_cert))]}
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{name} consortium CA"),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(moment - CLOCK_SKEW)
+        .not_valid_after(moment + timedelta(days=days))
+        # path_length=0: the CA signs end-entity certificates only, never another CA.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    index: dict[str, Any] = {
+        "format": INDEX_FORMAT,
+        "consortium": name,
+        "crl_number": 0,
+        "certificates": [_index_entry("ca", cert, files.relative(files.ca_cert))],
+    }
     _write_key(files.ca_key, key)
     atomic.write_bytes(files.ca_cert, _pem(cert), 0o644)
     _write_crl(files, index, cert, key, moment, CRL_DAYS)
@@ -781,8 +880,9 @@ def init_consortium(folder: StrPath, name: str, *, days: int = CA_DAYS, force: b
     return files.ca_cert
 
 
-def issue_aggregator(folder: StrPath, hosts: list[str], *, days: int = CERT_DAYS, force: bool = False,
-                     now: datetime | None = None) -> Path:
+def issue_aggregator(
+    folder: StrPath, hosts: list[str], *, days: int = CERT_DAYS, force: bool = False, now: datetime | None = None
+) -> Path:
     """Issue the aggregator's TLS server certificate for ``hosts`` (DNS names or IP literals).
 
     CN is the first host; every host goes into the subjectAltName, which is what TLS
@@ -796,16 +896,23 @@ def issue_aggregator(folder: StrPath, hosts: list[str], *, days: int = CERT_DAYS
     files, hosts = layout(folder), _validate_hosts(list(hosts))
     alt_names = [x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h) for h in hosts]
     return _issue_leaf(
-        files, kind="aggregator", common_name=hosts[0],
-        extensions=[x509.SubjectAlternativeName(alt_names),
-                    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                    _key_usage(digital_signature=True, key_agreement=True)],
-        cert_path=files.aggregator_cert, key_path=files.aggregator_key, days=days, force=force, now=now,
+        files,
+        kind="aggregator",
+        common_name=hosts[0],
+        extensions=[
+            x509.SubjectAlternativeName(alt_names),
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+            _key_usage(digital_signature=True, key_agreement=True),
+        ],
+        cert_path=files.aggregator_cert,
+        key_path=files.aggregator_key,
+        days=days,
+        force=force,
+        now=now,
     )
 
 
-def issue_lineage(folder: StrPath, *, days: int = CERT_DAYS, force: bool = False,
-                  now: datetime | None = None) -> Path:
+def issue_lineage(folder: StrPath, *, days: int = CERT_DAYS, force: bool = False, now: datetime | None = None) -> Path:
     """Issue the aggregator's lineage-signing certificate, with a key of its own.
 
     Its only extended key usage is `LINEAGE_SIGNING_OID`: it cannot serve TLS, and no TLS
@@ -820,10 +927,19 @@ def issue_lineage(folder: StrPath, *, days: int = CERT_DAYS, force: bool = False
     """
     files = layout(folder)
     return _issue_leaf(
-        files, kind="lineage", common_name=LINEAGE_SIGNER_CN, with_organization=True,
-        extensions=[x509.ExtendedKeyUsage([LINEAGE_SIGNING_OID]),
-                    _key_usage(digital_signature=True, content_commitment=True)],
-        cert_path=files.lineage_cert, key_path=files.lineage_key, days=days, force=force, now=now,
+        files,
+        kind="lineage",
+        common_name=LINEAGE_SIGNER_CN,
+        with_organization=True,
+        extensions=[
+            x509.ExtendedKeyUsage([LINEAGE_SIGNING_OID]),
+            _key_usage(digital_signature=True, content_commitment=True),
+        ],
+        cert_path=files.lineage_cert,
+        key_path=files.lineage_key,
+        days=days,
+        force=force,
+        now=now,
         overwrite_hint=" (rotation: the old certificate is then revoked as superseded)",
     )
 
@@ -844,18 +960,23 @@ def check_lineage_signer(cert: x509.Certificate) -> None:
         usages = []
     if usages == [LINEAGE_SIGNING_OID]:
         return
-    names = {ExtendedKeyUsageOID.SERVER_AUTH: "TLS server (serverAuth: the aggregator's TLS certificate)",
-             ExtendedKeyUsageOID.CLIENT_AUTH: "TLS client (clientAuth: a site's certificate)",
-             LINEAGE_SIGNING_OID: "lineage signing"}
+    names = {
+        ExtendedKeyUsageOID.SERVER_AUTH: "TLS server (serverAuth: the aggregator's TLS certificate)",
+        ExtendedKeyUsageOID.CLIENT_AUTH: "TLS client (clientAuth: a site's certificate)",
+        LINEAGE_SIGNING_OID: "lineage signing",
+    }
     purposes = ", ".join(names.get(oid, oid.dotted_string) for oid in usages) or "no extended key usage"
-    raise PKIError(f"certificate for {_common_name(cert.subject)!r} (serial {cert.serial_number:x}, "
-                   f"fingerprint {fingerprint(cert)[:16]}…) is not a lineage-signing certificate: its "
-                   f"extended key usage is {purposes}; only the certificate of `fedgen certs issue lineage` "
-                   "may sign the lineage ledger")
+    raise PKIError(
+        f"certificate for {_common_name(cert.subject)!r} (serial {cert.serial_number:x}, "
+        f"fingerprint {fingerprint(cert)[:16]}…) is not a lineage-signing certificate: its "
+        f"extended key usage is {purposes}; only the certificate of `fedgen certs issue lineage` "
+        "may sign the lineage ledger"
+    )
 
 
-def issue_site(folder: StrPath, site_id: str, *, days: int = CERT_DAYS, force: bool = False,
-               now: datetime | None = None) -> Path:
+def issue_site(
+    folder: StrPath, site_id: str, *, days: int = CERT_DAYS, force: bool = False, now: datetime | None = None
+) -> Path:
     """Issue a site's TLS client certificate (CN = ``site_id``, O = the consortium name).
 
     Re-issuing an existing site id needs ``force`` (key rotation); the old certificate is
@@ -868,16 +989,21 @@ def issue_site(folder: StrPath, site_id: str, *, days: int = CERT_DAYS, force: b
     """
     files = layout(folder)
     return _issue_leaf(
-        files, kind="site", common_name=site_id, with_organization=True,
-        extensions=[x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                    _key_usage(digital_signature=True)],
-        cert_path=files.site_cert(site_id), key_path=files.site_key(site_id), days=days, force=force,
-        now=now, overwrite_hint=" (key rotation: the old certificate is then revoked)",
+        files,
+        kind="site",
+        common_name=site_id,
+        with_organization=True,
+        extensions=[x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), _key_usage(digital_signature=True)],
+        cert_path=files.site_cert(site_id),
+        key_path=files.site_key(site_id),
+        days=days,
+        force=force,
+        now=now,
+        overwrite_hint=" (key rotation: the old certificate is then revoked)",
     )
 
 
-def revoke_site(folder: StrPath, site_id: str, reason: str = "unspecified", *,
-                now: datetime | None = None) -> CertInfo:
+def revoke_site(folder: StrPath, site_id: str, reason: str = "unspecified", *, now: datetime | None = None) -> CertInfo:
     """Revoke a site's current certificate: add it to a re-signed CRL and mark it in index.json.
 
     Returns
@@ -898,8 +1024,14 @@ def revoke_site(folder: StrPath, site_id: str, reason: str = "unspecified", *,
         known = sorted({e["subject"] for e in index["certificates"] if e["kind"] == "site"})
         listing = f"known sites: {', '.join(known)}" if known else "no site certificates have been issued yet"
         raise PKIError(f"unknown site {site_id!r} in {files.index}; {listing}")
-    return _revoke(files, index, entry, reason, now,
-                   f"to let it back in, issue a new certificate with `fedgen certs issue site {site_id} --force`")
+    return _revoke(
+        files,
+        index,
+        entry,
+        reason,
+        now,
+        f"to let it back in, issue a new certificate with `fedgen certs issue site {site_id} --force`",
+    )
 
 
 def revoke_lineage(folder: StrPath, reason: str = "unspecified", *, now: datetime | None = None) -> CertInfo:
@@ -918,16 +1050,23 @@ def revoke_lineage(folder: StrPath, reason: str = "unspecified", *, now: datetim
     entry = _current_entry(index, files.relative(files.lineage_cert))
     if entry is None:
         raise PKIError(f"no lineage-signing certificate in {files.index}; issue one with `fedgen certs issue lineage`")
-    return _revoke(files, index, entry, reason, now,
-                   "issue a new one with `fedgen certs issue lineage --force`")
+    return _revoke(files, index, entry, reason, now, "issue a new one with `fedgen certs issue lineage --force`")
 
 
-def _revoke(files: ConsortiumLayout, index: dict[str, Any], entry: dict[str, Any], reason: str,
-            now: datetime | None, reissue_hint: str) -> CertInfo:
+def _revoke(
+    files: ConsortiumLayout,
+    index: dict[str, Any],
+    entry: dict[str, Any],
+    reason: str,
+    now: datetime | None,
+    reissue_hint: str,
+) -> CertInfo:
     reason, moment = _reason_name(reason), _utc(now)
     if entry["revoked_at"] is not None:
-        raise PKIError(f"{entry['kind']} certificate {entry['subject']!r} (serial {entry['serial']}) is already "
-                       f"revoked ({entry['reason']}, {entry['revoked_at']}); {reissue_hint}")
+        raise PKIError(
+            f"{entry['kind']} certificate {entry['subject']!r} (serial {entry['serial']}) is already "
+            f"revoked ({entry['reason']}, {entry['revoked_at']}); {reissue_hint}"
+        )
     ca_cert, ca_key = _load_issuer(files, moment)
     entry.update(revoked_at=moment.isoformat(), reason=reason)
     _write_crl(files, index, ca_cert, ca_key, moment, CRL_DAYS)
@@ -962,8 +1101,10 @@ def _file_problems(files: ConsortiumLayout, entry: dict[str, Any]) -> list[str]:
     except PKIError as exc:
         return [str(exc)]
     if fingerprint(cert) != entry["fingerprint"]:
-        return [f"{cert_path} is not the certificate {files.index} records (fingerprint "
-                f"{fingerprint(cert)[:16]}…, expected {entry['fingerprint'][:16]}…)"]
+        return [
+            f"{cert_path} is not the certificate {files.index} records (fingerprint "
+            f"{fingerprint(cert)[:16]}…, expected {entry['fingerprint'][:16]}…)"
+        ]
     key_path = cert_path.with_suffix(".key")
     if not key_path.exists():  # site keys may rightly have left for their site
         return []
@@ -993,11 +1134,26 @@ def _unlisted(files: ConsortiumLayout, path: Path) -> CertInfo:
     try:
         cert = load_certificate(path)
     except PKIError as exc:
-        return CertInfo(kind=kind, subject=path.stem, serial="", not_after=None, fingerprint="",
-                        revoked=False, path=files.relative(path), problem=f"{problem}; {exc}")
-    return CertInfo(kind=kind, subject=_common_name(cert.subject) or "", serial=f"{cert.serial_number:x}",
-                    not_after=cert.not_valid_after_utc, fingerprint=fingerprint(cert), revoked=False,
-                    path=files.relative(path), problem=problem)
+        return CertInfo(
+            kind=kind,
+            subject=path.stem,
+            serial="",
+            not_after=None,
+            fingerprint="",
+            revoked=False,
+            path=files.relative(path),
+            problem=f"{problem}; {exc}",
+        )
+    return CertInfo(
+        kind=kind,
+        subject=_common_name(cert.subject) or "",
+        serial=f"{cert.serial_number:x}",
+        not_after=cert.not_valid_after_utc,
+        fingerprint=fingerprint(cert),
+        revoked=False,
+        path=files.relative(path),
+        problem=problem,
+    )
 
 
 def list_certificates(folder: StrPath, *, now: datetime | None = None) -> list[CertInfo]:
@@ -1023,12 +1179,10 @@ def list_certificates(folder: StrPath, *, now: datetime | None = None) -> list[C
         problems = _file_problems(files, entry) if newest[entry["path"]] == number else []
         if crl_serials is not None and (int(entry["serial"], 16) in crl_serials) != (entry["revoked_at"] is not None):
             state = "revoked" if entry["revoked_at"] else "not revoked"
-            problems.append(f"{files.index} says {state} but {files.crl} disagrees; "
-                            "run `fedgen certs refresh-crl`")
+            problems.append(f"{files.index} says {state} but {files.crl} disagrees; run `fedgen certs refresh-crl`")
         if entry["kind"] == "ca" and crl_problem:
             problems.append(crl_problem)
         infos.append(_cert_info(entry, "; ".join(problems) or None))
     on_disk = [files.ca_cert, files.aggregator_cert, files.lineage_cert, *sorted(files.sites.glob("*.pem"))]
-    infos += [_unlisted(files, path) for path in on_disk
-              if path.exists() and files.relative(path) not in newest]
+    infos += [_unlisted(files, path) for path in on_disk if path.exists() and files.relative(path) not in newest]
     return infos

@@ -33,8 +33,9 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ProcessFailed(f"process exited with {process.returncode}; log {log}:\n"
-                                + log.read_text(errors="replace")[-2000:])
+            raise ProcessFailed(
+                f"process exited with {process.returncode}; log {log}:\n" + log.read_text(errors="replace")[-2000:]
+            )
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -53,8 +54,14 @@ class ProcessGroup:
     def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         log = self.log_dir / f"{name}.log"
         with open(log, "wb") as handle:
-            process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=sovereign_environment(), start_new_session=True)
+            process = subprocess.Popen(
+                args,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=sovereign_environment(),
+                start_new_session=True,
+            )
         self.processes.append(process)
         self.logs.append(log)
         return process, log
@@ -63,8 +70,10 @@ class ProcessGroup:
         """Raise if a process stopped before it was asked to, with the end of its log."""
         for process, log in zip(self.processes, self.logs):
             if process.poll() is not None:
-                raise ProcessFailed(f"{log.stem} exited with code {process.returncode}; {log}:\n"
-                                    + log.read_text(errors="replace")[-2000:])
+                raise ProcessFailed(
+                    f"{log.stem} exited with code {process.returncode}; {log}:\n"
+                    + log.read_text(errors="replace")[-2000:]
+                )
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every process group, then SIGKILL what is left after ``grace`` seconds."""
@@ -93,6 +102,7 @@ def signal_group(process: subprocess.Popen, sig: int) -> None:
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C so cleanup runs either way."""
+
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 

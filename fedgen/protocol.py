@@ -29,8 +29,13 @@ SITE_DATA_ERROR = 1002
 SITE_ERROR = 1003
 
 # The lineage ledger notice a round's instructions carry (absent when the run keeps no lineage).
-LEDGER_NOTICE_KEYS = {"seq": "ledger-seq", "hash": "ledger-head", "signature": "ledger-head-signature",
-                      "signer": "ledger-signer", "round": "ledger-round"}
+LEDGER_NOTICE_KEYS = {
+    "seq": "ledger-seq",
+    "hash": "ledger-head",
+    "signature": "ledger-head-signature",
+    "signer": "ledger-signer",
+    "round": "ledger-round",
+}
 
 
 class ProtocolError(ValueError):
@@ -96,8 +101,14 @@ class TrainInstructions:
     def from_record(cls, record: ConfigRecord) -> TrainInstructions:
         """Parse a train ConfigRecord; a missing or mistyped key raises ProtocolError."""
         expected = {
-            "server-round": int, "num-rounds": int, "model-config": str, "tokenizer": str,
-            "label-names": list, "local-epochs": float, "batch-size": int, "lr": float,
+            "server-round": int,
+            "num-rounds": int,
+            "model-config": str,
+            "tokenizer": str,
+            "label-names": list,
+            "local-epochs": float,
+            "batch-size": int,
+            "lr": float,
             "seed": int,
         }
         values = {}
@@ -128,8 +139,13 @@ class TrainInstructions:
 
 def put_ledger_notice(record: ConfigRecord, notice: LedgerNotice) -> None:
     """Write the lineage ledger notice into train instructions."""
-    for name, value in (("seq", notice.head.seq), ("hash", notice.head.hash), ("signature", notice.head.signature),
-                        ("signer", notice.signer), ("round", notice.round)):
+    for name, value in (
+        ("seq", notice.head.seq),
+        ("hash", notice.head.hash),
+        ("signature", notice.head.signature),
+        ("signer", notice.signer),
+        ("round", notice.round),
+    ):
         record[LEDGER_NOTICE_KEYS[name]] = value
 
 
@@ -144,13 +160,15 @@ def _ledger_notice(record: ConfigRecord) -> LedgerNotice | None:
     values = {name: record[key] for name, key in LEDGER_NOTICE_KEYS.items()}
     for name in ("seq", "round"):
         if not isinstance(values[name], int) or isinstance(values[name], bool) or values[name] < 0:
-            raise ProtocolError(f"config key {LEDGER_NOTICE_KEYS[name]!r} should be a non-negative int, "
-                                f"got {values[name]!r}")
+            raise ProtocolError(
+                f"config key {LEDGER_NOTICE_KEYS[name]!r} should be a non-negative int, got {values[name]!r}"
+            )
     for name in ("hash", "signature", "signer"):
         if not isinstance(values[name], str):
             raise ProtocolError(f"config key {LEDGER_NOTICE_KEYS[name]!r} should be str, got {values[name]!r:.80}")
-    return LedgerNotice(LedgerHead(values["seq"], values["hash"], values["signature"]), values["signer"],
-                        values["round"])
+    return LedgerNotice(
+        LedgerHead(values["seq"], values["hash"], values["signature"]), values["signer"], values["round"]
+    )
 
 
 @dataclass(frozen=True)
@@ -168,9 +186,15 @@ class TrainReport:
     dp: bool
 
     _KEYS = {
-        "num_examples": WEIGHT_KEY, "train_loss": "train-loss", "steps": "steps",
-        "sample_rate": "sample-rate", "noise_multiplier": "noise-multiplier",
-        "max_grad_norm": "max-grad-norm", "epsilon": "epsilon", "delta": "delta", "dp": "dp",
+        "num_examples": WEIGHT_KEY,
+        "train_loss": "train-loss",
+        "steps": "steps",
+        "sample_rate": "sample-rate",
+        "noise_multiplier": "noise-multiplier",
+        "max_grad_norm": "max-grad-norm",
+        "epsilon": "epsilon",
+        "delta": "delta",
+        "dp": "dp",
     }
 
     def to_record(self) -> MetricRecord:
@@ -192,8 +216,9 @@ class TrainReport:
         return cls(**kwargs)
 
 
-def site_record(site_id: str, update_digest: str, signature: bytes | None = None,
-                certificate_pem: str | None = None) -> ConfigRecord:
+def site_record(
+    site_id: str, update_digest: str, signature: bytes | None = None, certificate_pem: str | None = None
+) -> ConfigRecord:
     """Who sent an update, its digest and, in deployment, the site's signature over it.
 
     The signature is the site key's ECDSA signature over the round's

@@ -9,7 +9,6 @@ from typing import Literal
 
 from fedgen import atomic
 
-
 SiteStatus = Literal["trained", "refused", "rejected", "failed"]
 """How a site took part in a round: it trained (its update was aggregated), it refused
 (its privacy budget would be exceeded), its update was rejected (digest, signature, shape
@@ -97,17 +96,20 @@ class RunResult:
         """The `--json` object: ``rounds`` [{round, accuracy, loss, epsilon}], ``final_accuracy``."""
         return {
             "rounds": [
-                {"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "epsilon": r.epsilon}
-                for r in self.rounds
+                {"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "epsilon": r.epsilon} for r in self.rounds
             ],
             "final_accuracy": self.final_accuracy,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> RunResult:
-        return cls(rounds=[RoundResult.from_dict(r) for r in data["rounds"]],
-                   initial_accuracy=data["initial_accuracy"], out_dir=data["out_dir"],
-                   config=data["config"], lineage=data.get("lineage"))
+        return cls(
+            rounds=[RoundResult.from_dict(r) for r in data["rounds"]],
+            initial_accuracy=data["initial_accuracy"],
+            out_dir=data["out_dir"],
+            config=data["config"],
+            lineage=data.get("lineage"),
+        )
 
     def to_dict(self) -> dict:
         """Everything: the `summary` keys plus per-site detail, checkpoints and config."""

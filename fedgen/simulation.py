@@ -44,8 +44,14 @@ def split_for_simulation(data: str | Path | None, seed: int) -> tuple[SequenceDa
     return train_test_split(load_dataset(path), TEST_FRACTION, seed)
 
 
-def write_sites(train: SequenceDataset, shares: list, root: Path, privacy: PrivacyConfig, device: str,
-                extra: Callable[[int], dict] | None = None) -> list[Path]:
+def write_sites(
+    train: SequenceDataset,
+    shares: list,
+    root: Path,
+    privacy: PrivacyConfig,
+    device: str,
+    extra: Callable[[int], dict] | None = None,
+) -> list[Path]:
     """Give each site its folder: data.csv, site.toml, state/. Return the site.toml paths.
 
     ``extra(index)`` adds fields to a site's config (a deployment's address and certificates).
@@ -59,8 +65,14 @@ def write_sites(train: SequenceDataset, shares: list, root: Path, privacy: Priva
             writer.writerow(["sequence", "label"])
             for i in share:
                 writer.writerow([train.sequences[i], train.label_names[train.labels[i]]])
-        site = SiteConfig(site_id=f"site-{index}", data=site_dir / "data.csv", state_dir=site_dir / "state",
-                          device=device, privacy=privacy, **(extra(index) if extra else {}))
+        site = SiteConfig(
+            site_id=f"site-{index}",
+            data=site_dir / "data.csv",
+            state_dir=site_dir / "state",
+            device=device,
+            privacy=privacy,
+            **(extra(index) if extra else {}),
+        )
         configs.append(write_toml(site, site_dir / "site.toml"))
     return configs
 
@@ -123,13 +135,22 @@ def simulate(
         raise InputError(f"unknown partition {partition_scheme!r}; choose one of {', '.join(SCHEMES)}")
     try:  # the settings, tokenizer, model preset and partition refuse unusable arguments with ValueError
         training = TrainingConfig(
-            rounds=rounds, strategy=strategy, strategy_options=strategy_options or {},
-            local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
-            model=model, tokenizer=tokenizer, seed=seed,
+            rounds=rounds,
+            strategy=strategy,
+            strategy_options=strategy_options or {},
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            model=model,
+            tokenizer=tokenizer,
+            seed=seed,
         )
         privacy = PrivacyConfig(
-            enabled=epsilon is not None, epsilon=epsilon or 8.0, delta=delta,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            enabled=epsilon is not None,
+            epsilon=epsilon or 8.0,
+            delta=delta,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
         )
         token_ids = make_tokenizer(tokenizer)
         tamper = Adversaries(adversaries) if adversaries else None
@@ -140,8 +161,11 @@ def simulate(
         shares = partition(train.labels, sites, partition_scheme, seed, alpha=alpha)
         longest = max(len(s) for s in (*train.sequences, *test.sequences))
         model_config = preset_config(
-            model, vocab_size=token_ids.vocab_size, max_len=token_ids.token_length(longest),
-            num_labels=len(train.label_names), pad_id=token_ids.pad_id,
+            model,
+            vocab_size=token_ids.vocab_size,
+            max_len=token_ids.token_length(longest),
+            num_labels=len(train.label_names),
+            pad_id=token_ids.pad_id,
         )
     except FedgenError:
         raise
@@ -158,21 +182,45 @@ def simulate(
     site_tomls = write_sites(train, shares, out_dir / "sites", privacy, device)
     config_summary = {
         "data": os.path.abspath(data) if data is not None else str(bundled_data_dir()),
-        "sites": sites, "partition": partition_scheme, "alpha": alpha,
-        "site_examples": [len(share) for share in shares], "test_examples": len(test),
-        "privacy": privacy.model_dump(), "training": training.model_dump(),
+        "sites": sites,
+        "partition": partition_scheme,
+        "alpha": alpha,
+        "site_examples": [len(share) for share in shares],
+        "test_examples": len(test),
+        "privacy": privacy.model_dump(),
+        "training": training.model_dump(),
         "adversaries": dict(adversaries or {}),
     }
-    result = _run(training, model_config, train.label_names, site_tomls, test, out_dir,
-                  config_summary, cpus_per_site, device, tamper, on_round)
+    result = _run(
+        training,
+        model_config,
+        train.label_names,
+        site_tomls,
+        test,
+        out_dir,
+        config_summary,
+        cpus_per_site,
+        device,
+        tamper,
+        on_round,
+    )
     result.save(out_dir / RESULT_FILE)
     return result
 
 
-def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple[str, ...],
-         site_tomls: list[Path], test: SequenceDataset, out_dir: Path, config_summary: dict,
-         cpus_per_site: float, device: str, tamper: Adversaries | None,
-         on_round: Callable[[RoundResult], None] | None) -> RunResult:
+def _run(
+    training: TrainingConfig,
+    model_config: ModelConfig,
+    label_names: tuple[str, ...],
+    site_tomls: list[Path],
+    test: SequenceDataset,
+    out_dir: Path,
+    config_summary: dict,
+    cpus_per_site: float,
+    device: str,
+    tamper: Adversaries | None,
+    on_round: Callable[[RoundResult], None] | None,
+) -> RunResult:
     # Imported here: fedgen's core does not depend on the client and server packages.
     from flwr.simulation import run_simulation
 
@@ -181,10 +229,15 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
     from fedgen.server.plan import LineagePlan, RunPlan
 
     ledger, key, certificate = simulation_signer(out_dir)
-    plan = RunPlan(training=training, model=model_config, label_names=list(label_names),
-                   num_sites=len(site_tomls), out_dir=out_dir, config_summary=config_summary,
-                   lineage=LineagePlan(ledger=ledger, signing=LineageSigningConfig(certificate=certificate,
-                                                                                   private_key=key)))
+    plan = RunPlan(
+        training=training,
+        model=model_config,
+        label_names=list(label_names),
+        num_sites=len(site_tomls),
+        out_dir=out_dir,
+        config_summary=config_summary,
+        lineage=LineagePlan(ledger=ledger, signing=LineageSigningConfig(certificate=certificate, private_key=key)),
+    )
     server_app, outcome = make_server_app(plan, test, on_round)
     client_app = make_client_app(_SimulatedSites([str(p) for p in site_tomls]), tamper)
     # Flower logs every message exchange at INFO; rounds are reported through on_round.
@@ -194,7 +247,9 @@ def _run(training: TrainingConfig, model_config: ModelConfig, label_names: tuple
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     with ray_without_api_server():  # it would probe cloud metadata services
         run_simulation(
-            server_app=server_app, client_app=client_app, num_supernodes=len(site_tomls),
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=len(site_tomls),
             backend_config={
                 "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
                 "init_args": {"include_dashboard": False, "log_to_driver": False},
@@ -241,8 +296,9 @@ class Adversaries:
             return reply
         start, honest = record_to_arrays(sent[ARRAYS_KEY]), record_to_arrays(reply[ARRAYS_KEY])
         factor = -ATTACK_FACTOR if kind == "sign-flip" else ATTACK_FACTOR
-        poisoned = {name: (start[name] + factor * (honest[name] - start[name])).astype(honest[name].dtype)
-                    for name in honest}
+        poisoned = {
+            name: (start[name] + factor * (honest[name] - start[name])).astype(honest[name].dtype) for name in honest
+        }
         reply[ARRAYS_KEY] = arrays_to_record(poisoned)
         reply[SITE_KEY]["update-digest"] = digest(poisoned)
         return reply

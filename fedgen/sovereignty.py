@@ -55,8 +55,11 @@ TOO_LATE = (
 
 def _read_too_early() -> tuple[str, ...]:
     """Packages already imported that read their switch from an environment without it."""
-    return tuple(package for package, (switch, _) in READ_AT_IMPORT.items()
-                 if package in sys.modules and os.environ.get(switch) != NO_PHONE_HOME[switch])
+    return tuple(
+        package
+        for package, (switch, _) in READ_AT_IMPORT.items()
+        if package in sys.modules and os.environ.get(switch) != NO_PHONE_HOME[switch]
+    )
 
 
 # Taken when fedgen is first imported, before it sets anything (fedgen/__init__.py

@@ -204,9 +204,7 @@ class KmerTokenizer(Tokenizer):
         super().__init__(tuple("".join(kmer) for kmer in itertools.product(_BASES, repeat=k)))
         self.k = k
         self.stride = stride
-        self._code_of_byte = _byte_lookup(
-            {base: i for i, base in enumerate(_BASES)}, default=_NOT_A_BASE
-        )
+        self._code_of_byte = _byte_lookup({base: i for i, base in enumerate(_BASES)}, default=_NOT_A_BASE)
         # Base-4 place values so that a k-mer's index is its lexicographic rank.
         self._place_values = len(_BASES) ** np.arange(k - 1, -1, -1, dtype=np.int64)
 
@@ -267,13 +265,10 @@ def tokenizer_from_config(config: dict[str, Any]) -> Tokenizer:
     elif kind == "kmer":
         tokenizer = KmerTokenizer(int(config["k"]), int(config.get("stride", config["k"])))
     else:
-        raise ValueError(
-            f"unknown tokenizer type {kind!r} in config; expected 'nucleotide' or 'kmer'"
-        )
+        raise ValueError(f"unknown tokenizer type {kind!r} in config; expected 'nucleotide' or 'kmer'")
     stored_size = config.get("vocab_size")
     if stored_size is not None and stored_size != tokenizer.vocab_size:
         raise ValueError(
-            f"tokenizer config says vocab_size={stored_size} but {tokenizer.name} "
-            f"has {tokenizer.vocab_size}"
+            f"tokenizer config says vocab_size={stored_size} but {tokenizer.name} has {tokenizer.vocab_size}"
         )
     return tokenizer

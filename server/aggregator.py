@@ -8,8 +8,14 @@ from pathlib import Path
 
 from fedgen.config import AggregatorConfig, AggregatorTLSConfig, ConfigError
 from fedgen.pki import (
-    PKIError, check_crl_signature, check_key_pair, check_lineage_signer, check_tls_identity, crl_is_overdue,
-    load_certificate, load_crl,
+    PKIError,
+    check_crl_signature,
+    check_key_pair,
+    check_lineage_signer,
+    check_tls_identity,
+    crl_is_overdue,
+    load_certificate,
+    load_crl,
 )
 from fedgen.sovereignty import apply_sovereign_environment
 from fedgen.state_files import FLEET_REGISTRY_FILE, FLOWER_DATABASE
@@ -60,9 +66,11 @@ def crl_warning(tls: AggregatorTLSConfig) -> str | None:
     crl = load_crl(tls.crl)
     if not crl_is_overdue(crl):
         return None
-    return (f"{tls.crl} is past its next update ({crl.next_update_utc}); it is still enforced, but "
-            "revocations made since may be missing: run `fedgen certs refresh-crl` on the CA machine "
-            "and copy the new crl.pem here (the aggregator picks it up without a restart)")
+    return (
+        f"{tls.crl} is past its next update ({crl.next_update_utc}); it is still enforced, but "
+        "revocations made since may be missing: run `fedgen certs refresh-crl` on the CA machine "
+        "and copy the new crl.pem here (the aggregator picks it up without a restart)"
+    )
 
 
 def start_aggregator(config: AggregatorConfig, source: str = "aggregator config") -> None:
@@ -74,8 +82,13 @@ def start_aggregator(config: AggregatorConfig, source: str = "aggregator config"
     state_dir.mkdir(parents=True, exist_ok=True)
     app = build_superlink_app(runtime_port=config.control_port, database=state_dir / FLOWER_DATABASE)
     door = FleetDoor(app, tls, FleetRegistry(state_dir / FLEET_REGISTRY_FILE))
-    local, public = superlink_servers(app, door, public_host=config.fleet_host, fleet_port=config.fleet_port,
-                                      runtime_port=config.control_port)
-    log.info("Fleet API (mutual TLS) on %s:%d; Control and Runtime APIs on 127.0.0.1:%d",
-             config.fleet_host, config.fleet_port, config.control_port)
+    local, public = superlink_servers(
+        app, door, public_host=config.fleet_host, fleet_port=config.fleet_port, runtime_port=config.control_port
+    )
+    log.info(
+        "Fleet API (mutual TLS) on %s:%d; Control and Runtime APIs on 127.0.0.1:%d",
+        config.fleet_host,
+        config.fleet_port,
+        config.control_port,
+    )
     asyncio.run(serve(app, door, local, public))

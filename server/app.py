@@ -16,20 +16,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
+from fedgen.strategies.registry import make_strategy
+from fedgen.strategies.validation import UpdatePolicy
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedgen.data import SequenceDataset, load_dataset
-from fedgen.model import build_model, resolve_device
 from fedgen.lineage import LineageWriter
 from fedgen.lineage.records import Resumes
+from fedgen.model import build_model, resolve_device
 from fedgen.params import arrays_to_record, to_numpy, trainable_tensors
 from fedgen.pki import load_certificate, load_crl, load_private_key, revocation_time
 from fedgen.protocol import TrainInstructions
 from fedgen.results import RoundResult, RunResult
-from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
-from fedgen.strategies.validation import UpdatePolicy
-from fedgen.strategies.registry import make_strategy
 from fedgen.state_files import FAILURE_FILE, PROGRESS_FILE, RESULT_FILE
 from fedgen.tokenizers import make_tokenizer
 
@@ -42,8 +42,13 @@ from .plan import PLAN_FILE_KEY, RunPlan, read_plan
 logger = logging.getLogger(__name__)
 
 
-def run_federation(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None = None,
-                   on_round: RoundCallback | None = None, run_id: str = "local") -> RunResult:
+def run_federation(
+    grid: Grid,
+    plan: RunPlan,
+    eval_data: SequenceDataset | None = None,
+    on_round: RoundCallback | None = None,
+    run_id: str = "local",
+) -> RunResult:
     """Run ``plan.training.rounds`` rounds on ``grid`` and return what they produced.
 
     Each round's model is evaluated on ``eval_data``, if given. With ``plan.lineage``,
@@ -55,8 +60,10 @@ def run_federation(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None 
         signing = plan.lineage.signing
         certificate = load_certificate(signing.certificate)
         if plan.tls is not None and revocation_time(certificate, load_crl(plan.tls.crl)) is not None:
-            raise RuntimeError(f"{signing.certificate} is revoked: issue a new lineage-signing certificate "
-                               "with `fedgen certs issue lineage --force`")
+            raise RuntimeError(
+                f"{signing.certificate} is revoked: issue a new lineage-signing certificate "
+                "with `fedgen certs issue lineage --force`"
+            )
         writer = LineageWriter.open(plan.lineage.ledger, load_private_key(signing.private_key), certificate)
     try:
         result = _run_rounds(grid, plan, eval_data, on_round, run_id, writer)
@@ -73,8 +80,14 @@ def run_federation(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None 
     return result
 
 
-def _run_rounds(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None, on_round: RoundCallback | None,
-                run_id: str, writer: LineageWriter | None) -> RunResult:
+def _run_rounds(
+    grid: Grid,
+    plan: RunPlan,
+    eval_data: SequenceDataset | None,
+    on_round: RoundCallback | None,
+    run_id: str,
+    writer: LineageWriter | None,
+) -> RunResult:
     training = plan.training
     model = build_model(plan.model, seed=training.seed)
     device = resolve_device("auto")
@@ -90,20 +103,29 @@ def _run_rounds(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None, on
     strategy = RecordingStrategy(
         make_strategy(training.strategy, min_sites=training.min_updates, options=training.strategy_options),
         trust=SiteTrust(load_certificate(plan.tls.ca_certificate), load_crl(plan.tls.crl))
-        if plan.tls is not None else None,
-        policy=UpdatePolicy(max_update_norm=training.max_update_norm, min_updates=training.min_updates,
-                            max_update_bytes=int(training.max_update_mb * 2**20)),
+        if plan.tls is not None
+        else None,
+        policy=UpdatePolicy(
+            max_update_norm=training.max_update_norm,
+            min_updates=training.min_updates,
+            max_update_bytes=int(training.max_update_mb * 2**20),
+        ),
         wait_for_sites=(plan.num_sites, training.site_wait),  # the first round; later, the quorum
-        ledger=writer, round_offset=offset,
+        ledger=writer,
+        round_offset=offset,
         site_names=FleetRegistry(registry).site_of if registry is not None else None,
     )
     strategy_record = strategy_of(training)
     instructions = TrainInstructions(
         server_round=0,  # the strategy sets "server-round" in every round's config
-        num_rounds=training.rounds - offset, model_config=plan.model.to_json(),
-        tokenizer=training.tokenizer, label_names=list(plan.label_names),
-        local_epochs=training.local_epochs, batch_size=training.batch_size,
-        learning_rate=training.learning_rate, seed=training.seed + offset,
+        num_rounds=training.rounds - offset,
+        model_config=plan.model.to_json(),
+        tokenizer=training.tokenizer,
+        label_names=list(plan.label_names),
+        local_epochs=training.local_epochs,
+        batch_size=training.batch_size,
+        learning_rate=training.learning_rate,
+        seed=training.seed + offset,
     )
     initial_arrays = to_numpy(trainable_tensors(model))
     initial_digest = checkpoint_digest(0, initial_arrays, plan.model.to_json())  # its round-0 checkpoint's
@@ -113,15 +135,24 @@ def _run_rounds(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None, on
         if initial_digest != plan.resume.model_digest:
             raise RuntimeError(f"{plan.resume.checkpoint} is not the model of round {offset} in the lineage")
     if writer is not None:
-        writer.append_body(run_started(
-            config=plan.config_summary, training=training, model_config=plan.model,
-            labels=plan.label_names, sites=plan.num_sites, initial_model=initial_digest,
-            resumes=Resumes(run_id=plan.resume.run_id, after_round=offset, model_digest=plan.resume.model_digest)
-            if plan.resume else None,
-        ), run_id)
+        writer.append_body(
+            run_started(
+                config=plan.config_summary,
+                training=training,
+                model_config=plan.model,
+                labels=plan.label_names,
+                sites=plan.num_sites,
+                initial_model=initial_digest,
+                resumes=Resumes(run_id=plan.resume.run_id, after_round=offset, model_digest=plan.resume.model_digest)
+                if plan.resume
+                else None,
+            ),
+            run_id,
+        )
 
-    committer = RoundCommitter(plan, model, device, evaluate_set, strategy, writer, run_id, strategy_record,
-                               initial_digest, on_round)
+    committer = RoundCommitter(
+        plan, model, device, evaluate_set, strategy, writer, run_id, strategy_record, initial_digest, on_round
+    )
     strategy.start(
         grid=grid,
         initial_arrays=arrays_to_record(initial_arrays),
@@ -131,11 +162,17 @@ def _run_rounds(grid: Grid, plan: RunPlan, eval_data: SequenceDataset | None, on
         evaluate_fn=committer.commit,
     )
     if writer is not None:
-        writer.append_body(run_finished(rounds=len(committer.rounds), model_digest=committer.model_digest,
-                                        head=writer.head_hash), run_id)
-    return RunResult(rounds=committer.rounds, initial_accuracy=committer.initial_accuracy,
-                     out_dir=str(plan.out_dir), config=plan.config_summary,
-                     lineage=str(plan.lineage.ledger) if plan.lineage else None)
+        writer.append_body(
+            run_finished(rounds=len(committer.rounds), model_digest=committer.model_digest, head=writer.head_hash),
+            run_id,
+        )
+    return RunResult(
+        rounds=committer.rounds,
+        initial_accuracy=committer.initial_accuracy,
+        out_dir=str(plan.out_dir),
+        config=plan.config_summary,
+        lineage=str(plan.lineage.ledger) if plan.lineage else None,
+    )
 
 
 class ServerOutcome:
@@ -154,8 +191,9 @@ def append_progress(out_dir: Path, result: RoundResult) -> None:
         os.fsync(handle.fileno())
 
 
-def make_server_app(plan: RunPlan, eval_data: SequenceDataset | None = None,
-                    on_round: RoundCallback | None = None) -> tuple[ServerApp, ServerOutcome]:
+def make_server_app(
+    plan: RunPlan, eval_data: SequenceDataset | None = None, on_round: RoundCallback | None = None
+) -> tuple[ServerApp, ServerOutcome]:
     """A ServerApp running ``plan``, evaluating on ``eval_data``; its result lands in the
     returned `ServerOutcome`."""
     app = ServerApp()
@@ -206,8 +244,9 @@ def deployed_main(grid: Grid, context: Context) -> None:
         if plan.eval_data is not None:
             eval_data = load_dataset(plan.eval_data).with_label_names(plan.label_names)
         plan.out_dir.mkdir(parents=True, exist_ok=True)
-        result = run_federation(grid, plan, eval_data, on_round=lambda r: append_progress(plan.out_dir, r),
-                                run_id=str(context.run_id))
+        result = run_federation(
+            grid, plan, eval_data, on_round=lambda r: append_progress(plan.out_dir, r), run_id=str(context.run_id)
+        )
     except Exception as exc:
         reason = str(exc) if isinstance(exc, (SitesMissing, QuorumNotMet)) else f"{type(exc).__name__}: {exc}"
         failure = Path(str(plan_file)).parent / FAILURE_FILE  # the run's folder, where `fedgen run` looks

@@ -30,16 +30,20 @@ def checkpoint_digest(server_round: int, arrays: NamedArrays, model_config_json:
     return model_digest(arrays, checkpoint_metadata(server_round, model_config_json))
 
 
-def save_checkpoint(directory: Path, server_round: int, arrays: NamedArrays,
-                    model_config_json: str) -> tuple[Path, str]:
+def save_checkpoint(
+    directory: Path, server_round: int, arrays: NamedArrays, model_config_json: str
+) -> tuple[Path, str]:
     """Write the round's global tensors atomically; return (path, model digest)."""
     directory.mkdir(parents=True, exist_ok=True)
     metadata = checkpoint_metadata(server_round, model_config_json)
     digest = model_digest(arrays, metadata)
     path = directory / checkpoint_name(server_round, digest)
     with atomic.replacing(path) as temporary:
-        save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(temporary),
-                  metadata={**metadata, DIGEST_METADATA_KEY: digest})
+        save_file(
+            {name: np.ascontiguousarray(a) for name, a in arrays.items()},
+            str(temporary),
+            metadata={**metadata, DIGEST_METADATA_KEY: digest},
+        )
     return path, digest
 
 

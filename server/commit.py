@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from fedgen.strategies.recorder import RecordingStrategy, RoundLog
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedgen.lineage import LineageWriter
@@ -19,7 +20,6 @@ from fedgen.lineage.records import Strategy
 from fedgen.model import evaluate_classifier
 from fedgen.params import load_trainable, record_to_arrays
 from fedgen.results import RoundResult, SiteRound
-from fedgen.strategies.recorder import RecordingStrategy, RoundLog
 
 from .checkpoints import save_checkpoint
 from .lineage_records import round_records
@@ -37,12 +37,18 @@ def site_rounds(log: RoundLog | None) -> list[SiteRound]:
     for outcome in log.outcomes:
         if outcome.contributed:
             r = outcome.report
-            rows.append(SiteRound(
-                site=outcome.site, status="trained", examples=r.num_examples,
-                train_loss=r.train_loss, epsilon=r.epsilon if r.dp else None,
-                delta=r.delta if r.dp else None,
-                noise_multiplier=r.noise_multiplier if r.dp else None, steps=r.steps,
-            ))
+            rows.append(
+                SiteRound(
+                    site=outcome.site,
+                    status="trained",
+                    examples=r.num_examples,
+                    train_loss=r.train_loss,
+                    epsilon=r.epsilon if r.dp else None,
+                    delta=r.delta if r.dp else None,
+                    noise_multiplier=r.noise_multiplier if r.dp else None,
+                    steps=r.steps,
+                )
+            )
         else:
             rows.append(SiteRound(site=outcome.site, status=outcome.status, reason=outcome.reason))
     return sorted(rows, key=lambda row: row.site)
@@ -69,10 +75,19 @@ class RoundCommitter:
         Called with every committed round.
     """
 
-    def __init__(self, plan: RunPlan, model: torch.nn.Module, device: torch.device,
-                 evaluation: EvaluationSet | None, strategy: RecordingStrategy,
-                 writer: LineageWriter | None, run_id: str, strategy_record: Strategy,
-                 initial_digest: str, on_round: RoundCallback | None = None) -> None:
+    def __init__(
+        self,
+        plan: RunPlan,
+        model: torch.nn.Module,
+        device: torch.device,
+        evaluation: EvaluationSet | None,
+        strategy: RecordingStrategy,
+        writer: LineageWriter | None,
+        run_id: str,
+        strategy_record: Strategy,
+        initial_digest: str,
+        on_round: RoundCallback | None = None,
+    ) -> None:
         self.plan = plan
         self.model = model
         self.device = device
@@ -104,13 +119,25 @@ class RoundCommitter:
         path, model_digest = save_checkpoint(self.plan.checkpoints, server_round, named, self.plan.model.to_json())
         log = self.strategy.rounds.get(local_round)
         if self.writer is not None:
-            for body in round_records(log, server_round=server_round, model_in=self.model_digest,
-                                      model_out=model_digest, checkpoint=path, strategy=self.strategy_record,
-                                      metrics={"accuracy": accuracy, "loss": loss}):
+            for body in round_records(
+                log,
+                server_round=server_round,
+                model_in=self.model_digest,
+                model_out=model_digest,
+                checkpoint=path,
+                strategy=self.strategy_record,
+                metrics={"accuracy": accuracy, "loss": loss},
+            ):
                 self.writer.append_body(body, self.run_id)
         self.model_digest = model_digest
-        result = RoundResult(round=server_round, accuracy=accuracy, loss=loss, sites=site_rounds(log),
-                             checkpoint=str(path), model_digest=model_digest)
+        result = RoundResult(
+            round=server_round,
+            accuracy=accuracy,
+            loss=loss,
+            sites=site_rounds(log),
+            checkpoint=str(path),
+            model_digest=model_digest,
+        )
         self.rounds.append(result)
         if self.on_round is not None:
             self.on_round(result)

@@ -22,7 +22,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fedgen.config import (
-    AggregatorConfig, AggregatorTLSConfig, ConfigError, LineageSigningConfig, RunConfig, load_toml,
+    AggregatorConfig,
+    AggregatorTLSConfig,
+    ConfigError,
+    LineageSigningConfig,
+    RunConfig,
+    load_toml,
 )
 from fedgen.data import DataError, load_dataset
 from fedgen.errors import OperationFailed
@@ -32,13 +37,22 @@ from fedgen.model_config import preset_config
 from fedgen.results import RoundResult, RunResult
 from fedgen.sovereignty import sovereign_environment
 from fedgen.state_files import (
-    CHECKPOINTS_DIR, FAILURE_FILE, FLEET_REGISTRY_FILE, LINEAGE_FILE, PLAN_FILE, PROGRESS_FILE, RESULT_FILE,
+    CHECKPOINTS_DIR,
+    FAILURE_FILE,
+    FLEET_REGISTRY_FILE,
+    LINEAGE_FILE,
+    PLAN_FILE,
+    PROGRESS_FILE,
+    RESULT_FILE,
 )
 from fedgen.tokenizers import make_tokenizer
 
 from .fleet_registry import FleetRegistry
 from .plan import (
-    PLAN_FILE_KEY, LineagePlan, ResumePoint, RunPlan,
+    PLAN_FILE_KEY,
+    LineagePlan,
+    ResumePoint,
+    RunPlan,
     write_plan,
 )
 
@@ -85,8 +99,9 @@ def _flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> dict:
     """Run a ``flwr`` CLI command with JSON output, with phone-home off."""
     env = sovereign_environment() | {"FLWR_HOME": str(flwr_home)}
     flwr = Path(sys.executable).parent / "flwr"
-    proc = subprocess.run([str(flwr), *args, "--format", "json"], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    proc = subprocess.run(
+        [str(flwr), *args, "--format", "json"], capture_output=True, text=True, env=env, timeout=timeout
+    )
     try:
         answer = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -107,9 +122,13 @@ def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, RunPlan]:
     aggregator = load_toml(run.aggregator, AggregatorConfig)
     try:
         tokenizer = make_tokenizer(run.training.tokenizer)
-        model_config = preset_config(run.training.model, vocab_size=tokenizer.vocab_size,
-                                     max_len=tokenizer.token_length(run.max_length),
-                                     num_labels=len(run.labels), pad_id=tokenizer.pad_id)
+        model_config = preset_config(
+            run.training.model,
+            vocab_size=tokenizer.vocab_size,
+            max_len=tokenizer.token_length(run.max_length),
+            num_labels=len(run.labels),
+            pad_id=tokenizer.pad_id,
+        )
     except ValueError as exc:
         raise ConfigError(f"{source}: training: {exc}") from None
     if run.eval_data is not None:
@@ -120,16 +139,28 @@ def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, RunPlan]:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     state = Path(aggregator.state_dir).resolve()
     signing = aggregator.lineage
-    plan = RunPlan(training=run.training, model=model_config, label_names=list(run.labels),
-                   num_sites=run.sites, out_dir=state / "runs" / stamp,
-                   eval_data=run.eval_data.resolve() if run.eval_data else None,
-                   config_summary={"run_config": source, "sites": run.sites,
-                                   "eval_data": str(run.eval_data) if run.eval_data else None},
-                   checkpoints_dir=state / CHECKPOINTS_DIR,
-                   lineage=LineagePlan(ledger=state / LINEAGE_FILE, signing=LineageSigningConfig(
-                       certificate=signing.certificate.resolve(), private_key=signing.private_key.resolve())),
-                   tls=AggregatorTLSConfig(**{name: path.resolve() for name, path in aggregator.tls}),
-                   fleet_registry=state / FLEET_REGISTRY_FILE)
+    plan = RunPlan(
+        training=run.training,
+        model=model_config,
+        label_names=list(run.labels),
+        num_sites=run.sites,
+        out_dir=state / "runs" / stamp,
+        eval_data=run.eval_data.resolve() if run.eval_data else None,
+        config_summary={
+            "run_config": source,
+            "sites": run.sites,
+            "eval_data": str(run.eval_data) if run.eval_data else None,
+        },
+        checkpoints_dir=state / CHECKPOINTS_DIR,
+        lineage=LineagePlan(
+            ledger=state / LINEAGE_FILE,
+            signing=LineageSigningConfig(
+                certificate=signing.certificate.resolve(), private_key=signing.private_key.resolve()
+            ),
+        ),
+        tls=AggregatorTLSConfig(**{name: path.resolve() for name, path in aggregator.tls}),
+        fleet_registry=state / FLEET_REGISTRY_FILE,
+    )
     return aggregator, plan
 
 
@@ -161,8 +192,12 @@ def resume_point(ledger: Path, checkpoints: Path, training: dict, source: str) -
     if not committed:
         raise ConfigError(f"{source}: run {run_id} committed no round; start it again without --resume")
     last = committed[-1].body
-    return ResumePoint(run_id=run_id, after_round=last.round, checkpoint=checkpoints / last.model_out.checkpoint,
-                       model_digest=last.model_out.digest)
+    return ResumePoint(
+        run_id=run_id,
+        after_round=last.round,
+        checkpoint=checkpoints / last.model_out.checkpoint,
+        model_digest=last.model_out.digest,
+    )
 
 
 def submit(run: RunConfig, source: str, *, resume: bool = False) -> SubmittedRun:
@@ -187,11 +222,19 @@ def submit(run: RunConfig, source: str, *, resume: bool = False) -> SubmittedRun
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-        f'address = "127.0.0.1:{aggregator.control_port}"\ninsecure = true\n', encoding="utf-8")
-    answer = _flwr(["run", str(app_dir), FEDERATION, "--run-config",
-                    f'{PLAN_FILE_KEY}="{run_dir / PLAN_FILE}"'], flwr_home)
-    return SubmittedRun(run_id=str(answer["run-id"]), run_dir=run_dir, flwr_home=flwr_home,
-                        registry=plan.fleet_registry, submitted_at=submitted_at)
+        f'address = "127.0.0.1:{aggregator.control_port}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    answer = _flwr(
+        ["run", str(app_dir), FEDERATION, "--run-config", f'{PLAN_FILE_KEY}="{run_dir / PLAN_FILE}"'], flwr_home
+    )
+    return SubmittedRun(
+        run_id=str(answer["run-id"]),
+        run_dir=run_dir,
+        flwr_home=flwr_home,
+        registry=plan.fleet_registry,
+        submitted_at=submitted_at,
+    )
 
 
 def run_status(submitted: SubmittedRun) -> str:
@@ -200,8 +243,12 @@ def run_status(submitted: SubmittedRun) -> str:
     return str(answer["runs"][0]["status"])
 
 
-def follow(submitted: SubmittedRun, on_round: Callable[[RoundResult], None] | None = None,
-           poll_seconds: float = 2.0, check: Callable[[], None] | None = None) -> RunResult:
+def follow(
+    submitted: SubmittedRun,
+    on_round: Callable[[RoundResult], None] | None = None,
+    poll_seconds: float = 2.0,
+    check: Callable[[], None] | None = None,
+) -> RunResult:
     """Report rounds as they commit until the run ends; return its result.
 
     ``check`` is called at every poll and may raise to abandon following (a launcher
@@ -243,8 +290,9 @@ def door_refusals(submitted: SubmittedRun) -> str | None:
     if not refusals:
         return None
     counts = Counter((refusal.site or refusal.peer, refusal.cause) for refusal in refusals)
-    return "; ".join(f"{who}: {cause}" + (f" (x{count})" if count > 1 else "")
-                     for (who, cause), count in counts.items())
+    return "; ".join(
+        f"{who}: {cause}" + (f" (x{count})" if count > 1 else "") for (who, cause), count in counts.items()
+    )
 
 
 def failure_report(submitted: SubmittedRun, status: str) -> str:
@@ -253,8 +301,10 @@ def failure_report(submitted: SubmittedRun, status: str) -> str:
     try:
         reason = json.loads(failure.read_text(encoding="utf-8"))["reason"]
     except (OSError, ValueError, KeyError):
-        reason = (f"it ended as {status!r} without a reason from the ServerApp (stopped, killed, or the "
-                  "aggregator went down); see the aggregator's log")
+        reason = (
+            f"it ended as {status!r} without a reason from the ServerApp (stopped, killed, or the "
+            "aggregator went down); see the aggregator's log"
+        )
     report = f"run {submitted.run_id} failed: {reason}"
     if (refused := door_refusals(submitted)) is not None:
         report += f". Refused at the aggregator's Fleet API meanwhile: {refused}"

@@ -52,8 +52,16 @@ HANDSHAKE_FAILED = "TLS handshake failed"
 
 # OpenSSL X509_V_ERR_* codes of a client certificate the handshake refused.
 _VERIFY_CAUSES = {
-    9: NOT_YET_VALID, 10: EXPIRED, 23: REVOKED, 26: NOT_A_CLIENT_CERTIFICATE,
-    2: UNKNOWN_CA, 7: UNKNOWN_CA, 18: UNKNOWN_CA, 19: UNKNOWN_CA, 20: UNKNOWN_CA, 21: UNKNOWN_CA,
+    9: NOT_YET_VALID,
+    10: EXPIRED,
+    23: REVOKED,
+    26: NOT_A_CLIENT_CERTIFICATE,
+    2: UNKNOWN_CA,
+    7: UNKNOWN_CA,
+    18: UNKNOWN_CA,
+    19: UNKNOWN_CA,
+    20: UNKNOWN_CA,
+    21: UNKNOWN_CA,
     24: UNKNOWN_CA,
 }
 _NOT_TLS_REASONS = {"HTTP_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "UNSUPPORTED_PROTOCOL"}
@@ -89,8 +97,9 @@ class RefusalLog:
     ``interval`` seconds for the same peer and cause (with a count of those left out),
     and note it in the fleet registry."""
 
-    def __init__(self, registry: FleetRegistry | None = None, interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, registry: FleetRegistry | None = None, interval: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.registry = registry
         self.interval = interval
         self.clock = clock
@@ -111,8 +120,9 @@ class RefusalLog:
         more = f" [{left_out} more since the last report]" if left_out else ""
         log.warning("Fleet API refused %s%s: %s%s%s", peer, who, cause, f": {detail}" if detail else "", more)
         if self.registry is not None:
-            self.registry.note_refusal(Refusal(time=datetime.now(timezone.utc).isoformat(), peer=peer,
-                                               cause=cause, site=site, detail=detail))
+            self.registry.note_refusal(
+                Refusal(time=datetime.now(timezone.utc).isoformat(), peer=peer, cause=cause, site=site, detail=detail)
+            )
         return True
 
 
@@ -174,15 +184,18 @@ class RevocationList:
             log.error("ignoring the new CRL: %s; the CRL read before stays in force", exc)
             return False
         if self._number(crl) < self._number(self.crl):
-            log.error("ignoring %s: its CRL number %d is lower than the %d in force (an older CRL)",
-                      self.path, self._number(crl), self._number(self.crl))
+            log.error(
+                "ignoring %s: its CRL number %d is lower than the %d in force (an older CRL)",
+                self.path,
+                self._number(crl),
+                self._number(self.crl),
+            )
             return False
         serials = frozenset(revoked.serial_number for revoked in crl)
         changed = serials != self._serials
         self.crl, self._serials = crl, serials
         self.generation += changed
-        log.info("CRL %s re-read: number %d, %d revoked certificate(s)", self.path, self._number(crl),
-                 len(serials))
+        log.info("CRL %s re-read: number %d, %d revoked certificate(s)", self.path, self._number(crl), len(serials))
         self._overdue_reported = False
         self._report_overdue()
         return changed
@@ -190,9 +203,12 @@ class RevocationList:
     def _report_overdue(self) -> None:
         if crl_is_overdue(self.crl) and not self._overdue_reported:
             self._overdue_reported = True
-            log.warning("the CRL %s is past its next update (%s): it is still enforced, but revocations "
-                        "made since may be missing; run `fedgen certs refresh-crl` and copy it here",
-                        self.path, self.crl.next_update_utc)
+            log.warning(
+                "the CRL %s is past its next update (%s): it is still enforced, but revocations "
+                "made since may be missing; run `fedgen certs refresh-crl` and copy it here",
+                self.path,
+                self.crl.next_update_utc,
+            )
 
     def is_revoked(self, certificate: x509.Certificate) -> bool:
         """True if the CRL in force lists ``certificate`` (re-reading it first if it changed)."""
@@ -259,8 +275,9 @@ def door_ssl_context(tls: AggregatorTLSConfig) -> ssl.SSLContext:
     return context
 
 
-def door_protocol(context: ssl.SSLContext, refusals: RefusalLog,
-                  handshake_timeout: float = HANDSHAKE_TIMEOUT) -> type[H11Protocol]:
+def door_protocol(
+    context: ssl.SSLContext, refusals: RefusalLog, handshake_timeout: float = HANDSHAKE_TIMEOUT
+) -> type[H11Protocol]:
     """uvicorn's HTTP/1.1 protocol behind fedgen's own server-side TLS handshake.
 
     The listener is configured without TLS; each connection's handshake runs here, a
@@ -293,7 +310,8 @@ def door_protocol(context: ssl.SSLContext, refusals: RefusalLog,
             secure = None
             try:
                 secure = await asyncio.get_running_loop().start_tls(
-                    raw, self, context, server_side=True, ssl_handshake_timeout=handshake_timeout)
+                    raw, self, context, server_side=True, ssl_handshake_timeout=handshake_timeout
+                )
             except OSError:  # refused (kept in attempt.error), or the client went away
                 pass
             verdict = handshake_cause(attempt.error) if attempt.error is not None else None

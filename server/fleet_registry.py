@@ -68,8 +68,10 @@ class FleetRegistry:
 
     def _write(self) -> None:
         temporary = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
-        body = {"nodes": {str(node): site for node, site in sorted(self._nodes.items())},
-                "refusals": [asdict(refusal) for refusal in self._refusals]}
+        body = {
+            "nodes": {str(node): site for node, site in sorted(self._nodes.items())},
+            "refusals": [asdict(refusal) for refusal in self._refusals],
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")

@@ -16,20 +16,37 @@ from pathlib import Path
 import flwr
 import opacus
 import torch
+from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 import fedgen
 from fedgen.config import TrainingConfig
 from fedgen.lineage.records import (
-    Body, Contribution, HeadRef, LeftOut, ModelIn, ModelOut, Resumes, RoundCommitted, RunFailed, RunFinished,
-    RunStarted, SiteRefused, Strategy, UpdateRejected,
+    Body,
+    Contribution,
+    HeadRef,
+    LeftOut,
+    ModelIn,
+    ModelOut,
+    Resumes,
+    RoundCommitted,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    SiteRefused,
+    Strategy,
+    UpdateRejected,
 )
 from fedgen.model import ModelConfig
-from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 
 def software_versions() -> dict[str, str]:
-    return {"fedgen": fedgen.__version__, "flwr": flwr.__version__, "torch": torch.__version__,
-            "opacus": opacus.__version__, "python": platform.python_version()}
+    return {
+        "fedgen": fedgen.__version__,
+        "flwr": flwr.__version__,
+        "torch": torch.__version__,
+        "opacus": opacus.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def code_digest() -> str:
@@ -53,24 +70,49 @@ def strategy_of(training: TrainingConfig) -> Strategy:
     return Strategy(name=training.strategy, options=dict(training.strategy_options))
 
 
-def run_started(*, config: dict, training: TrainingConfig, model_config: ModelConfig, labels: list[str],
-                sites: int, initial_model: str, resumes: Resumes | None) -> RunStarted:
+def run_started(
+    *,
+    config: dict,
+    training: TrainingConfig,
+    model_config: ModelConfig,
+    labels: list[str],
+    sites: int,
+    initial_model: str,
+    resumes: Resumes | None,
+) -> RunStarted:
     """The start of a run, with the software that runs it."""
-    return RunStarted(config=config, training=training, model_config=json.loads(model_config.to_json()),
-                      labels=list(labels), sites=sites, strategy=strategy_of(training),
-                      initial_model=initial_model, versions=software_versions(), code_digest=code_digest(),
-                      resumes=resumes)
+    return RunStarted(
+        config=config,
+        training=training,
+        model_config=json.loads(model_config.to_json()),
+        labels=list(labels),
+        sites=sites,
+        strategy=strategy_of(training),
+        initial_model=initial_model,
+        versions=software_versions(),
+        code_digest=code_digest(),
+        resumes=resumes,
+    )
 
 
 def contribution(outcome: SiteOutcome) -> Contribution:
     report = outcome.report
     assert report is not None and outcome.update_digest is not None
     return Contribution(
-        site=outcome.site, fingerprint=outcome.fingerprint, update_digest=outcome.update_digest,
-        signature=outcome.signature, certificate=outcome.certificate,
-        examples=report.num_examples, steps=report.steps, train_loss=finite(report.train_loss),
-        dp=report.dp, noise_multiplier=report.noise_multiplier, sample_rate=report.sample_rate,
-        max_grad_norm=report.max_grad_norm, epsilon=report.epsilon, delta=report.delta,
+        site=outcome.site,
+        fingerprint=outcome.fingerprint,
+        update_digest=outcome.update_digest,
+        signature=outcome.signature,
+        certificate=outcome.certificate,
+        examples=report.num_examples,
+        steps=report.steps,
+        train_loss=finite(report.train_loss),
+        dp=report.dp,
+        noise_multiplier=report.noise_multiplier,
+        sample_rate=report.sample_rate,
+        max_grad_norm=report.max_grad_norm,
+        epsilon=report.epsilon,
+        delta=report.delta,
     )
 
 
@@ -79,32 +121,43 @@ def left_out_records(log: RoundLog | None) -> list[UpdateRejected | SiteRefused]
     records: list[UpdateRejected | SiteRefused] = []
     for o in log.outcomes if log is not None else []:
         if o.status == "rejected":
-            records.append(UpdateRejected(round=log.server_round, site=o.site, update_digest=o.update_digest,
-                                          reason=o.reason))
+            records.append(
+                UpdateRejected(round=log.server_round, site=o.site, update_digest=o.update_digest, reason=o.reason)
+            )
         elif o.status == "refused":
             records.append(SiteRefused(round=log.server_round, site=o.site, reason=o.reason))
     return records
 
 
-def round_records(log: RoundLog | None, *, server_round: int, model_in: str, model_out: str,
-                  checkpoint: Path, strategy: Strategy, metrics: dict[str, float]) -> list[Body]:
+def round_records(
+    log: RoundLog | None,
+    *,
+    server_round: int,
+    model_in: str,
+    model_out: str,
+    checkpoint: Path,
+    strategy: Strategy,
+    metrics: dict[str, float],
+) -> list[Body]:
     """The records of one committed round: each rejected update, each refusal, then the commit."""
     outcomes = log.outcomes if log is not None else []
     records: list[Body] = [*left_out_records(log)]
     head = log.head if log is not None else None
-    records.append(RoundCommitted(
-        round=server_round,
-        started_at=log.started_at if log is not None else None,
-        ledger_head=HeadRef(seq=head.seq, hash=head.hash) if head is not None else None,
-        model_in=ModelIn(digest=model_in),
-        model_out=ModelOut(digest=model_out, checkpoint=checkpoint.name),
-        strategy=strategy,
-        contributions=[contribution(o) for o in outcomes if o.contributed],
-        rejected=[LeftOut(site=o.site, reason=o.reason) for o in outcomes if o.status == "rejected"],
-        refused=[LeftOut(site=o.site, reason=o.reason) for o in outcomes if o.status == "refused"],
-        failed=[LeftOut(site=o.site, reason=o.reason) for o in outcomes if o.status == "failed"],
-        metrics={name: finite(value) for name, value in metrics.items()},
-    ))
+    records.append(
+        RoundCommitted(
+            round=server_round,
+            started_at=log.started_at if log is not None else None,
+            ledger_head=HeadRef(seq=head.seq, hash=head.hash) if head is not None else None,
+            model_in=ModelIn(digest=model_in),
+            model_out=ModelOut(digest=model_out, checkpoint=checkpoint.name),
+            strategy=strategy,
+            contributions=[contribution(o) for o in outcomes if o.contributed],
+            rejected=[LeftOut(site=o.site, reason=o.reason) for o in outcomes if o.status == "rejected"],
+            refused=[LeftOut(site=o.site, reason=o.reason) for o in outcomes if o.status == "refused"],
+            failed=[LeftOut(site=o.site, reason=o.reason) for o in outcomes if o.status == "failed"],
+            metrics={name: finite(value) for name, value in metrics.items()},
+        )
+    )
     return records
 
 

@@ -46,8 +46,15 @@ from fedgen.flower_pin import check_flower_version as check_flower_series
 from fedgen.pki import PKIError, load_certificate, site_id_of
 
 from .door import (
-    BAD_CERTIFICATE, IDENTITY_MISMATCH, NO_CERTIFICATE, PEER_CERT_SCOPE_KEY, REVOKED,
-    RefusalLog, RevocationList, door_protocol, door_ssl_context,
+    BAD_CERTIFICATE,
+    IDENTITY_MISMATCH,
+    NO_CERTIFICATE,
+    PEER_CERT_SCOPE_KEY,
+    REVOKED,
+    RefusalLog,
+    RevocationList,
+    door_protocol,
+    door_ssl_context,
 )
 from .fleet_registry import FleetRegistry
 
@@ -83,8 +90,15 @@ def build_superlink_app(*, runtime_port: int, database: Path) -> Any:
     from flwr.superlink.main import create_app
 
     argv = [
-        "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(runtime_port),
-        "--database", str(database), "--disable-runtime-dependency-installation",
+        "flower-superlink",
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        "--database",
+        str(database),
+        "--disable-runtime-dependency-installation",
     ]
     saved, sys.argv = sys.argv, argv
     try:
@@ -102,8 +116,7 @@ def public_key_pem(certificate: x509.Certificate) -> bytes:
 
 
 async def _reject(send: Send, status: int, detail: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": detail})
 
 
@@ -155,8 +168,7 @@ class FleetDoor:
         """
         node = await self.node_of(key)
         if node is not None and await asyncio.to_thread(self._linkstate.state().deactivate_node, node):
-            log.info("site %s reconnected: its previous session of node %d (a crash or kill) ends here",
-                     site, node)
+            log.info("site %s reconnected: its previous session of node %d (a crash or kill) ends here", site, node)
 
     async def cut_off(self, node: int, site: str | None) -> None:
         """Take a revoked site's node offline, once."""
@@ -164,8 +176,9 @@ class FleetDoor:
             return
         self._cut_off.add(node)
         await asyncio.to_thread(self._linkstate.state().deactivate_node, node)
-        log.warning("site %s (node %d): certificate revoked; the node is cut off and receives nothing",
-                    site or "?", node)
+        log.warning(
+            "site %s (node %d): certificate revoked; the node is cut off and receives nothing", site or "?", node
+        )
 
     async def cut_off_revoked(self) -> None:
         """Cut off every known node whose certificate the CRL in force revokes."""
@@ -219,8 +232,12 @@ def fleet_gate(app: ASGIApp, door: FleetDoor) -> ASGIApp:
             site = None
         presented = public_key_pem(certificate)
         if door.revocations.is_revoked(certificate):
-            door.refusals.refused(_peer(scope), REVOKED, site=site,
-                                  detail=f"certificate serial {certificate.serial_number:x} is on the CRL")
+            door.refusals.refused(
+                _peer(scope),
+                REVOKED,
+                site=site,
+                detail=f"certificate serial {certificate.serial_number:x} is on the CRL",
+            )
             node = await door.node_of(presented)
             if node is not None:
                 await door.cut_off(node, site)
@@ -232,8 +249,12 @@ def fleet_gate(app: ASGIApp, door: FleetDoor) -> ASGIApp:
         except ValueError:
             matches = False
         if not matches:
-            door.refusals.refused(_peer(scope), IDENTITY_MISMATCH, site=site,
-                                  detail="the node key is not the key of the client certificate")
+            door.refusals.refused(
+                _peer(scope),
+                IDENTITY_MISMATCH,
+                site=site,
+                detail="the node key is not the key of the client certificate",
+            )
             await _reject(send, 401, b"identity mismatch: node key does not belong to the client certificate")
             return
         if site is None:
@@ -263,22 +284,38 @@ class _Server(uvicorn.Server):
         yield
 
 
-def superlink_servers(app: Any, door: FleetDoor, *, public_host: str, fleet_port: int, runtime_port: int,
-                      log_level: str = "warning") -> tuple[uvicorn.Server, uvicorn.Server]:
+def superlink_servers(
+    app: Any, door: FleetDoor, *, public_host: str, fleet_port: int, runtime_port: int, log_level: str = "warning"
+) -> tuple[uvicorn.Server, uvicorn.Server]:
     """The two uvicorn servers over one app: (loopback Control+Runtime, public Fleet).
 
     Only the loopback server runs the app's lifespan (which starts Flower's SuperExec),
     so it runs once. The public one is configured without TLS: `door_protocol` runs each
     handshake itself, so that refusals are logged with their cause.
     """
-    local = _Server(uvicorn.Config(
-        app, host="127.0.0.1", port=runtime_port, lifespan="on", log_level=log_level,
-        access_log=False, workers=1,
-    ))
-    public = _Server(uvicorn.Config(
-        fleet_gate(app, door), host=public_host, port=fleet_port, lifespan="off", log_level=log_level,
-        access_log=False, workers=1, http=door_protocol(door.context, door.refusals),
-    ))
+    local = _Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=runtime_port,
+            lifespan="on",
+            log_level=log_level,
+            access_log=False,
+            workers=1,
+        )
+    )
+    public = _Server(
+        uvicorn.Config(
+            fleet_gate(app, door),
+            host=public_host,
+            port=fleet_port,
+            lifespan="off",
+            log_level=log_level,
+            access_log=False,
+            workers=1,
+            http=door_protocol(door.context, door.refusals),
+        )
+    )
     return local, public
 
 

@@ -27,9 +27,15 @@ from fedgen import pki
 from fedgen.lineage import LedgerHead, witness_statement
 from fedgen.params import arrays_to_record, digest, record_to_arrays
 from fedgen.protocol import (
-    ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_KEY, LedgerNotice, ProtocolError, TrainReport, put_ledger_notice,
+    ARRAYS_KEY,
+    BUDGET_REFUSED,
+    METRICS_KEY,
+    SITE_KEY,
+    LedgerNotice,
+    ProtocolError,
+    TrainReport,
+    put_ledger_notice,
 )
-
 from fedgen.results import SiteStatus
 
 from .validation import UpdatePolicy, update_problem
@@ -90,10 +96,11 @@ class QuorumNotMet(RuntimeError):
     def __init__(self, log: RoundLog, quorum: int) -> None:
         self.log = log
         valid = sum(o.contributed for o in log.outcomes)
-        left_out = sorted(f"{o.site}: {o.reason}"
-                          for o in log.outcomes if not o.contributed)
-        super().__init__(f"round {log.server_round} has {valid} valid update(s), fewer than the quorum of "
-                         f"{quorum}; left out: " + ("; ".join(left_out) or "no site replied"))
+        left_out = sorted(f"{o.site}: {o.reason}" for o in log.outcomes if not o.contributed)
+        super().__init__(
+            f"round {log.server_round} has {valid} valid update(s), fewer than the quorum of "
+            f"{quorum}; left out: " + ("; ".join(left_out) or "no site replied")
+        )
 
 
 class SitesMissing(RuntimeError):
@@ -128,10 +135,16 @@ class RecordingStrategy(Strategy):
         this run's rounds from 1, `RoundLog` and the sites' signatures number them on.
     """
 
-    def __init__(self, inner: Strategy, trust: SiteTrust | None = None,
-                 policy: UpdatePolicy = UpdatePolicy(), wait_for_sites: tuple[int, float] | None = None,
-                 ledger: LedgerHeadSource | None = None,
-                 site_names: Callable[[int], str | None] | None = None, round_offset: int = 0) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        trust: SiteTrust | None = None,
+        policy: UpdatePolicy = UpdatePolicy(),
+        wait_for_sites: tuple[int, float] | None = None,
+        ledger: LedgerHeadSource | None = None,
+        site_names: Callable[[int], str | None] | None = None,
+        round_offset: int = 0,
+    ) -> None:
         self.inner = inner
         self.trust = trust
         self.policy = policy
@@ -146,8 +159,9 @@ class RecordingStrategy(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         log = self.rounds[server_round] = RoundLog(server_round + self.round_offset)
         self._global = record_to_arrays(arrays)
         log.head = self.ledger.head if self.ledger is not None else None
@@ -170,12 +184,15 @@ class RecordingStrategy(Strategy):
         while len(nodes := list(grid.get_node_ids())) < sites:
             if time.monotonic() >= deadline:
                 names = f" ({', '.join(sorted(self._name(node) for node in nodes))})" if nodes else ""
-                raise SitesMissing(f"only {len(nodes)} of {sites} sites connected after waiting {seconds:g} s"
-                                   f"{names}; check that every site runs `fedgen site start`")
+                raise SitesMissing(
+                    f"only {len(nodes)} of {sites} sites connected after waiting {seconds:g} s"
+                    f"{names}; check that every site runs `fedgen site start`"
+                )
             time.sleep(0.5)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         log = self.rounds.setdefault(server_round, RoundLog(server_round + self.round_offset))
         admitted, replied, unattributed = [], set(), []
         for reply in replies:
@@ -189,8 +206,9 @@ class RecordingStrategy(Strategy):
             if outcome.status != "rejected":
                 admitted.append(reply)
         for node in (n for n in log.sampled if n not in replied):  # e.g. a site that died mid-round
-            outcome = unattributed.pop(0) if unattributed else SiteOutcome(
-                "", "failed", "no reply within the round timeout")
+            outcome = (
+                unattributed.pop(0) if unattributed else SiteOutcome("", "failed", "no reply within the round timeout")
+            )
             outcome.site = self._name(node)
             log.outcomes.append(outcome)
         log.outcomes.extend(unattributed)
@@ -204,11 +222,16 @@ class RecordingStrategy(Strategy):
             return None, metrics
         # Server-side optimisers (FedAdam) compute in float64; the global model keeps its dtypes,
         # or every site's next update would be rejected as the wrong dtype.
-        return arrays_to_record({name: tensor.astype(self._global[name].dtype, copy=False)
-                                 for name, tensor in record_to_arrays(arrays).items()}), metrics
+        return arrays_to_record(
+            {
+                name: tensor.astype(self._global[name].dtype, copy=False)
+                for name, tensor in record_to_arrays(arrays).items()
+            }
+        ), metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -230,17 +253,26 @@ class RecordingStrategy(Strategy):
             report = TrainReport.from_record(content[METRICS_KEY])
             payload = content[ARRAYS_KEY]
             if payload.count_bytes() > self.policy.max_update_bytes:
-                return SiteOutcome(site, "rejected", f"update of {payload.count_bytes()} bytes exceeds the "
-                                   f"limit of {self.policy.max_update_bytes}", report=report)
+                return SiteOutcome(
+                    site,
+                    "rejected",
+                    f"update of {payload.count_bytes()} bytes exceeds the limit of {self.policy.max_update_bytes}",
+                    report=report,
+                )
             update = record_to_arrays(payload)
         except (KeyError, ProtocolError) as exc:
             return SiteOutcome(site, "rejected", f"malformed reply: {exc}")
         outcome = SiteOutcome(site, report=report, update_digest=digest(update))
-        statement = witness_statement(str(reply.metadata.run_id), log.server_round,
-                                      log.head.seq if log.head else None, log.head.hash if log.head else None,
-                                      outcome.update_digest)
+        statement = witness_statement(
+            str(reply.metadata.run_id),
+            log.server_round,
+            log.head.seq if log.head else None,
+            log.head.hash if log.head else None,
+            outcome.update_digest,
+        )
         problem = self._check_identity(outcome, identity, statement) or update_problem(
-            update, self._global, self.policy)
+            update, self._global, self.policy
+        )
         if problem is not None:
             outcome.reject(problem)
         return outcome

@@ -6,7 +6,13 @@ import inspect
 from collections.abc import Mapping
 
 from flwr.serverapp.strategy import (
-    FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
 )
 
 from fedgen.protocol import ARRAYS_KEY, CONFIG_KEY, WEIGHT_KEY

@@ -27,8 +27,9 @@ class UpdatePolicy:
     min_updates: int = 1
 
 
-def update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
-                   policy: UpdatePolicy) -> str | None:
+def update_problem(
+    update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], policy: UpdatePolicy
+) -> str | None:
     """Why ``update`` may not be aggregated against the global ``reference``, or None."""
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
@@ -44,7 +45,7 @@ def update_problem(update: Mapping[str, np.ndarray], reference: Mapping[str, np.
         if not np.isfinite(tensor).all():
             return f"tensor {name!r} holds NaN or infinite values"
         squared += float(np.sum((tensor.astype(np.float64) - expected) ** 2))
-    norm = squared ** 0.5
+    norm = squared**0.5
     if policy.max_update_norm is not None and norm > policy.max_update_norm:
         return f"update norm {norm:.4g} exceeds the bound {policy.max_update_norm:g}"
     return None

@@ -13,25 +13,34 @@ from fedgen.sovereignty import NO_PHONE_HOME
 # Every test runs with Flower's and Ray's phone-home switched off, as launchers do.
 os.environ.update(NO_PHONE_HOME)
 
+from flwr.app import RecordDict  # noqa: E402
+
 from fedgen.data import load_bundled  # noqa: E402
 from fedgen.model import build_model, preset_config  # noqa: E402
 from fedgen.params import arrays_to_record, to_numpy, trainable_tensors  # noqa: E402
 from fedgen.protocol import ARRAYS_KEY, CONFIG_KEY, TrainInstructions  # noqa: E402
 from fedgen.tokenizers import make_tokenizer  # noqa: E402
-from flwr.app import RecordDict  # noqa: E402
 
 from .integration.processes import MARK_VARIABLE, ProcessTree  # noqa: E402
 
 TOKENIZER = "kmer4s1"
 
 
-def write_site(root: Path, n: int = 120, *, epsilon: float = 8.0, noise_multiplier: float | None = None,
-               enabled: bool = True, offset: int = 0) -> Path:
+def write_site(
+    root: Path,
+    n: int = 120,
+    *,
+    epsilon: float = 8.0,
+    noise_multiplier: float | None = None,
+    enabled: bool = True,
+    offset: int = 0,
+) -> Path:
     """A site folder with ``n`` bundled sequences, a site.toml and an empty state dir."""
     data = load_bundled("train")
     root.mkdir(parents=True, exist_ok=True)
-    rows = ["sequence,label"] + [f"{data.sequences[i]},{data.label_names[data.labels[i]]}"
-                                 for i in range(offset, offset + n)]
+    rows = ["sequence,label"] + [
+        f"{data.sequences[i]},{data.label_names[data.labels[i]]}" for i in range(offset, offset + n)
+    ]
     (root / "data.csv").write_text("\n".join(rows) + "\n")
     privacy = [f"enabled = {str(enabled).lower()}", f"epsilon = {epsilon}"]
     if noise_multiplier is not None:
@@ -43,18 +52,26 @@ def write_site(root: Path, n: int = 120, *, epsilon: float = 8.0, noise_multipli
     return root / "site.toml"
 
 
-def train_message(server_round: int = 1, num_rounds: int = 3, *, batch_size: int = 16,
-                  local_epochs: float = 1.0) -> RecordDict:
+def train_message(
+    server_round: int = 1, num_rounds: int = 3, *, batch_size: int = 16, local_epochs: float = 1.0
+) -> RecordDict:
     tokenizer = make_tokenizer(TOKENIZER)
     cfg = preset_config("nano", vocab_size=tokenizer.vocab_size, max_len=tokenizer.token_length(70))
     model = build_model(cfg)
     instructions = TrainInstructions(
-        server_round=server_round, num_rounds=num_rounds, model_config=cfg.to_json(),
-        tokenizer=TOKENIZER, label_names=["0", "1"], local_epochs=local_epochs,
-        batch_size=batch_size, learning_rate=1e-3, seed=0,
+        server_round=server_round,
+        num_rounds=num_rounds,
+        model_config=cfg.to_json(),
+        tokenizer=TOKENIZER,
+        label_names=["0", "1"],
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        learning_rate=1e-3,
+        seed=0,
     )
-    return RecordDict({ARRAYS_KEY: arrays_to_record(to_numpy(trainable_tensors(model))),
-                       CONFIG_KEY: instructions.to_record()})
+    return RecordDict(
+        {ARRAYS_KEY: arrays_to_record(to_numpy(trainable_tensors(model))), CONFIG_KEY: instructions.to_record()}
+    )
 
 
 @pytest.fixture

@@ -27,12 +27,14 @@ DNS_PORT = 53
 # Local daemons a process asks to resolve names; a connection to one is a lookup that a
 # trace of this process tree alone would not see go out.
 RESOLVER_SOCKETS = {
-    "/var/run/nscd/socket": "nscd", "/run/nscd/socket": "nscd",
+    "/var/run/nscd/socket": "nscd",
+    "/run/nscd/socket": "nscd",
     "/run/systemd/resolve/io.systemd.Resolve": "systemd-resolved",
     "/run/systemd/resolve/io.systemd.Resolve.Monitor": "systemd-resolved",
     "/run/dbus/system_bus_socket": "the D-Bus system bus (systemd-resolved, avahi)",
     "/var/run/dbus/system_bus_socket": "the D-Bus system bus (systemd-resolved, avahi)",
-    "/run/avahi-daemon/socket": "avahi (mDNS)", "/var/run/avahi-daemon/socket": "avahi (mDNS)",
+    "/run/avahi-daemon/socket": "avahi (mDNS)",
+    "/var/run/avahi-daemon/socket": "avahi (mDNS)",
 }
 # A connect failing with these reached no daemon: nothing was asked.
 NOTHING_LISTENS = ("ENOENT", "ECONNREFUSED")
@@ -70,9 +72,9 @@ class Trace:
 
     lines: int = 0
     programs: dict[int, str] = field(default_factory=dict)  # pid -> command line it exec'd
-    parents: dict[int, int] = field(default_factory=dict)   # pid -> the pid that created it
+    parents: dict[int, int] = field(default_factory=dict)  # pid -> the pid that created it
     destinations: list[Destination] = field(default_factory=list)
-    unreadable: list[str] = field(default_factory=list)     # a connect whose address strace could not print
+    unreadable: list[str] = field(default_factory=list)  # a connect whose address strace could not print
 
     def program_of(self, pid: int) -> str:
         """The command line ``pid`` runs: its own execve, else its nearest ancestor's."""
@@ -113,8 +115,21 @@ class EgressPolicy:
 
 def strace_command(log: Path) -> list[str]:
     """The strace prefix for a launcher: follow every child, write ``log``, keep the child's exit code."""
-    return ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "signal=none", "-s", "200",
-            "-e", f"trace={','.join(TRACED_SYSCALLS)}", "-o", str(log), "--"]
+    return [
+        "strace",
+        "-f",
+        "-qq",
+        "--seccomp-bpf",
+        "-e",
+        "signal=none",
+        "-s",
+        "200",
+        "-e",
+        f"trace={','.join(TRACED_SYSCALLS)}",
+        "-o",
+        str(log),
+        "--",
+    ]
 
 
 def parse_trace(text: str) -> Trace:
@@ -202,7 +217,7 @@ def _sockaddrs(text: str) -> list[str]:
             quoted = True
         elif text.startswith("{sa_family=", index):
             end = _closing_brace(text, index)
-            found.append(text[index:end + 1])
+            found.append(text[index : end + 1])
             index = end
         index += 1
     return found
@@ -243,8 +258,14 @@ def _destination(pid: int, syscall: str, struct: str, line: str) -> Destination:
         where = ("@" if path["abstract"] else "") + path["path"]
     else:
         where = address["address"] if address is not None else None
-    return Destination(pid=pid, syscall=syscall, family=family, address=where,
-                       port=int(port["port"]) if port is not None else None, line=line)
+    return Destination(
+        pid=pid,
+        syscall=syscall,
+        family=family,
+        address=where,
+        port=int(port["port"]) if port is not None else None,
+        line=line,
+    )
 
 
 def _is_loopback(address: str | None) -> bool:

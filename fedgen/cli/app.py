@@ -19,8 +19,12 @@ from .certs import certs_app
 from .lineage import lineage_app, model_app
 from .output import ReportingGroup, err, fail, log_to_stderr, warn
 
-app = typer.Typer(cls=ReportingGroup, help="Sovereign federated fine-tuning of genomic language models.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    cls=ReportingGroup,
+    help="Sovereign federated fine-tuning of genomic language models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 app.add_typer(certs_app, name="certs")
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(model_app, name="model")
@@ -36,13 +40,14 @@ class Partition(str, Enum):
     dirichlet = "dirichlet"
 
 
-
 def _round_line(result: RoundResult) -> str:
     trained = [s for s in result.sites if s.status == "trained"]
     others = [f"{s.site} {s.status} ({s.reason})" for s in result.sites if s.status != "trained"]
     eps = ", ".join(f"{site} {value:.2f}" for site, value in sorted(result.epsilon.items()))
-    parts = [f"round {result.round}: accuracy {result.accuracy:.4f}  loss {result.loss:.4f}",
-             f"sites {len(trained)}/{len(result.sites)}"]
+    parts = [
+        f"round {result.round}: accuracy {result.accuracy:.4f}  loss {result.loss:.4f}",
+        f"sites {len(trained)}/{len(result.sites)}",
+    ]
     if eps:
         parts.append(f"ε {eps}")
     if others:
@@ -86,31 +91,38 @@ def _root(
 
 @app.command()
 def simulate(
-    data: Path = typer.Option(None, "--data", help="CSV/TSV, FASTA or Genomic Benchmarks folder "
-                              "(default: the bundled promoter set)."),
+    data: Path = typer.Option(
+        None, "--data", help="CSV/TSV, FASTA or Genomic Benchmarks folder (default: the bundled promoter set)."
+    ),
     sites: int = typer.Option(3, "--sites", min=1, help="Number of simulated sites."),
     rounds: int = typer.Option(DEFAULTS.rounds, "--rounds", min=1, help="Federated rounds."),
     strategy: Strategy = typer.Option(DEFAULTS.strategy, "--strategy", help="Aggregation strategy."),
-    partition: Partition = typer.Option(Partition.dirichlet, "--partition",
-                                        help="How training data is split across sites."),
+    partition: Partition = typer.Option(
+        Partition.dirichlet, "--partition", help="How training data is split across sites."
+    ),
     alpha: float = typer.Option(1.0, "--alpha", min=0.0, help="Dirichlet concentration (lower = more skew)."),
     epsilon: float = typer.Option(8.0, "--epsilon", min=0.0, help="Each site's ε ceiling (δ=1e-5)."),
     no_dp: bool = typer.Option(False, "--no-dp", help="Train without differential privacy (baseline)."),
-    noise_multiplier: float = typer.Option(None, "--noise-multiplier", min=0.0,
-                                           help="Fixed DP noise multiplier instead of calibrating to ε."),
+    noise_multiplier: float = typer.Option(
+        None, "--noise-multiplier", min=0.0, help="Fixed DP noise multiplier instead of calibrating to ε."
+    ),
     model: Preset = typer.Option(DEFAULTS.model, "--model", help="Built-in model preset."),
-    tokenizer: str = typer.Option(DEFAULTS.tokenizer, "--tokenizer",
-                                 help="nucleotide, kmerK (non-overlapping) or kmerKsS (stride S)."),
-    local_epochs: float = typer.Option(DEFAULTS.local_epochs, "--local-epochs", min=0.0,
-                                       help="Local epochs per round."),
+    tokenizer: str = typer.Option(
+        DEFAULTS.tokenizer, "--tokenizer", help="nucleotide, kmerK (non-overlapping) or kmerKsS (stride S)."
+    ),
+    local_epochs: float = typer.Option(
+        DEFAULTS.local_epochs, "--local-epochs", min=0.0, help="Local epochs per round."
+    ),
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1, help="Expected local batch size."),
     lr: float = typer.Option(DEFAULTS.learning_rate, "--lr", min=0.0, help="Local learning rate."),
     seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed for split, partition, init and training."),
-    out: Path = typer.Option(None, "--out", help="Where site folders, checkpoints and result.json go "
-                             "(default: a new temporary folder)."),
+    out: Path = typer.Option(
+        None, "--out", help="Where site folders, checkpoints and result.json go (default: a new temporary folder)."
+    ),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N for every site."),
-    adversary: list[str] = typer.Option(None, "--adversary", help="SITE:ATTACK, a site that poisons its "
-                                        "updates (sign-flip or scale); repeatable."),
+    adversary: list[str] = typer.Option(
+        None, "--adversary", help="SITE:ATTACK, a site that poisons its updates (sign-flip or scale); repeatable."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
 ) -> None:
     """Fine-tune across simulated sites on this machine (Flower + Ray)."""
@@ -124,20 +136,34 @@ def simulate(
         adversaries[site] = attack
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for --json alone
         result = run(
-            data, sites=sites, rounds=rounds, strategy=strategy.value,
-            partition_scheme=partition.value, alpha=alpha,
-            epsilon=None if no_dp else epsilon, noise_multiplier=noise_multiplier,
-            model=model.value, tokenizer=tokenizer, local_epochs=local_epochs,
-            batch_size=batch_size, learning_rate=lr, seed=seed, out=out, device=device,
-            adversaries=adversaries, on_round=_report_round,
+            data,
+            sites=sites,
+            rounds=rounds,
+            strategy=strategy.value,
+            partition_scheme=partition.value,
+            alpha=alpha,
+            epsilon=None if no_dp else epsilon,
+            noise_multiplier=noise_multiplier,
+            model=model.value,
+            tokenizer=tokenizer,
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            learning_rate=lr,
+            seed=seed,
+            out=out,
+            device=device,
+            adversaries=adversaries,
+            on_round=_report_round,
         )
     _print_result(result, as_json, "fedgen simulation")
 
 
-aggregator_app = typer.Typer(cls=ReportingGroup, no_args_is_help=True,
-                             help="The consortium's aggregator (Flower SuperLink behind mutual TLS).")
-site_app = typer.Typer(cls=ReportingGroup, help="A site: join a federation, inspect its privacy budget.",
-                       no_args_is_help=True)
+aggregator_app = typer.Typer(
+    cls=ReportingGroup, no_args_is_help=True, help="The consortium's aggregator (Flower SuperLink behind mutual TLS)."
+)
+site_app = typer.Typer(
+    cls=ReportingGroup, help="A site: join a federation, inspect its privacy budget.", no_args_is_help=True
+)
 app.add_typer(aggregator_app, name="aggregator")
 app.add_typer(site_app, name="site")
 CONFIG_OPTION = typer.Option(..., "--config", "-c", help="TOML configuration file.")
@@ -152,9 +178,12 @@ def aggregator_start(config: Path = CONFIG_OPTION) -> None:
     tls = check_aggregator(settings, str(config))
     if (warning := crl_warning(tls)) is not None:
         warn(warning)
-    err.print(f"aggregator: Fleet API on {settings.fleet_host}:{settings.fleet_port} (mutual TLS), "
-              f"Control API on 127.0.0.1:{settings.control_port}; state in {settings.state_dir}",
-              highlight=False, soft_wrap=True)
+    err.print(
+        f"aggregator: Fleet API on {settings.fleet_host}:{settings.fleet_port} (mutual TLS), "
+        f"Control API on 127.0.0.1:{settings.control_port}; state in {settings.state_dir}",
+        highlight=False,
+        soft_wrap=True,
+    )
     log_to_stderr()
     start_aggregator(settings, str(config))
 
@@ -169,8 +198,9 @@ def site_start(config: Path = CONFIG_OPTION) -> None:
 
 
 @site_app.command("budget")
-def site_budget(config: Path = CONFIG_OPTION,
-                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def site_budget(
+    config: Path = CONFIG_OPTION, as_json: bool = typer.Option(False, "--json", help="Print JSON.")
+) -> None:
     """Show the ε this site has spent, from its privacy ledger."""
     from ..client.ledger import PrivacyLedger
 
@@ -178,18 +208,34 @@ def site_budget(config: Path = CONFIG_OPTION,
     p = site.privacy
     ledger = PrivacyLedger.open(site.state_dir, accountant=p.accountant, delta=p.delta)
     spent = ledger.epsilon
-    summary = {"site": site.site_id, "epsilon_spent": spent, "epsilon_ceiling": p.epsilon,
-               "delta": p.delta, "accountant": p.accountant, "rounds": ledger.rounds}
+    summary = {
+        "site": site.site_id,
+        "epsilon_spent": spent,
+        "epsilon_ceiling": p.epsilon,
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "rounds": ledger.rounds,
+    }
     if as_json:
         print(json.dumps(summary))
         return
     console = Console()
-    console.print(f"site {site.site_id}: ε spent {spent:.4f} of {p.epsilon:g} (δ={p.delta:g}, "
-                  f"{p.accountant}), {max(p.epsilon - spent, 0):.4f} left", highlight=False)
+    console.print(
+        f"site {site.site_id}: ε spent {spent:.4f} of {p.epsilon:g} (δ={p.delta:g}, "
+        f"{p.accountant}), {max(p.epsilon - spent, 0):.4f} left",
+        highlight=False,
+    )
     table = Table("run", "round", "steps", "σ", "q", "ε after", "time")
     for r in ledger.rounds:
-        table.add_row(str(r["run_id"]), str(r["round"]), str(r["steps"]), f"{r['noise_multiplier']:.4f}",
-                      f"{r['sample_rate']:.4f}", f"{r['epsilon_after']:.4f}", r["time"])
+        table.add_row(
+            str(r["run_id"]),
+            str(r["round"]),
+            str(r["steps"]),
+            f"{r['noise_multiplier']:.4f}",
+            f"{r['sample_rate']:.4f}",
+            f"{r['epsilon_after']:.4f}",
+            r["time"],
+        )
     console.print(table)
 
 
@@ -204,8 +250,7 @@ def _print_result(result: RunResult, as_json: bool, title: str) -> None:
         where.append(f"checkpoints in {result.checkpoints[0].parent}")
     if result.lineage:
         where.append(f"lineage in {result.lineage}")
-    console.print(f"final accuracy {result.final_accuracy:.4f}; " + "; ".join(where), highlight=False,
-                  soft_wrap=True)
+    console.print(f"final accuracy {result.final_accuracy:.4f}; " + "; ".join(where), highlight=False, soft_wrap=True)
 
 
 def _report_round(result: RoundResult) -> None:
@@ -215,16 +260,20 @@ def _report_round(result: RoundResult) -> None:
 @app.command("run")
 def run_command(
     config: Path = CONFIG_OPTION,
-    resume: bool = typer.Option(False, "--resume", help="Continue the last, interrupted run after its "
-                                "last committed round (same run.toml)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the last, interrupted run after its last committed round (same run.toml)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
 ) -> None:
     """Submit a run to the aggregator (on its host) and follow it round by round."""
     from ..server.coordinator import follow, submit
 
     submitted = submit(load_toml(config, RunConfig), str(config), resume=resume)
-    err.print(f"run {submitted.run_id} submitted; following it (records in {submitted.run_dir})",
-              highlight=False, soft_wrap=True)
+    err.print(
+        f"run {submitted.run_id} submitted; following it (records in {submitted.run_dir})",
+        highlight=False,
+        soft_wrap=True,
+    )
     result = follow(submitted, _report_round)
     _print_result(result, as_json, f"fedgen run {submitted.run_id}")
 
@@ -235,20 +284,26 @@ def demo(
     rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
     epsilon: float = typer.Option(8.0, "--epsilon", min=0.0, help="Each site's ε ceiling (δ=1e-5)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the data split and training."),
-    out: Path = typer.Option(None, "--out", help="Where certificates, configs, logs and checkpoints go "
-                             "(default: a new temporary folder)."),
+    out: Path = typer.Option(
+        None, "--out", help="Where certificates, configs, logs and checkpoints go (default: a new temporary folder)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
 ) -> None:
     """A consortium on this machine: CA, aggregator and sites as real processes over mutual TLS."""
     from .demo import run_demo
 
     with contextlib.redirect_stdout(sys.stderr):
-        result = run_demo(sites=sites, rounds=rounds, epsilon=epsilon, seed=seed, out=out,
-                          on_round=_report_round,
-                          on_event=lambda m: err.print(m, highlight=False, soft_wrap=True))
+        result = run_demo(
+            sites=sites,
+            rounds=rounds,
+            epsilon=epsilon,
+            seed=seed,
+            out=out,
+            on_round=_report_round,
+            on_event=lambda m: err.print(m, highlight=False, soft_wrap=True),
+        )
     _print_result(result, as_json, "fedgen demo")
 
 
 def main() -> None:
     app()
-

@@ -22,11 +22,17 @@ class CertsGroup(ReportingGroup):
     bad_input = (OSError,)  # a consortium folder or file this user cannot read or write
 
 
-certs_app = typer.Typer(cls=CertsGroup, no_args_is_help=True, add_completion=False,
-                        help="Consortium PKI: CA, aggregator, lineage-signing and site certificates, revocation.")
-issue_app = typer.Typer(cls=CertsGroup, no_args_is_help=True,
-                        help="Issue the aggregator's server certificate, its lineage-signing certificate or a "
-                        "site's client certificate.")
+certs_app = typer.Typer(
+    cls=CertsGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    help="Consortium PKI: CA, aggregator, lineage-signing and site certificates, revocation.",
+)
+issue_app = typer.Typer(
+    cls=CertsGroup,
+    no_args_is_help=True,
+    help="Issue the aggregator's server certificate, its lineage-signing certificate or a site's client certificate.",
+)
 certs_app.add_typer(issue_app, name="issue")
 
 out = Console()
@@ -42,7 +48,6 @@ def _dir_option() -> Any:
 
 def _force_option(what: str) -> Any:
     return typer.Option(False, "--force", help=f"Replace {what}.")
-
 
 
 def _say(message: str) -> None:
@@ -63,16 +68,23 @@ def init(
     """Create the consortium CA, an empty CRL and index.json."""
     ca_cert = pki.init_consortium(folder, consortium, days=days, force=force)
     files = pki.layout(folder)
-    _say(f"Consortium {consortium!r}: CA certificate {ca_cert} (valid until {_expiry(ca_cert)}), "
-         f"CA key {files.ca_key}, CRL {files.crl}, index {files.index}.")
-    _say(f"Give {ca_cert} to every site and the aggregator. {files.ca_key} stays on this machine, "
-         f"offline if you can. {KEY_WARNING}")
+    _say(
+        f"Consortium {consortium!r}: CA certificate {ca_cert} (valid until {_expiry(ca_cert)}), "
+        f"CA key {files.ca_key}, CRL {files.crl}, index {files.index}."
+    )
+    _say(
+        f"Give {ca_cert} to every site and the aggregator. {files.ca_key} stays on this machine, "
+        f"offline if you can. {KEY_WARNING}"
+    )
 
 
 @issue_app.command("aggregator")
 def issue_aggregator(
-    host: list[str] = typer.Option(..., "--host", help="DNS name or IP address the sites connect to; "
-                                   "comma-separated or repeated. The first one becomes the CN."),
+    host: list[str] = typer.Option(
+        ...,
+        "--host",
+        help="DNS name or IP address the sites connect to; comma-separated or repeated. The first one becomes the CN.",
+    ),
     folder: Path = _dir_option(),
     days: int = typer.Option(pki.CERT_DAYS, "--days", min=1, help="Validity in days."),
     force: bool = _force_option("the current aggregator certificate (the old one is revoked)"),
@@ -80,8 +92,10 @@ def issue_aggregator(
     """Issue the aggregator's TLS server certificate."""
     hosts = [h.strip() for value in host for h in value.split(",")]
     cert = pki.issue_aggregator(folder, hosts, days=days, force=force)
-    _say(f"Aggregator certificate for {', '.join(hosts)}: {cert} and key {pki.layout(folder).aggregator_key} "
-         f"(valid until {_expiry(cert)}).")
+    _say(
+        f"Aggregator certificate for {', '.join(hosts)}: {cert} and key {pki.layout(folder).aggregator_key} "
+        f"(valid until {_expiry(cert)})."
+    )
     _say(f"Install both on the aggregator machine only. {KEY_WARNING}")
     if not pki.layout(folder).lineage_cert.exists():
         _say("The ledger is signed with a certificate of its own: issue it with `fedgen certs issue lineage`.")
@@ -95,12 +109,16 @@ def issue_lineage(
 ) -> None:
     """Issue the aggregator's lineage-signing certificate (its own key; signs the lineage ledger only)."""
     cert = pki.issue_lineage(folder, days=days, force=force)
-    _say(f"Lineage-signing certificate: {cert} and key {pki.layout(folder).lineage_key} "
-         f"(valid until {_expiry(cert)}). Name both in aggregator.toml's [lineage] table.")
+    _say(
+        f"Lineage-signing certificate: {cert} and key {pki.layout(folder).lineage_key} "
+        f"(valid until {_expiry(cert)}). Name both in aggregator.toml's [lineage] table."
+    )
     _say(f"Install the key on the aggregator machine only; give {cert} to auditors. {KEY_WARNING}")
     if force:
-        _say("Keep the old certificate for auditors: records it signed verify only with it "
-             "(`fedgen lineage verify --cert OLD --cert NEW`).")
+        _say(
+            "Keep the old certificate for auditors: records it signed verify only with it "
+            "(`fedgen lineage verify --cert OLD --cert NEW`)."
+        )
 
 
 @issue_app.command("site")
@@ -115,8 +133,10 @@ def issue_site(
     key = pki.layout(folder).site_key(site_id)
     _say(f"Site {site_id!r}: certificate {cert} and key {key} (valid until {_expiry(cert)}).")
     if force:
-        _say(f"Any earlier certificate for {site_id!r} is revoked in {pki.layout(folder).crl}; copy it to "
-             "the aggregator and restart its Fleet listener.")
+        _say(
+            f"Any earlier certificate for {site_id!r} is revoked in {pki.layout(folder).crl}; copy it to "
+            "the aggregator and restart its Fleet listener."
+        )
     _say(f"Hand {key} to the site through its own secure channel, then delete it here. {KEY_WARNING}")
 
 
@@ -138,8 +158,10 @@ def revoke(
     what = "the lineage-signing certificate" if lineage else f"site {site_id!r}"
     _say(f"Revoked {what} (serial {revoked.serial}, reason {revoked.reason}); {crl} re-signed.")
     if lineage:
-        _say(f"Records signed with it from now on fail `fedgen lineage verify --ca … --crl {crl}`; issue a new "
-             "one with `fedgen certs issue lineage --force` and copy it and its key to the aggregator.")
+        _say(
+            f"Records signed with it from now on fail `fedgen lineage verify --ca … --crl {crl}`; issue a new "
+            "one with `fedgen certs issue lineage --force` and copy it and its key to the aggregator."
+        )
     else:
         _say(f"Copy {crl} to the aggregator and restart its Fleet listener: the CRL is read when TLS starts.")
 
@@ -160,8 +182,7 @@ def _table(infos: list[pki.CertInfo], now: datetime) -> Table:
     # Short fixed columns never wrap, so an 80-column terminal folds subjects instead.
     for header in ("kind", "subject", "serial", "expires", "days left", "revoked"):
         fixed = header not in ("subject", "revoked")
-        table.add_column(header, no_wrap=fixed, overflow="fold",
-                         justify="right" if header == "days left" else "left")
+        table.add_column(header, no_wrap=fixed, overflow="fold", justify="right" if header == "days left" else "left")
     for info in infos:
         expires = info.not_after.strftime("%Y-%m-%d") if info.not_after else "?"
         days_left = str((info.not_after - now).days) if info.not_after else "?"

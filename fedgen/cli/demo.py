@@ -16,8 +16,14 @@ from pathlib import Path
 
 from .. import pki
 from ..config import (
-    AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, PrivacyConfig, RunConfig, SiteTLSConfig,
-    TrainingConfig, write_toml,
+    AggregatorConfig,
+    AggregatorTLSConfig,
+    LineageSigningConfig,
+    PrivacyConfig,
+    RunConfig,
+    SiteTLSConfig,
+    TrainingConfig,
+    write_toml,
 )
 from ..data import bundled_data_dir, load_bundled
 from ..errors import InputError
@@ -38,10 +44,16 @@ def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed
     (out / "aggregator").mkdir()
     aggregator_toml = out / "aggregator" / "aggregator.toml"
     aggregator = AggregatorConfig(
-        state_dir=out / "aggregator" / "state", fleet_host="127.0.0.1",
-        fleet_port=fleet_port, control_port=control_port,
-        tls=AggregatorTLSConfig(certificate=layout.aggregator_cert, private_key=layout.aggregator_key,
-                                ca_certificate=layout.ca_cert, crl=layout.crl),
+        state_dir=out / "aggregator" / "state",
+        fleet_host="127.0.0.1",
+        fleet_port=fleet_port,
+        control_port=control_port,
+        tls=AggregatorTLSConfig(
+            certificate=layout.aggregator_cert,
+            private_key=layout.aggregator_key,
+            ca_certificate=layout.ca_cert,
+            crl=layout.crl,
+        ),
         lineage=LineageSigningConfig(certificate=layout.lineage_cert, private_key=layout.lineage_key),
     )
     write_toml(aggregator, aggregator_toml)
@@ -49,24 +61,41 @@ def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed
     def deployment(index: int) -> dict:
         site_id = f"site-{index}"
         pki.issue_site(certs, site_id, days=7)
-        return {"aggregator": f"127.0.0.1:{fleet_port}", "runtime_port": free_port(),
-                "tls": SiteTLSConfig(certificate=layout.site_cert(site_id), private_key=layout.site_key(site_id),
-                                     ca_certificate=layout.ca_cert)}
+        return {
+            "aggregator": f"127.0.0.1:{fleet_port}",
+            "runtime_port": free_port(),
+            "tls": SiteTLSConfig(
+                certificate=layout.site_cert(site_id),
+                private_key=layout.site_key(site_id),
+                ca_certificate=layout.ca_cert,
+            ),
+        }
 
     train = load_bundled("train")
     shares = partition(train.labels, sites, "dirichlet", seed, alpha=1.0)
     site_tomls = write_sites(train, shares, out / "sites", PrivacyConfig(epsilon=epsilon), "cpu", deployment)
-    run = RunConfig(aggregator=aggregator_toml, sites=sites, labels=list(train.label_names),
-                    max_length=max(len(s) for s in train.sequences),
-                    eval_data=bundled_data_dir() / "test.csv",
-                    training=TrainingConfig(rounds=rounds, seed=seed))
+    run = RunConfig(
+        aggregator=aggregator_toml,
+        sites=sites,
+        labels=list(train.label_names),
+        max_length=max(len(s) for s in train.sequences),
+        eval_data=bundled_data_dir() / "test.csv",
+        training=TrainingConfig(rounds=rounds, seed=seed),
+    )
     run_toml = write_toml(run, out / "run.toml")
     return aggregator_toml, site_tomls, run_toml
 
 
-def run_demo(*, sites: int = 3, rounds: int = 3, epsilon: float = 8.0, seed: int = 0,
-             out: Path | None = None, on_round: Callable[[RoundResult], None] | None = None,
-             on_event: Callable[[str], None] | None = None) -> RunResult:
+def run_demo(
+    *,
+    sites: int = 3,
+    rounds: int = 3,
+    epsilon: float = 8.0,
+    seed: int = 0,
+    out: Path | None = None,
+    on_round: Callable[[RoundResult], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> RunResult:
     """Start a loopback consortium, run ``rounds`` DP rounds, stop everything, return the result."""
     from fedgen.config import load_toml
     from fedgen.server.coordinator import follow, submit
@@ -76,8 +105,9 @@ def run_demo(*, sites: int = 3, rounds: int = 3, epsilon: float = 8.0, seed: int
         raise InputError(f"{out}: folder is not empty; choose a new --out or remove the old demo")
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-demo-"))
     out.mkdir(parents=True, exist_ok=True)
-    aggregator_toml, site_tomls, run_toml = write_consortium(out, sites=sites, rounds=rounds,
-                                                             epsilon=epsilon, seed=seed)
+    aggregator_toml, site_tomls, run_toml = write_consortium(
+        out, sites=sites, rounds=rounds, epsilon=epsilon, seed=seed
+    )
     aggregator = load_toml(aggregator_toml, AggregatorConfig)
     (out / "logs").mkdir()
     group = ProcessGroup(out / "logs")

@@ -23,25 +23,36 @@ from ..config import AggregatorConfig, load_toml
 from ..lineage import LineageError, VerifyReport, export_prov, read_records, verify
 from ..lineage.receipts import STATUSES, ReceiptReport, check_receipts, collect_receipts
 from ..lineage.records import (
-    Body, ModelApproved, RoundCommitted, RoundEvent, RunFailed, RunFinished, RunStarted, SiteRefused, UpdateRejected,
+    Body,
+    ModelApproved,
+    RoundCommitted,
+    RoundEvent,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    SiteRefused,
+    UpdateRejected,
     parse_record,
 )
 from ..model_release import approve, export_model
 from ..state_files import CHECKPOINTS_DIR, LINEAGE_FILE
 from .output import ReportingGroup, err, fail
 
-lineage_app = typer.Typer(cls=ReportingGroup, help="The signed, hash-chained lineage of every run and round.",
-                          no_args_is_help=True)
-model_app = typer.Typer(cls=ReportingGroup, help="Approve a committed model (human oversight) and export it.",
-                        no_args_is_help=True)
+lineage_app = typer.Typer(
+    cls=ReportingGroup, help="The signed, hash-chained lineage of every run and round.", no_args_is_help=True
+)
+model_app = typer.Typer(
+    cls=ReportingGroup, help="Approve a committed model (human oversight) and export it.", no_args_is_help=True
+)
 
 LEDGER = typer.Option(None, "--ledger", help="lineage.jsonl (default: from --config).")
 CONFIG = typer.Option(None, "--config", "-c", help="aggregator.toml: finds ledger, checkpoints, certificates.")
 CERT = typer.Option(None, "--cert", help="The lineage-signing certificate that signs the ledger.")
 CA = typer.Option(None, "--ca", help="Consortium CA: also check the signer's and sites' certificates.")
 CRL = typer.Option(None, "--crl", help="Consortium CRL (with --ca): refuse records signed after a revocation.")
-CHECKPOINTS = typer.Option(None, "--checkpoints",
-                           help="Folder of round checkpoints: each one the ledger names must be there, digest intact.")
+CHECKPOINTS = typer.Option(
+    None, "--checkpoints", help="Folder of round checkpoints: each one the ledger names must be there, digest intact."
+)
 RUN = typer.Option(None, "--run", help="Run id (default: the latest run in the ledger).")
 
 
@@ -55,8 +66,15 @@ class LedgerFiles:
     crl: Path | None = None
 
 
-def _files(ledger: Path | None, config: Path | None, cert: Path | None, ca: Path | None,
-           checkpoints: Path | None, key: Path | None = None, crl: Path | None = None) -> LedgerFiles:
+def _files(
+    ledger: Path | None,
+    config: Path | None,
+    cert: Path | None,
+    ca: Path | None,
+    checkpoints: Path | None,
+    key: Path | None = None,
+    crl: Path | None = None,
+) -> LedgerFiles:
     """Explicit options first, then the aggregator config, then a simulation's layout."""
     if config is not None:
         aggregator = load_toml(config, AggregatorConfig)
@@ -80,8 +98,7 @@ def _trust(files: LedgerFiles) -> tuple[x509.Certificate | None, x509.Certificat
     """The CA and CRL to check certificates against, loaded (a CRL without a CA is refused)."""
     if files.crl is not None and files.ca is None:
         fail("--crl needs --ca: a CRL is checked against the CA that signed it")
-    return (pki.load_certificate(files.ca) if files.ca else None,
-            pki.load_crl(files.crl) if files.crl else None)
+    return (pki.load_certificate(files.ca) if files.ca else None, pki.load_crl(files.crl) if files.crl else None)
 
 
 def _records(ledger: Path) -> list[dict]:
@@ -92,8 +109,11 @@ def _records(ledger: Path) -> list[dict]:
 
 
 @lineage_app.command("show")
-def show(ledger: Path = LEDGER, config: Path = CONFIG,
-         as_json: bool = typer.Option(False, "--json", help="Print the records as JSON lines.")) -> None:
+def show(
+    ledger: Path = LEDGER,
+    config: Path = CONFIG,
+    as_json: bool = typer.Option(False, "--json", help="Print the records as JSON lines."),
+) -> None:
     """A readable table of every record: runs, rounds, contributions, rejections, approvals."""
     files = _files(ledger, config, None, None, None)
     records = _records(files.ledger)
@@ -111,8 +131,15 @@ def show(ledger: Path = LEDGER, config: Path = CONFIG,
     for record in typed:
         body = record.body
         model, detail = _model_and_detail(body)
-        table.add_row(str(record.seq), record.time[:19], record.run_id[-8:], record.type,
-                      str(body.round) if isinstance(body, RoundEvent) else "", model, escape(detail))
+        table.add_row(
+            str(record.seq),
+            record.time[:19],
+            record.run_id[-8:],
+            record.type,
+            str(body.round) if isinstance(body, RoundEvent) else "",
+            model,
+            escape(detail),
+        )
     Console().print(table)
 
 
@@ -120,11 +147,15 @@ def _model_and_detail(body: Body) -> tuple[str, str]:
     """The model digest (shortened) and the detail a `lineage show` row gives for ``body``."""
     if isinstance(body, RoundCommitted):
         sites = [f"{c.site} n={c.examples} ε={c.epsilon:.2f}" for c in body.contributions]
-        left_out = [f"{x.site} {kind}" for kind, entries in
-                    (("rejected", body.rejected), ("refused", body.refused), ("failed", body.failed)) for x in entries]
+        left_out = [
+            f"{x.site} {kind}"
+            for kind, entries in (("rejected", body.rejected), ("refused", body.refused), ("failed", body.failed))
+            for x in entries
+        ]
         accuracy = body.metrics.get("accuracy")
-        return body.model_out.digest[:12], \
-            "; ".join(sites + left_out) + (f"; accuracy {accuracy:.4f}" if accuracy is not None else "")
+        return body.model_out.digest[:12], "; ".join(sites + left_out) + (
+            f"; accuracy {accuracy:.4f}" if accuracy is not None else ""
+        )
     if isinstance(body, (UpdateRejected, SiteRefused)):
         return "", f"{body.site}: {body.reason}"
     if isinstance(body, ModelApproved):
@@ -140,12 +171,22 @@ def _model_and_detail(body: Body) -> tuple[str, str]:
 
 @lineage_app.command("verify")
 def verify_command(
-    ledger: Path = LEDGER, config: Path = CONFIG,
-    cert: list[Path] = typer.Option(None, "--cert", help="The lineage-signing certificate that signs the "
-                                    "ledger; repeat it for each one the ledger was signed with (renewals)."),
-    ca: Path = CA, crl: Path = CRL, checkpoints: Path = CHECKPOINTS,
-    receipts: list[Path] = typer.Option(None, "--receipts", help="A site's state folder, a folder of receipts "
-                                        "files collected from sites, or a receipts file; repeatable."),
+    ledger: Path = LEDGER,
+    config: Path = CONFIG,
+    cert: list[Path] = typer.Option(
+        None,
+        "--cert",
+        help="The lineage-signing certificate that signs the "
+        "ledger; repeat it for each one the ledger was signed with (renewals).",
+    ),
+    ca: Path = CA,
+    crl: Path = CRL,
+    checkpoints: Path = CHECKPOINTS,
+    receipts: list[Path] = typer.Option(
+        None,
+        "--receipts",
+        help="A site's state folder, a folder of receipts files collected from sites, or a receipts file; repeatable.",
+    ),
 ) -> None:
     """Walk the chain: hashes, signer role, signatures, site signatures, checkpoint digests, receipts."""
     files = _files(ledger, config, cert[0] if cert else None, ca, checkpoints, crl=crl)
@@ -154,11 +195,14 @@ def verify_command(
     signers = [pki.load_certificate(path) for path in (cert or [files.certificate])]
     ca_certificate, revocations = _trust(files)
     collected = collect_receipts(receipts) if receipts else []
-    report = verify(files.ledger, signers, checkpoints_dir=files.checkpoints, ca_certificate=ca_certificate,
-                    crl=revocations)
+    report = verify(
+        files.ledger, signers, checkpoints_dir=files.checkpoints, ca_certificate=ca_certificate, crl=revocations
+    )
     if not report.ok:
-        fail(f"{files.ledger}: BROKEN at record seq {report.error_seq} (line {report.error_line}): "
-             f"{report.error}", code=1)
+        fail(
+            f"{files.ledger}: BROKEN at record seq {report.error_seq} (line {report.error_line}): {report.error}",
+            code=1,
+        )
     _print_verified(files, report, trusted=ca_certificate is not None)
     if receipts:
         _report_receipts(check_receipts(read_records(files.ledger), collected, signers))
@@ -166,12 +210,17 @@ def verify_command(
 
 def _print_verified(files: LedgerFiles, report: VerifyReport, *, trusted: bool) -> None:
     tail = " (an incomplete last append was ignored)" if report.incomplete_tail else ""
-    print(f"{files.ledger}: OK, {report.records} records, head {report.head_hash}; "
-          f"{report.checkpoints_checked} checkpoint digests and {report.site_signatures_checked} "
-          f"site signatures checked{tail}")
+    print(
+        f"{files.ledger}: OK, {report.records} records, head {report.head_hash}; "
+        f"{report.checkpoints_checked} checkpoint digests and {report.site_signatures_checked} "
+        f"site signatures checked{tail}"
+    )
     if not trusted:
-        err.print("note: no --ca given: the signer certificate was taken on trust, not checked against the "
-                  "consortium CA", highlight=False, soft_wrap=True)
+        err.print(
+            "note: no --ca given: the signer certificate was taken on trust, not checked against the consortium CA",
+            highlight=False,
+            soft_wrap=True,
+        )
     if files.checkpoints is None:
         err.print("note: no checkpoints folder: model digests were not recomputed", highlight=False)
 
@@ -181,8 +230,9 @@ def _report_receipts(report: ReceiptReport) -> None:
     for finding in report.findings:
         if finding.status != "witnessed":
             label = finding.status.upper() if finding.failed else f"note ({finding.status})"
-            err.print(f"{escape(label)}: {escape(finding.source)}: {escape(finding.detail)}",
-                      highlight=False, soft_wrap=True)
+            err.print(
+                f"{escape(label)}: {escape(finding.source)}: {escape(finding.detail)}", highlight=False, soft_wrap=True
+            )
     counts = ", ".join(f"{report.count(status)} {status}" for status in STATUSES if report.count(status))
     summary = f"receipts: {len(report.findings)} checked: {counts or 'none'}"
     if not report.ok:
@@ -191,9 +241,12 @@ def _report_receipts(report: ReceiptReport) -> None:
 
 
 @lineage_app.command("export")
-def export(ledger: Path = LEDGER, config: Path = CONFIG,
-           format: str = typer.Option("prov-json", "--format", help="prov-json (W3C PROV-JSON)."),  # noqa: A002
-           out: Path = typer.Option(None, "--out", help="File to write (default: stdout).")) -> None:
+def export(
+    ledger: Path = LEDGER,
+    config: Path = CONFIG,
+    format: str = typer.Option("prov-json", "--format", help="prov-json (W3C PROV-JSON)."),  # noqa: A002
+    out: Path = typer.Option(None, "--out", help="File to write (default: stdout)."),
+) -> None:
     """Export the lineage for compliance tools."""
     if format not in ("prov-json", "prov"):
         fail(f"unknown format {format!r}; supported: prov-json")
@@ -211,7 +264,9 @@ def approve_command(
     round: int = typer.Option(..., "--round", min=1, help="The committed round whose model is approved."),  # noqa: A002
     by: str = typer.Option(..., "--by", help="Who approves (name, role)."),
     reason: str = typer.Option(..., "--reason", help="Why: the review that was done."),
-    run: str = RUN, ledger: Path = LEDGER, config: Path = CONFIG,
+    run: str = RUN,
+    ledger: Path = LEDGER,
+    config: Path = CONFIG,
     key: Path = typer.Option(None, "--key", help="Lineage-signing key that signs the ledger (default: from --config)."),
     cert: Path = CERT,
 ) -> None:
@@ -219,18 +274,31 @@ def approve_command(
     files = _files(ledger, config, cert, None, None, key)
     if files.certificate is None or files.private_key is None:
         fail("the lineage-signing --key and --cert (or --config) are needed to sign the approval")
-    record = approve(files.ledger, pki.load_private_key(files.private_key),
-                     pki.load_certificate(files.certificate), server_round=round, by=by, reason=reason,
-                     run_id=run)
-    print(f"approved run {record.run_id} round {round}: model {record.body.model_digest} "
-          f"(record seq {record.seq}, hash {record.hash})")
+    record = approve(
+        files.ledger,
+        pki.load_private_key(files.private_key),
+        pki.load_certificate(files.certificate),
+        server_round=round,
+        by=by,
+        reason=reason,
+        run_id=run,
+    )
+    print(
+        f"approved run {record.run_id} round {round}: model {record.body.model_digest} "
+        f"(record seq {record.seq}, hash {record.hash})"
+    )
 
 
 @model_app.command("export")
 def export_command(
     round: int = typer.Option(..., "--round", min=1, help="The committed round to export."),  # noqa: A002
     out: Path = typer.Option(..., "--out", help="New folder for weights, config.json and MODEL_CARD.md."),
-    run: str = RUN, ledger: Path = LEDGER, config: Path = CONFIG, cert: Path = CERT, ca: Path = CA, crl: Path = CRL,
+    run: str = RUN,
+    ledger: Path = LEDGER,
+    config: Path = CONFIG,
+    cert: Path = CERT,
+    ca: Path = CA,
+    crl: Path = CRL,
     checkpoints: Path = CHECKPOINTS,
     allow_unapproved: bool = typer.Option(False, "--allow-unapproved", help="Export without an approval."),
 ) -> None:
@@ -239,7 +307,15 @@ def export_command(
     if files.certificate is None or files.checkpoints is None:
         fail("the lineage-signing --cert and --checkpoints (or --config) are needed")
     ca_certificate, revocations = _trust(files)
-    path = export_model(files.ledger, pki.load_certificate(files.certificate), files.checkpoints, out,
-                        server_round=round, run_id=run, allow_unapproved=allow_unapproved,
-                        ca_certificate=ca_certificate, crl=revocations)
+    path = export_model(
+        files.ledger,
+        pki.load_certificate(files.certificate),
+        files.checkpoints,
+        out,
+        server_round=round,
+        run_id=run,
+        allow_unapproved=allow_unapproved,
+        ca_certificate=ca_certificate,
+        crl=revocations,
+    )
     print(f"exported to {path}: model.safetensors, config.json, MODEL_CARD.md")

@@ -30,15 +30,35 @@ prov
 """
 
 from .format import (
-    GENESIS_PREV, RECORD_FIELDS, RECORD_TYPES, WITNESS_PURPOSE, LedgerHead, LineageError, canonical_encoding,
-    read_records, record_hash, witness_statement,
+    GENESIS_PREV,
+    RECORD_FIELDS,
+    RECORD_TYPES,
+    WITNESS_PURPOSE,
+    LedgerHead,
+    LineageError,
+    canonical_encoding,
+    read_records,
+    record_hash,
+    witness_statement,
 )
 from .prov import PROV_PREFIXES, export_prov
 from .verify import VerifyReport, verify
 from .writer import LineageWriter
 
 __all__ = [
-    "GENESIS_PREV", "PROV_PREFIXES", "RECORD_FIELDS", "RECORD_TYPES", "WITNESS_PURPOSE", "LedgerHead",
-    "LineageError", "LineageWriter", "VerifyReport", "canonical_encoding", "export_prov", "read_records",
-    "record_hash", "verify", "witness_statement",
+    "GENESIS_PREV",
+    "PROV_PREFIXES",
+    "RECORD_FIELDS",
+    "RECORD_TYPES",
+    "WITNESS_PURPOSE",
+    "LedgerHead",
+    "LineageError",
+    "LineageWriter",
+    "VerifyReport",
+    "canonical_encoding",
+    "export_prov",
+    "read_records",
+    "record_hash",
+    "verify",
+    "witness_statement",
 ]

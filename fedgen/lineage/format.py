@@ -110,8 +110,15 @@ from typing import Any
 
 from fedgen.errors import FedgenError
 
-RECORD_TYPES = ("run_started", "round_committed", "update_rejected", "site_refused",
-                "model_approved", "run_finished", "run_failed")
+RECORD_TYPES = (
+    "run_started",
+    "round_committed",
+    "update_rejected",
+    "site_refused",
+    "model_approved",
+    "run_finished",
+    "run_failed",
+)
 RECORD_FIELDS = ("body", "hash", "prev", "run_id", "seq", "signature", "signer", "time", "type")
 GENESIS_PREV = "0" * 64
 WITNESS_PURPOSE = "fedgen lineage witness v1"
@@ -140,11 +147,14 @@ def canonical_encoding(value: Any) -> bytes:
         surrogates).
     """
     try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+            "utf-8"
+        )
     except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
-        raise LineageError(f"not representable as lineage JSON ({exc}); record NaN or infinity "
-                           "as null or a string, and numpy values as plain numbers") from None
+        raise LineageError(
+            f"not representable as lineage JSON ({exc}); record NaN or infinity "
+            "as null or a string, and numpy values as plain numbers"
+        ) from None
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -236,15 +246,24 @@ class LedgerHead:
     signature: str
 
 
-def witness_statement(run_id: str, server_round: int, head_seq: int | None, head_hash: str | None,
-                      update_digest: str) -> bytes:
+def witness_statement(
+    run_id: str, server_round: int, head_seq: int | None, head_hash: str | None, update_digest: str
+) -> bytes:
     """The bytes a site signs for a round: its update and the ledger head it was shown.
 
     Both sides build it here: the site to sign it, the aggregator's recorder and `verify`
     to check the signature, from the round record (see *What sites sign* above).
     """
-    return canonical_encoding({"purpose": WITNESS_PURPOSE, "run_id": run_id, "round": server_round,
-                               "head_seq": head_seq, "head_hash": head_hash, "update_digest": update_digest})
+    return canonical_encoding(
+        {
+            "purpose": WITNESS_PURPOSE,
+            "run_id": run_id,
+            "round": server_round,
+            "head_seq": head_seq,
+            "head_hash": head_hash,
+            "update_digest": update_digest,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------- lines
@@ -290,8 +309,11 @@ def _field_problems(record: dict[str, Any]) -> list[str]:
         "signer": is_hex_digest,
         "signature": lambda v: isinstance(v, str),
     }
-    problems += [f"invalid {name} {record[name]!r:.80}" for name, valid in checks.items()
-                 if name in record and not valid(record[name])]
+    problems += [
+        f"invalid {name} {record[name]!r:.80}"
+        for name, valid in checks.items()
+        if name in record and not valid(record[name])
+    ]
     return problems
 
 
@@ -320,11 +342,15 @@ def decode_line(raw: bytes) -> dict[str, Any]:
 def check_chain(record: dict[str, Any], position: int, prev_hash: str) -> None:
     """Check seq, prev and hash of a well-formed record at ``position``."""
     if record["seq"] != position:
-        raise LineageError(f"the record holds seq {record['seq']} where seq {position} belongs: "
-                           "a record was deleted, duplicated or moved")
+        raise LineageError(
+            f"the record holds seq {record['seq']} where seq {position} belongs: "
+            "a record was deleted, duplicated or moved"
+        )
     if record["prev"] != prev_hash:
-        raise LineageError(f"prev {record['prev'][:16]}… is not the hash of the record before it "
-                           f"({prev_hash[:16]}…): the chain is broken")
+        raise LineageError(
+            f"prev {record['prev'][:16]}… is not the hash of the record before it "
+            f"({prev_hash[:16]}…): the chain is broken"
+        )
     if record["hash"] != record_hash(record):
         raise LineageError("the hash does not match the record's contents: the record was changed")
 

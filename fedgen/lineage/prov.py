@@ -23,8 +23,13 @@ def _qualified(name: str) -> dict[str, str]:
 class _ProvDocument:
     """A PROV-JSON document under construction, with unique relation ids."""
 
-    _RELATION_PREFIXES = {"wasGeneratedBy": "wgb", "used": "u", "wasAssociatedWith": "waw",
-                          "wasAttributedTo": "wat", "wasDerivedFrom": "wdf"}
+    _RELATION_PREFIXES = {
+        "wasGeneratedBy": "wgb",
+        "used": "u",
+        "wasAssociatedWith": "waw",
+        "wasAttributedTo": "wat",
+        "wasDerivedFrom": "wdf",
+    }
 
     def __init__(self) -> None:
         self.nodes: dict[str, dict[str, dict[str, Any]]] = {"entity": {}, "activity": {}, "agent": {}}
@@ -33,8 +38,9 @@ class _ProvDocument:
 
     def node(self, kind: str, identifier: str, attributes: dict[str, Any]) -> str:
         """Add a node unless it exists (it keeps the attributes it was first given; None ones are left out)."""
-        self.nodes[kind].setdefault(identifier, {name: value for name, value in attributes.items()
-                                                 if value is not None})
+        self.nodes[kind].setdefault(
+            identifier, {name: value for name, value in attributes.items() if value is not None}
+        )
         return identifier
 
     def relate(self, kind: str, **members: Any) -> None:
@@ -49,16 +55,23 @@ class _ProvDocument:
             self.relate("wasGeneratedBy", entity=entity, activity=activity, time=time)
 
     def model(self, digest: str, run_id: str, round_number: Any) -> str:
-        return self.node("entity", f"sha256:{digest}", {
-            "prov:type": _qualified("fedgen:Model"), "fedgen:run": run_id, "fedgen:round": round_number})
+        return self.node(
+            "entity",
+            f"sha256:{digest}",
+            {"prov:type": _qualified("fedgen:Model"), "fedgen:run": run_id, "fedgen:round": round_number},
+        )
 
     def aggregator(self, signer: str) -> str:
-        return self.node("agent", f"fedgen:aggregator-{signer[:16]}", {
-            "prov:type": _qualified("prov:SoftwareAgent"), "fedgen:certificateFingerprint": signer})
+        return self.node(
+            "agent",
+            f"fedgen:aggregator-{signer[:16]}",
+            {"prov:type": _qualified("prov:SoftwareAgent"), "fedgen:certificateFingerprint": signer},
+        )
 
     def site(self, site: str) -> str:
-        return self.node("agent", f"fedgen:site-{_local(site)}", {
-            "prov:type": _qualified("prov:Organization"), "fedgen:site": site})
+        return self.node(
+            "agent", f"fedgen:site-{_local(site)}", {"prov:type": _qualified("prov:Organization"), "fedgen:site": site}
+        )
 
     def document(self) -> dict[str, Any]:
         return {"prefix": dict(PROV_PREFIXES), **self.nodes, **self.relations}
@@ -69,8 +82,12 @@ def _add_round(document: _ProvDocument, record: dict[str, Any]) -> None:
     number = body.get("round", f"seq{record['seq']}")
     round_name = f"run-{_local(run_id)}-round-{_local(number)}"
     model_in, model_out = digest_member(body, "model_in"), digest_member(body, "model_out")
-    attributes = {"prov:type": _qualified("fedgen:AggregationRound"), "fedgen:run": run_id,
-                  "fedgen:round": number, "prov:endTime": record["time"]}
+    attributes = {
+        "prov:type": _qualified("fedgen:AggregationRound"),
+        "fedgen:run": run_id,
+        "fedgen:round": number,
+        "prov:endTime": record["time"],
+    }
     if isinstance(body.get("started_at"), str):
         attributes["prov:startTime"] = body["started_at"]
     round_id = document.node("activity", f"fedgen:{round_name}", attributes)
@@ -92,22 +109,27 @@ def _add_round(document: _ProvDocument, record: dict[str, Any]) -> None:
         _add_contribution(document, contribution, round_name, round_id, input_id)
 
 
-def _add_contribution(document: _ProvDocument, contribution: Any, round_name: str,
-                      round_id: str, input_id: str | None) -> None:
+def _add_contribution(
+    document: _ProvDocument, contribution: Any, round_name: str, round_id: str, input_id: str | None
+) -> None:
     if not isinstance(contribution, Mapping):
         return
     site, update_digest = contribution.get("site"), contribution.get("update_digest")
     if not isinstance(site, str) or not is_hex_digest(update_digest):
         return
     site_id = document.site(site)
-    training_id = document.node("activity", f"fedgen:{round_name}-site-{_local(site)}", {
-        "prov:type": _qualified("fedgen:LocalTraining"), "fedgen:site": site})
+    training_id = document.node(
+        "activity",
+        f"fedgen:{round_name}-site-{_local(site)}",
+        {"prov:type": _qualified("fedgen:LocalTraining"), "fedgen:site": site},
+    )
     document.relate("wasAssociatedWith", activity=training_id, agent=site_id)
     if input_id is not None:
         document.relate("used", activity=training_id, entity=input_id)
     attributes: dict[str, Any] = {"prov:type": _qualified("fedgen:ModelUpdate"), "fedgen:site": site}
-    attributes.update({f"fedgen:{key}": contribution[key] for key in ("examples", "epsilon", "delta")
-                       if key in contribution})
+    attributes.update(
+        {f"fedgen:{key}": contribution[key] for key in ("examples", "epsilon", "delta") if key in contribution}
+    )
     update_id = document.node("entity", f"sha256:{update_digest}", attributes)
     document.generated_by(update_id, training_id)
     document.relate("wasAttributedTo", entity=update_id, agent=site_id)
@@ -117,13 +139,18 @@ def _add_contribution(document: _ProvDocument, contribution: Any, round_name: st
 def _add_approval(document: _ProvDocument, record: dict[str, Any]) -> None:
     body = record["body"]
     person = str(body.get("by", "unknown"))
-    person_id = document.node("agent", f"fedgen:person-{_local(person)}", {
-        "prov:type": _qualified("prov:Person"), "fedgen:name": person})
-    attributes = {"prov:type": _qualified("fedgen:ModelApproval"), "fedgen:run": record["run_id"],
-                  "prov:endTime": record["time"]}
+    person_id = document.node(
+        "agent", f"fedgen:person-{_local(person)}", {"prov:type": _qualified("prov:Person"), "fedgen:name": person}
+    )
+    attributes = {
+        "prov:type": _qualified("fedgen:ModelApproval"),
+        "fedgen:run": record["run_id"],
+        "prov:endTime": record["time"],
+    }
     attributes.update({f"fedgen:{key}": body[key] for key in ("round", "reason") if key in body})
-    approval_id = document.node("activity", f"fedgen:run-{_local(record['run_id'])}-approval-{record['seq']}",
-                                attributes)
+    approval_id = document.node(
+        "activity", f"fedgen:run-{_local(record['run_id'])}-approval-{record['seq']}", attributes
+    )
     document.relate("wasAssociatedWith", activity=approval_id, agent=person_id)
     if is_hex_digest(body.get("model_digest")):
         model_id = document.model(body["model_digest"], record["run_id"], body.get("round"))

@@ -59,7 +59,6 @@ from cryptography import x509
 
 from fedgen import pki
 from fedgen.errors import FedgenError
-
 from fedgen.state_files import RECEIPTS_FILE
 
 from .format import LedgerHead, StrPath, canonical_encoding, is_count, is_hex_digest
@@ -111,9 +110,14 @@ class Receipt:
         if missing or extra:
             raise ReceiptError(f"members missing: {missing or 'none'}; unknown: {extra or 'none'}")
         checks = {
-            "site": lambda v: isinstance(v, str) and bool(v), "run_id": lambda v: isinstance(v, str) and bool(v),
-            "round": is_count, "head_seq": is_count, "head_hash": is_hex_digest, "update_digest": is_hex_digest,
-            "head_signature": lambda v: isinstance(v, str), "signature": lambda v: v is None or isinstance(v, str),
+            "site": lambda v: isinstance(v, str) and bool(v),
+            "run_id": lambda v: isinstance(v, str) and bool(v),
+            "round": is_count,
+            "head_seq": is_count,
+            "head_hash": is_hex_digest,
+            "update_digest": is_hex_digest,
+            "head_signature": lambda v: isinstance(v, str),
+            "signature": lambda v: v is None or isinstance(v, str),
             "time": lambda v: isinstance(v, str),
         }
         wrong = [f"{name} {value[name]!r:.60}" for name, valid in checks.items() if not valid(value[name])]
@@ -180,8 +184,9 @@ def check_ledger_head(head: LedgerHead | None, signer_pem: str | None, ca_certif
         names no path: it goes back to the aggregator.
     """
     if head is None or signer_pem is None:
-        raise WitnessError("the aggregator sent no lineage ledger head: the site does not contribute to "
-                           "a round it cannot witness")
+        raise WitnessError(
+            "the aggregator sent no lineage ledger head: the site does not contribute to a round it cannot witness"
+        )
     try:
         signer = x509.load_pem_x509_certificate(signer_pem.encode("ascii"))
         pki.verify_issued_by(signer, ca_certificate)
@@ -190,17 +195,27 @@ def check_ledger_head(head: LedgerHead | None, signer_pem: str | None, ca_certif
         raise WitnessError(f"the ledger head's signer is not the consortium's lineage signer: {exc}") from None
     signature = _decode_base64(head.signature)
     if signature is None or not pki.verify_digest_signature(signer, head.hash, signature):
-        raise WitnessError(f"the ledger head (seq {head.seq}, hash {head.hash[:16]}…) is not signed by the "
-                           "lineage-signing certificate sent with it")
+        raise WitnessError(
+            f"the ledger head (seq {head.seq}, hash {head.hash[:16]}…) is not signed by the "
+            "lineage-signing certificate sent with it"
+        )
 
 
-def new_receipt(site: str, run_id: str, server_round: int, head: LedgerHead, update_digest: str,
-                signature: bytes | None) -> Receipt:
+def new_receipt(
+    site: str, run_id: str, server_round: int, head: LedgerHead, update_digest: str, signature: bytes | None
+) -> Receipt:
     """The receipt of a round a site trained, timestamped now."""
-    return Receipt(site=site, run_id=run_id, round=server_round, head_seq=head.seq, head_hash=head.hash,
-                   head_signature=head.signature, update_digest=update_digest,
-                   signature=base64.b64encode(signature).decode("ascii") if signature is not None else None,
-                   time=datetime.now(timezone.utc).isoformat(timespec="microseconds"))
+    return Receipt(
+        site=site,
+        run_id=run_id,
+        round=server_round,
+        head_seq=head.seq,
+        head_hash=head.hash,
+        head_signature=head.signature,
+        update_digest=update_digest,
+        signature=base64.b64encode(signature).decode("ascii") if signature is not None else None,
+        time=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+    )
 
 
 def append_receipt(state_dir: StrPath, receipt: Receipt) -> Path:
@@ -295,8 +310,10 @@ def collect_receipts(locations: Sequence[StrPath]) -> list[LocatedReceipt]:
         if location.is_dir():
             files = sorted(p for p in location.iterdir() if p.name.endswith(RECEIPTS_FILE) and p.is_file())
             if not files:
-                raise ReceiptError(f"{location} holds no receipts file ({RECEIPTS_FILE} in a site's state "
-                                   f"folder, or *{RECEIPTS_FILE} collected from sites)")
+                raise ReceiptError(
+                    f"{location} holds no receipts file ({RECEIPTS_FILE} in a site's state "
+                    f"folder, or *{RECEIPTS_FILE} collected from sites)"
+                )
         elif location.is_file():
             files = [location]
         else:
@@ -309,7 +326,8 @@ def collect_receipts(locations: Sequence[StrPath]) -> list[LocatedReceipt]:
 def _attested(receipt: Receipt, signers: Sequence[x509.Certificate]) -> bool:
     signature = _decode_base64(receipt.head_signature)
     return signature is not None and any(
-        pki.verify_digest_signature(cert, receipt.head_hash, signature) for cert in signers)
+        pki.verify_digest_signature(cert, receipt.head_hash, signature) for cert in signers
+    )
 
 
 def _describe(record: Mapping[str, Any]) -> str:
@@ -324,10 +342,10 @@ class _Ledger:
         self.records = list(records)
 
     def after(self, seq: int, run_id: str) -> list[Mapping[str, Any]]:
-        return [r for r in self.records[seq + 1:] if r["run_id"] == run_id]
+        return [r for r in self.records[seq + 1 :] if r["run_id"] == run_id]
 
     def resumed_by(self, seq: int, run_id: str) -> Mapping[str, Any] | None:
-        for record in self.records[seq + 1:]:
+        for record in self.records[seq + 1 :]:
             resumes = record["body"].get("resumes") if record["type"] == "run_started" else None
             if isinstance(resumes, Mapping) and resumes.get("run_id") == run_id:
                 return record
@@ -339,17 +357,23 @@ def _finding(ledger: _Ledger, receipt: Receipt, signers: Sequence[x509.Certifica
     who = f"site {receipt.site!r} (run {receipt.run_id}, round {receipt.round})"
     shown = f"seq {receipt.head_seq} (hash {receipt.head_hash[:16]}…)"
     if not _attested(receipt, signers):
-        return "unattested", (f"the head {shown} in the receipt of {who} is not signed by the lineage-signing "
-                              "certificate given: the receipt belongs to another ledger or was forged")
+        return "unattested", (
+            f"the head {shown} in the receipt of {who} is not signed by the lineage-signing "
+            "certificate given: the receipt belongs to another ledger or was forged"
+        )
     records = ledger.records
     if receipt.head_seq >= len(records):
-        return "truncated", (f"the ledger ends at seq {len(records) - 1}, but {who} was shown the record at "
-                             f"{shown}, signed by the lineage key: records were removed from the end")
+        return "truncated", (
+            f"the ledger ends at seq {len(records) - 1}, but {who} was shown the record at "
+            f"{shown}, signed by the lineage key: records were removed from the end"
+        )
     at_seq = records[receipt.head_seq]
     if at_seq["hash"] != receipt.head_hash:
-        return "rewritten", (f"the record at seq {receipt.head_seq} ({_describe(at_seq)}, hash "
-                             f"{at_seq['hash'][:16]}…) is not the one {who} was shown ({shown}, signed by the "
-                             f"lineage key): the ledger was rewritten at or before seq {receipt.head_seq}")
+        return "rewritten", (
+            f"the record at seq {receipt.head_seq} ({_describe(at_seq)}, hash "
+            f"{at_seq['hash'][:16]}…) is not the one {who} was shown ({shown}, signed by the "
+            f"lineage key): the ledger was rewritten at or before seq {receipt.head_seq}"
+        )
     return _update_finding(ledger, receipt, who)
 
 
@@ -369,36 +393,51 @@ def _update_finding(ledger: _Ledger, receipt: Receipt, who: str) -> tuple[str, s
         if record["type"] == "update_rejected" and body.get("site") == receipt.site:
             if body.get("update_digest") == receipt.update_digest:
                 return "witnessed", f"{who}: {update} recorded as rejected at {where}"
-            return "rewritten", (f"the update_rejected record at {where} names update "
-                                 f"{str(body.get('update_digest'))[:16]}… of {who}, which sent {update}")
+            return "rewritten", (
+                f"the update_rejected record at {where} names update "
+                f"{str(body.get('update_digest'))[:16]}… of {who}, which sent {update}"
+            )
         if record["type"] != "round_committed":
             continue
         listed = _entries_of(body, "contributions", receipt.site)
         if any(c.get("update_digest") == receipt.update_digest for c in listed):
             return "witnessed", f"{who}: {update} is a contribution of the round record at {where}"
         if listed:
-            return "rewritten", (f"the round record at {where} lists update "
-                                 f"{str(listed[0].get('update_digest'))[:16]}… for {who}, which sent {update}")
+            return "rewritten", (
+                f"the round record at {where} lists update "
+                f"{str(listed[0].get('update_digest'))[:16]}… for {who}, which sent {update}"
+            )
         failed = _entries_of(body, "failed", receipt.site)
         if failed:
-            return "unacknowledged", (f"the round record at {where} lists {who} as failed "
-                                      f"({failed[0].get('reason')}): its {update} was not used")
+            return "unacknowledged", (
+                f"the round record at {where} lists {who} as failed "
+                f"({failed[0].get('reason')}): its {update} was not used"
+            )
         return "rewritten", f"the round record at {where} does not list the {update} of {who}"
     failure = next((r for r in later if r["type"] == "run_failed"), None)
     if failure is not None:
-        return "uncommitted", (f"run {receipt.run_id} failed at seq {failure['seq']} before committing round "
-                               f"{receipt.round}; {who} sent {update}")
+        return "uncommitted", (
+            f"run {receipt.run_id} failed at seq {failure['seq']} before committing round "
+            f"{receipt.round}; {who} sent {update}"
+        )
     resumed = ledger.resumed_by(receipt.head_seq, receipt.run_id)
     if resumed is not None:
-        return "uncommitted", (f"run {receipt.run_id} was resumed by run {resumed['run_id']} (seq "
-                               f"{resumed['seq']}) before committing round {receipt.round}; {who} sent {update}")
-    return "dropped", (f"no record after seq {receipt.head_seq} accounts for the {update} of {who}: the ledger was "
-                       "cut after the site's update, or the aggregator stopped before committing the round "
-                       "(if the run is still going, check again when it has ended)")
+        return "uncommitted", (
+            f"run {receipt.run_id} was resumed by run {resumed['run_id']} (seq "
+            f"{resumed['seq']}) before committing round {receipt.round}; {who} sent {update}"
+        )
+    return "dropped", (
+        f"no record after seq {receipt.head_seq} accounts for the {update} of {who}: the ledger was "
+        "cut after the site's update, or the aggregator stopped before committing the round "
+        "(if the run is still going, check again when it has ended)"
+    )
 
 
-def check_receipts(records: Sequence[Mapping[str, Any]], receipts: Sequence[LocatedReceipt],
-                   signer_certificates: Sequence[x509.Certificate]) -> ReceiptReport:
+def check_receipts(
+    records: Sequence[Mapping[str, Any]],
+    receipts: Sequence[LocatedReceipt],
+    signer_certificates: Sequence[x509.Certificate],
+) -> ReceiptReport:
     """Check a verified ledger's records against the receipts sites kept.
 
     Parameters
@@ -418,6 +457,9 @@ def check_receipts(records: Sequence[Mapping[str, Any]], receipts: Sequence[Loca
         dropped record.
     """
     ledger = _Ledger(records)
-    return ReceiptReport([ReceiptFinding(located.source, located.receipt,
-                                         *_finding(ledger, located.receipt, signer_certificates))
-                          for located in receipts])
+    return ReceiptReport(
+        [
+            ReceiptFinding(located.source, located.receipt, *_finding(ledger, located.receipt, signer_certificates))
+            for located in receipts
+        ]
+    )

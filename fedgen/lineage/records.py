@@ -219,8 +219,10 @@ class RunFailed(Body):
     error: str
 
 
-BODY_TYPES: dict[str, type[Body]] = {body.TYPE: body for body in (
-    RunStarted, RoundCommitted, UpdateRejected, SiteRefused, ModelApproved, RunFinished, RunFailed)}
+BODY_TYPES: dict[str, type[Body]] = {
+    body.TYPE: body
+    for body in (RunStarted, RoundCommitted, UpdateRejected, SiteRefused, ModelApproved, RunFinished, RunFailed)
+}
 
 
 # ---------------------------------------------------------------------------- typed records
@@ -270,8 +272,13 @@ def parse_record(record: Mapping[str, Any], *, source: StrPath | None = None) ->
     return _parse(record, BODY_TYPES[record["type"]], source)
 
 
-def records_of(records: Iterable[Mapping[str, Any]], body_type: type[BodyT], *, run_id: str | None = None,
-               source: StrPath | None = None) -> list[Record[BodyT]]:
+def records_of(
+    records: Iterable[Mapping[str, Any]],
+    body_type: type[BodyT],
+    *,
+    run_id: str | None = None,
+    source: StrPath | None = None,
+) -> list[Record[BodyT]]:
     """The records of ``body_type``'s type (and of run ``run_id``, if given), in order, bodies parsed.
 
     Raises
@@ -279,5 +286,8 @@ def records_of(records: Iterable[Mapping[str, Any]], body_type: type[BodyT], *, 
     LineageError
         As `parse_record`, for any of those records.
     """
-    return [_parse(record, body_type, source) for record in records
-            if record["type"] == body_type.TYPE and (run_id is None or record["run_id"] == run_id)]
+    return [
+        _parse(record, body_type, source)
+        for record in records
+        if record["type"] == body_type.TYPE and (run_id is None or record["run_id"] == run_id)
+    ]

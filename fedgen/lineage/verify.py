@@ -46,8 +46,21 @@ from cryptography import x509
 from fedgen import pki
 
 from .format import (
-    GENESIS_PREV, LineageError, StrPath, check_chain, decode_line, decode_signature, digest_member, is_count,
-    is_hex_digest, location, mapping_member, parse_time, read_ledger, tail_problem, witness_statement,
+    GENESIS_PREV,
+    LineageError,
+    StrPath,
+    check_chain,
+    decode_line,
+    decode_signature,
+    digest_member,
+    is_count,
+    is_hex_digest,
+    location,
+    mapping_member,
+    parse_time,
+    read_ledger,
+    tail_problem,
+    witness_statement,
 )
 
 
@@ -105,12 +118,16 @@ def _checkpoint_digest(path: Path) -> str:
         raise LineageError(f"checkpoint {exc}") from None
 
 
-
 class _Auditor:
     """What `verify` knows while it walks a ledger: trust anchors, checked counts, the chain so far."""
 
-    def __init__(self, signer_certificates: Sequence[x509.Certificate], checkpoints_dir: Path | None,
-                 ca_certificate: x509.Certificate | None, crl: x509.CertificateRevocationList | None) -> None:
+    def __init__(
+        self,
+        signer_certificates: Sequence[x509.Certificate],
+        checkpoints_dir: Path | None,
+        ca_certificate: x509.Certificate | None,
+        crl: x509.CertificateRevocationList | None,
+    ) -> None:
         self.signers = {pki.fingerprint(cert): cert for cert in signer_certificates}
         self.checkpoints_dir = checkpoints_dir
         self.ca_certificate = ca_certificate
@@ -126,8 +143,10 @@ class _Auditor:
         certificate = self.signers.get(record["signer"])
         if certificate is None:
             expected = ", ".join(f"{fp[:16]}…" for fp in self.signers)
-            raise LineageError(f"the record was signed by {record['signer'][:16]}…, not by the lineage-signing "
-                               f"certificate given ({expected}): the record was re-signed by someone else")
+            raise LineageError(
+                f"the record was signed by {record['signer'][:16]}…, not by the lineage-signing "
+                f"certificate given ({expected}): the record was re-signed by someone else"
+            )
         try:
             pki.check_lineage_signer(certificate)
         except pki.PKIError as exc:
@@ -150,8 +169,10 @@ class _Auditor:
             raise LineageError(f"{what} does not check out against the CA at the record's time: {exc}") from None
         revoked_at = pki.revocation_time(certificate, self.crl) if self.crl is not None else None
         if revoked_at is not None and (moment is None or moment >= revoked_at):
-            raise LineageError(f"{what} (serial {certificate.serial_number:x}) was revoked on "
-                               f"{revoked_at.isoformat()}, before this record was signed")
+            raise LineageError(
+                f"{what} (serial {certificate.serial_number:x}) was revoked on "
+                f"{revoked_at.isoformat()}, before this record was signed"
+            )
 
     def _check_round(self, record: dict[str, Any], moment: datetime | None) -> None:
         body, run_id = record["body"], record["run_id"]
@@ -159,9 +180,11 @@ class _Auditor:
         model_in, model_out = digest_member(body, "model_in"), digest_member(body, "model_out")
         previous = self.model_out_of_run.get(run_id)
         if model_in is not None and previous is not None and model_in != previous:
-            raise LineageError(f"model_in {model_in[:16]}… is not the model_out {previous[:16]}… of run "
-                               f"{run_id!r}'s previous committed round: a round is missing or the "
-                               "global model was swapped between rounds")
+            raise LineageError(
+                f"model_in {model_in[:16]}… is not the model_out {previous[:16]}… of run "
+                f"{run_id!r}'s previous committed round: a round is missing or the "
+                "global model was swapped between rounds"
+            )
         if model_out is not None:
             self.model_out_of_run[run_id] = model_out
             self._check_checkpoint(body["model_out"], model_out)
@@ -180,8 +203,10 @@ class _Auditor:
         if not is_count(seq) or not is_hex_digest(head_hash):
             raise LineageError(f"ledger_head {dict(head)!r:.120} is not a seq and a hash")
         if seq >= len(self.hashes) or self.hashes[seq] != head_hash:
-            raise LineageError(f"ledger_head names seq {seq} with hash {head_hash[:16]}…, which is not a record "
-                               "before this one in this ledger")
+            raise LineageError(
+                f"ledger_head names seq {seq} with hash {head_hash[:16]}…, which is not a record "
+                "before this one in this ledger"
+            )
         return seq, head_hash
 
     def _check_checkpoint(self, model_out: Mapping[str, Any], model_digest: str) -> None:
@@ -195,13 +220,21 @@ class _Auditor:
             raise LineageError(f"checkpoint {name} that this record commits is missing from {self.checkpoints_dir}")
         actual = _checkpoint_digest(path)
         if actual != model_digest:
-            raise LineageError(f"checkpoint {path} holds a model with digest {actual[:16]}…, not the "
-                               f"model_out {model_digest[:16]}… this record commits: the file was "
-                               "altered or swapped")
+            raise LineageError(
+                f"checkpoint {path} holds a model with digest {actual[:16]}…, not the "
+                f"model_out {model_digest[:16]}… this record commits: the file was "
+                "altered or swapped"
+            )
         self.checkpoints_checked += 1
 
-    def _check_contribution(self, contribution: Any, moment: datetime | None, run_id: str, server_round: Any,
-                            head: tuple[int | None, str | None]) -> None:
+    def _check_contribution(
+        self,
+        contribution: Any,
+        moment: datetime | None,
+        run_id: str,
+        server_round: Any,
+        head: tuple[int | None, str | None],
+    ) -> None:
         if not isinstance(contribution, Mapping) or not isinstance(contribution.get("site"), str):
             raise LineageError("every contribution must be an object with a string 'site'")
         site = contribution["site"]
@@ -220,14 +253,17 @@ class _Auditor:
             raise LineageError(f"{where} carries a certificate that is not PEM ({exc})") from None
         recorded = contribution.get("fingerprint")
         if recorded is not None and recorded != pki.fingerprint(certificate):
-            raise LineageError(f"{where} names certificate {str(recorded)[:16]}… but carries "
-                               f"{pki.fingerprint(certificate)[:16]}…")
+            raise LineageError(
+                f"{where} names certificate {str(recorded)[:16]}… but carries {pki.fingerprint(certificate)[:16]}…"
+            )
         statement = witness_statement(run_id, server_round, *head, digest)
         signature = decode_signature(signature_text) if isinstance(signature_text, str) else None
         if signature is None or not pki.verify_message_signature(certificate, statement, signature):
-            raise LineageError(f"{where}: the site signature over update {digest[:16]}… and ledger head "
-                               f"{head[1][:16] + '…' if head[1] else 'none'} is not valid under the "
-                               "certificate recorded with it")
+            raise LineageError(
+                f"{where}: the site signature over update {digest[:16]}… and ledger head "
+                f"{head[1][:16] + '…' if head[1] else 'none'} is not valid under the "
+                "certificate recorded with it"
+            )
         if self.ca_certificate is not None:
             self._check_issued(certificate, moment, f"the certificate of site {site!r}")
             self._check_site_name(certificate, site, where)
@@ -242,19 +278,36 @@ class _Auditor:
         if named != site:
             raise LineageError(f"{where} is signed with the certificate of site {named!r}")
 
-    def report(self, *, records: int, head: str | None, incomplete_tail: bool,
-               error: str | None = None, error_line: int | None = None) -> VerifyReport:
+    def report(
+        self,
+        *,
+        records: int,
+        head: str | None,
+        incomplete_tail: bool,
+        error: str | None = None,
+        error_line: int | None = None,
+    ) -> VerifyReport:
         return VerifyReport(
-            ok=error is None, records=records, head_hash=head, error=error,
-            error_seq=None if error_line is None else error_line - 1, error_line=error_line,
-            incomplete_tail=incomplete_tail, checkpoints_checked=self.checkpoints_checked,
+            ok=error is None,
+            records=records,
+            head_hash=head,
+            error=error,
+            error_seq=None if error_line is None else error_line - 1,
+            error_line=error_line,
+            incomplete_tail=incomplete_tail,
+            checkpoints_checked=self.checkpoints_checked,
             site_signatures_checked=self.site_signatures_checked,
         )
 
 
-def verify(path: StrPath, signer_certificate: x509.Certificate | Sequence[x509.Certificate], *,
-           checkpoints_dir: StrPath | None = None, ca_certificate: x509.Certificate | None = None,
-           crl: x509.CertificateRevocationList | None = None) -> VerifyReport:
+def verify(
+    path: StrPath,
+    signer_certificate: x509.Certificate | Sequence[x509.Certificate],
+    *,
+    checkpoints_dir: StrPath | None = None,
+    ca_certificate: x509.Certificate | None = None,
+    crl: x509.CertificateRevocationList | None = None,
+) -> VerifyReport:
     """Walk a ledger's chain and stop at the first broken record (see the module docstring).
 
     Parameters
@@ -287,8 +340,9 @@ def verify(path: StrPath, signer_certificate: x509.Certificate | Sequence[x509.C
         If the ledger file cannot be read, or a CRL is given that the CA did not sign or
         that is past its next update.
     """
-    certificates = ([signer_certificate] if isinstance(signer_certificate, x509.Certificate)
-                    else list(signer_certificate))
+    certificates = (
+        [signer_certificate] if isinstance(signer_certificate, x509.Certificate) else list(signer_certificate)
+    )
     if crl is not None:
         if ca_certificate is None:
             raise LineageError("a CRL can only be checked against the CA that signed it: give the CA as well")
@@ -296,8 +350,7 @@ def verify(path: StrPath, signer_certificate: x509.Certificate | Sequence[x509.C
             pki.check_crl(crl, ca_certificate)
         except pki.PKIError as exc:
             raise LineageError(f"the CRL cannot be used: {exc}") from None
-    auditor = _Auditor(certificates, None if checkpoints_dir is None else Path(checkpoints_dir),
-                       ca_certificate, crl)
+    auditor = _Auditor(certificates, None if checkpoints_dir is None else Path(checkpoints_dir), ca_certificate, crl)
     lines, tail = read_ledger(Path(path))
     head = None
     for position, raw in enumerate(lines):
@@ -307,12 +360,14 @@ def verify(path: StrPath, signer_certificate: x509.Certificate | Sequence[x509.C
             auditor.check(record)
         except LineageError as exc:
             line = position + 1
-            return auditor.report(records=position, head=head, incomplete_tail=False,
-                                  error=f"{location(line)}: {exc}", error_line=line)
+            return auditor.report(
+                records=position, head=head, incomplete_tail=False, error=f"{location(line)}: {exc}", error_line=line
+            )
         head = record["hash"]
     problem = tail_problem(tail) if tail else None
     if problem:
         line = len(lines) + 1
-        return auditor.report(records=len(lines), head=head, incomplete_tail=False,
-                              error=f"{location(line)}: {problem}", error_line=line)
+        return auditor.report(
+            records=len(lines), head=head, incomplete_tail=False, error=f"{location(line)}: {problem}", error_line=line
+        )
     return auditor.report(records=len(lines), head=head, incomplete_tail=bool(tail))

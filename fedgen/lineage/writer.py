@@ -24,8 +24,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedgen import pki
 
 from .format import (
-    GENESIS_PREV, RECORD_TYPES, LedgerHead, LineageError, StrPath, canonical_encoding, check_chain, decode_line,
-    location, plain_json, read_ledger, record_hash, tail_problem,
+    GENESIS_PREV,
+    RECORD_TYPES,
+    LedgerHead,
+    LineageError,
+    StrPath,
+    canonical_encoding,
+    check_chain,
+    decode_line,
+    location,
+    plain_json,
+    read_ledger,
+    record_hash,
+    tail_problem,
 )
 from .records import BodyT, Record
 
@@ -40,8 +51,10 @@ def _acquire_lock(path: Path) -> int:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        raise LineageError(f"{path}: another writer holds its lock ({lock_path}); only one aggregator "
-                           "may append to a lineage ledger at a time, so stop the other one first") from None
+        raise LineageError(
+            f"{path}: another writer holds its lock ({lock_path}); only one aggregator "
+            "may append to a lineage ledger at a time, so stop the other one first"
+        ) from None
     return descriptor
 
 
@@ -88,15 +101,19 @@ def _recover(path: Path) -> tuple[LedgerHead | None, int, int]:
             record = decode_line(raw)
             check_chain(record, position, head.hash if head else GENESIS_PREV)
         except LineageError as exc:
-            raise LineageError(f"{path}: {location(position + 1)}: {exc}; appending is refused: run "
-                               "`fedgen lineage verify` and restore the ledger from a backup") from None
+            raise LineageError(
+                f"{path}: {location(position + 1)}: {exc}; appending is refused: run "
+                "`fedgen lineage verify` and restore the ledger from a backup"
+            ) from None
         head = LedgerHead(record["seq"], record["hash"], record["signature"])
     size = sum(len(raw) + 1 for raw in lines)
     if tail:
         problem = tail_problem(tail)
         if problem:
-            raise LineageError(f"{path}: {location(len(lines) + 1)}: {problem}; appending is refused: "
-                               "run `fedgen lineage verify` and restore the ledger from a backup")
+            raise LineageError(
+                f"{path}: {location(len(lines) + 1)}: {problem}; appending is refused: "
+                "run `fedgen lineage verify` and restore the ledger from a backup"
+            )
         with open(path, "r+b") as handle:
             handle.truncate(size)
             os.fsync(handle.fileno())
@@ -109,9 +126,18 @@ class LineageWriter:
     Open it with `LineageWriter.open`; use it as a context manager or call `close`.
     """
 
-    def __init__(self, path: Path, private_key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate,
-                 *, lock_descriptor: int, descriptor: int, head: LedgerHead | None, next_seq: int,
-                 size: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        private_key: ec.EllipticCurvePrivateKey,
+        certificate: x509.Certificate,
+        *,
+        lock_descriptor: int,
+        descriptor: int,
+        head: LedgerHead | None,
+        next_seq: int,
+        size: int,
+    ) -> None:
         self.path = path
         self._key = private_key
         self._certificate = certificate
@@ -123,8 +149,9 @@ class LineageWriter:
         self._size = size
 
     @classmethod
-    def open(cls, path: StrPath, private_key: ec.EllipticCurvePrivateKey,
-             certificate: x509.Certificate) -> LineageWriter:
+    def open(
+        cls, path: StrPath, private_key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate
+    ) -> LineageWriter:
         """Lock the ledger at ``path`` (creating it if need be) and get ready to append.
 
         A torn tail left by a writer killed mid-append is cut off (and the cut fsynced);
@@ -154,8 +181,10 @@ class LineageWriter:
         except pki.PKIError as exc:
             raise LineageError(f"{path}: refusing to sign the ledger: {exc}") from None
         if not pki.certificate_matches_key(certificate, private_key):
-            raise LineageError(f"{path}: the signing key is not the key of the lineage-signing certificate "
-                               f"{pki.fingerprint(certificate)[:16]}…; pass the matching pair")
+            raise LineageError(
+                f"{path}: the signing key is not the key of the lineage-signing certificate "
+                f"{pki.fingerprint(certificate)[:16]}…; pass the matching pair"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_descriptor = _acquire_lock(path)
         try:
@@ -165,8 +194,16 @@ class LineageWriter:
             fcntl.flock(lock_descriptor, fcntl.LOCK_UN)
             os.close(lock_descriptor)
             raise
-        return cls(path, private_key, certificate, lock_descriptor=lock_descriptor,
-                   descriptor=descriptor, head=head, next_seq=next_seq, size=size)
+        return cls(
+            path,
+            private_key,
+            certificate,
+            lock_descriptor=lock_descriptor,
+            descriptor=descriptor,
+            head=head,
+            next_seq=next_seq,
+            size=size,
+        )
 
     @property
     def head_hash(self) -> str | None:
@@ -216,8 +253,12 @@ class LineageWriter:
         now = datetime.now(timezone.utc)
         self._check_certificate_valid(now)
         record: dict[str, Any] = {
-            "seq": self._next_seq, "type": type, "time": now.isoformat(timespec="microseconds"),
-            "run_id": run_id, "body": plain_json(body), "prev": self.head_hash or GENESIS_PREV,
+            "seq": self._next_seq,
+            "type": type,
+            "time": now.isoformat(timespec="microseconds"),
+            "run_id": run_id,
+            "body": plain_json(body),
+            "prev": self.head_hash or GENESIS_PREV,
             "signer": self._signer,
         }
         record["hash"] = record_hash(record)
@@ -249,18 +290,21 @@ class LineageWriter:
     def __enter__(self) -> LineageWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.close()
 
     def _check_certificate_valid(self, now: datetime) -> None:
         # A record signed outside the certificate's validity fails any audit against the CA.
         cert = self._certificate
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise LineageError(f"{self.path}: the lineage-signing certificate {self._signer[:16]}… is valid "
-                               f"only from {cert.not_valid_before_utc.isoformat()} to "
-                               f"{cert.not_valid_after_utc.isoformat()}; issue a new one with "
-                               "`fedgen certs issue lineage --force`")
+            raise LineageError(
+                f"{self.path}: the lineage-signing certificate {self._signer[:16]}… is valid "
+                f"only from {cert.not_valid_before_utc.isoformat()} to "
+                f"{cert.not_valid_after_utc.isoformat()}; issue a new one with "
+                "`fedgen certs issue lineage --force`"
+            )
 
     def _write_line(self, line: bytes) -> None:
         """Append ``line`` whole or not at all: a failed or short write is cut back off."""
@@ -274,6 +318,8 @@ class LineageWriter:
                 os.ftruncate(self._descriptor, self._size)
             except OSError:
                 pass  # the torn tail is then cut off by the next `open`
-            raise LineageError(f"{self.path}: the record could not be written ({exc}); the ledger "
-                               "still ends with its last whole record") from None
+            raise LineageError(
+                f"{self.path}: the record could not be written ({exc}); the ledger "
+                "still ends with its last whole record"
+            ) from None
         self._size += len(line)

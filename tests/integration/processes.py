@@ -44,10 +44,15 @@ def _read(pid: str) -> _Process | None:
     except OSError:
         environment = b""
     # "pid (command) state ppid pgrp session ...": the command may itself hold spaces or ")".
-    state, parent, _, session = stat[stat.rindex(")") + 2:].split()[:4]
-    return _Process(pid=int(pid), parent=int(parent), session=int(session), zombie=state == "Z",
-                    environment=frozenset(environment.split(b"\0")),
-                    args=args.replace(b"\0", b" ").decode(errors="replace").strip())
+    state, parent, _, session = stat[stat.rindex(")") + 2 :].split()[:4]
+    return _Process(
+        pid=int(pid),
+        parent=int(parent),
+        session=int(session),
+        zombie=state == "Z",
+        environment=frozenset(environment.split(b"\0")),
+        args=args.replace(b"\0", b" ").decode(errors="replace").strip(),
+    )
 
 
 def _live_processes() -> list[_Process]:

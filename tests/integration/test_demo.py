@@ -53,17 +53,29 @@ def tripwire():
 
 def test_tripwire_catches_an_outbound_call(tripwire):
     server, env = tripwire
-    subprocess.run([sys.executable, "-c", "import urllib.request\ntry:\n"
-                    "    urllib.request.urlopen('http://example.org/', timeout=5)\nexcept Exception:\n    pass"],
-                   env=env, timeout=30)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import urllib.request\ntry:\n"
+            "    urllib.request.urlopen('http://example.org/', timeout=5)\nexcept Exception:\n    pass",
+        ],
+        env=env,
+        timeout=30,
+    )
     assert any(b"example.org" in attempt for attempt in server.attempts)
 
 
 def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_path, tripwire, process_tree):
     server, env = tripwire
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "2",
-                           "--out", str(out), "--json"], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "2", "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout)
     first, second = (r["epsilon"] for r in summary["rounds"])
@@ -79,9 +91,20 @@ def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_pat
     # The aggregator's lineage holds both rounds, every update signed by its site's certificate.
     # Each site witnessed the ledger head of both rounds: its receipts match the ledger.
     receipts = [arg for site in ("site-0", "site-1") for arg in ("--receipts", str(out / "sites" / site / "state"))]
-    verified = subprocess.run([sys.executable, "-m", "fedgen.cli", "lineage", "verify", "--config",
-                               str(out / "aggregator" / "aggregator.toml"), *receipts],
-                              capture_output=True, text=True)
+    verified = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedgen.cli",
+            "lineage",
+            "verify",
+            "--config",
+            str(out / "aggregator" / "aggregator.toml"),
+            *receipts,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert verified.returncode == 0, verified.stderr
     assert "2 checkpoint digests and 4 site signatures checked" in verified.stdout
     assert "receipts: 4 checked: 4 witnessed" in verified.stdout
@@ -89,8 +112,12 @@ def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_pat
 
 def test_demo_stops_every_process_on_ctrl_c(tmp_path, process_tree):
     out = tmp_path / "demo"
-    demo = subprocess.Popen([sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "5",
-                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "5", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         for line in demo.stderr:

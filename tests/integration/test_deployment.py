@@ -9,15 +9,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from fedgen import pki
 from fedgen.client.supernode import client_ssl_context
-from fedgen.config import (
-    AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, RunConfig, SiteTLSConfig, load_toml, to_toml,
-)
-from fedgen.processes import ProcessGroup, free_port, wait_for_port
 from fedgen.server.coordinator import RunFailed, follow, submit
 from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
+
+from fedgen import pki
+from fedgen.config import (
+    AggregatorConfig,
+    AggregatorTLSConfig,
+    LineageSigningConfig,
+    RunConfig,
+    SiteTLSConfig,
+    load_toml,
+    to_toml,
+)
+from fedgen.processes import ProcessGroup, free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +47,16 @@ def consortium(tmp_path_factory):
 
     layout = pki.layout(certs)
     config = AggregatorConfig(
-        state_dir=root / "state", fleet_host="127.0.0.1", fleet_port=free_port(), control_port=free_port(),
-        tls=AggregatorTLSConfig(certificate=layout.aggregator_cert, private_key=layout.aggregator_key,
-                                ca_certificate=layout.ca_cert, crl=layout.crl),
+        state_dir=root / "state",
+        fleet_host="127.0.0.1",
+        fleet_port=free_port(),
+        control_port=free_port(),
+        tls=AggregatorTLSConfig(
+            certificate=layout.aggregator_cert,
+            private_key=layout.aggregator_key,
+            ca_certificate=layout.ca_cert,
+            crl=layout.crl,
+        ),
         lineage=LineageSigningConfig(certificate=layout.lineage_cert, private_key=layout.lineage_key),
     )
     toml = root / "aggregator.toml"
@@ -54,8 +67,7 @@ def consortium(tmp_path_factory):
     try:
         wait_for_port(config.fleet_port, process, log)
         wait_for_port(config.control_port, process, log)
-        yield {"certs": certs, "foreign": foreign, "config": config, "toml": toml, "process": process,
-               "log": log}
+        yield {"certs": certs, "foreign": foreign, "config": config, "toml": toml, "process": process, "log": log}
     finally:
         group.stop()
     assert process.returncode == 0  # SIGTERM is a clean shutdown, not a kill
@@ -66,8 +78,9 @@ def _site_tls(folder: Path, site: str, ca: Path) -> SiteTLSConfig:
     return SiteTLSConfig(certificate=layout.site_cert(site), private_key=layout.site_key(site), ca_certificate=ca)
 
 
-def _fleet_post(consortium, context: ssl.SSLContext, path: str = "/v1/fleet/activate-node",
-                headers: dict | None = None) -> httpx.Response:
+def _fleet_post(
+    consortium, context: ssl.SSLContext, path: str = "/v1/fleet/activate-node", headers: dict | None = None
+) -> httpx.Response:
     port = consortium["config"].fleet_port
     with httpx.Client(verify=context, timeout=10) as client:
         return client.post(f"https://127.0.0.1:{port}{path}", content=b"", headers=headers or {})
@@ -118,8 +131,9 @@ def test_a_revoked_site_gets_401_on_every_request(consortium):
     assert response.status_code == 401 and b"revoked" in response.content
 
 
-@pytest.mark.parametrize("path", ["/v1/control/list-runs", "/v1/control/start-run", "/docs",
-                                  "/openapi.json", "/health"])
+@pytest.mark.parametrize(
+    "path", ["/v1/control/list-runs", "/v1/control/start-run", "/docs", "/openapi.json", "/health"]
+)
 def test_control_api_is_not_served_on_the_public_listener(consortium, path):
     context = client_ssl_context(_site_tls(consortium["certs"], "site-a", _ca(consortium)))
     headers = _node_key_header(consortium["certs"], "site-a")
@@ -134,8 +148,9 @@ def _listening_addresses(port: int) -> set[str]:
             local, state = line.split()[1], line.split()[3]
             address, hex_port = local.split(":")
             if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
-                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1])
-                          if len(address) == 8 else address)
+                found.add(
+                    socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]) if len(address) == 8 else address
+                )
     return found
 
 
@@ -180,8 +195,11 @@ def test_fedgen_run_exits_non_zero_when_the_run_fails(consortium, tmp_path):
     eval_data = tmp_path / "held-out.csv"
     eval_data.write_text("sequence,label\nACGTACGT,0\nTTGACCAA,1\n")
     run = tmp_path / "run.toml"
-    run.write_text(to_toml(RunConfig(aggregator=consortium["toml"], sites=1, labels=["0", "1"],
-                                     max_length=8, eval_data=eval_data), run))
+    run.write_text(
+        to_toml(
+            RunConfig(aggregator=consortium["toml"], sites=1, labels=["0", "1"], max_length=8, eval_data=eval_data), run
+        )
+    )
     submitted = submit(load_toml(run, RunConfig), str(run))
     eval_data.unlink()  # the ServerApp can no longer load its held-out set: the run fails
     with pytest.raises(RunFailed, match=r"run \d+ failed: .*held-out\.csv"):  # the ServerApp's reason

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml, to_toml
 from fedgen.cli.demo import write_consortium
+from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml, to_toml
 from fedgen.processes import ProcessGroup, wait_for_port
 from fedgen.sovereignty import NO_PHONE_HOME
 
@@ -39,8 +39,14 @@ def _start_traced(group: ProcessGroup, name: str, args: list[str]) -> tuple[subp
     assert shutil.which("strace"), "strace is needed to prove zero egress (.ci/run installs it)"
     log, trace = group.log_dir / f"{name}.log", group.log_dir / f"{name}.strace"
     with open(log, "wb") as handle:
-        process = subprocess.Popen([*strace_command(trace), *args], stdout=handle, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=_operator_shell(), start_new_session=True)
+        process = subprocess.Popen(
+            [*strace_command(trace), *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=_operator_shell(),
+            start_new_session=True,
+        )
     group.processes.append(process)
     group.logs.append(log)
     return process, log, trace
@@ -64,19 +70,22 @@ def deployment(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("egress")
     aggregator_toml, site_tomls, run_toml = write_consortium(root, sites=1, rounds=1, epsilon=8.0, seed=0)
     run = load_toml(run_toml, RunConfig)
-    run_toml.write_text(to_toml(run.model_copy(update={
-        "training": run.training.model_copy(update={"local_epochs": 0.1})}), run_toml))
+    run_toml.write_text(
+        to_toml(run.model_copy(update={"training": run.training.model_copy(update={"local_epochs": 0.1})}), run_toml)
+    )
     aggregator = load_toml(aggregator_toml, AggregatorConfig)
     site = load_toml(site_tomls[0], SiteConfig)
     (root / "logs").mkdir()
     group = ProcessGroup(root / "logs")
     try:
         aggregator_process, aggregator_log, aggregator_trace = _start_traced(
-            group, "aggregator", [FEDGEN, "aggregator", "start", "--config", str(aggregator_toml)])
+            group, "aggregator", [FEDGEN, "aggregator", "start", "--config", str(aggregator_toml)]
+        )
         wait_for_port(aggregator.fleet_port, aggregator_process, aggregator_log)
         wait_for_port(aggregator.control_port, aggregator_process, aggregator_log)
         site_process, site_log, site_trace = _start_traced(
-            group, "site", [FEDGEN, "site", "start", "--config", str(site_tomls[0])])
+            group, "site", [FEDGEN, "site", "start", "--config", str(site_tomls[0])]
+        )
         run_process, run_log, run_trace = _start_traced(group, "run", [FEDGEN, "run", "--config", str(run_toml)])
         code = run_process.wait(timeout=RUN_TIMEOUT)
         assert code == 0, f"fedgen run failed (exit {code}):\n" + run_log.read_text(errors="replace")[-3000:]
@@ -85,8 +94,12 @@ def deployment(tmp_path_factory) -> dict:
     finally:
         group.stop()
     ports = frozenset({aggregator.fleet_port, aggregator.control_port, site.runtime_port})
-    return {"policy": EgressPolicy(loopback_ports=ports), "aggregator": aggregator_trace, "site": site_trace,
-            "run": run_trace}
+    return {
+        "policy": EgressPolicy(loopback_ports=ports),
+        "aggregator": aggregator_trace,
+        "site": site_trace,
+        "run": run_trace,
+    }
 
 
 def test_aggregator_start_calls_nothing_outside_the_consortium(deployment):
@@ -105,9 +118,24 @@ def test_simulation_calls_nothing_outside_loopback(tmp_path):
     (tmp_path / "logs").mkdir()
     group = ProcessGroup(tmp_path / "logs")
     try:
-        process, log, trace = _start_traced(group, "simulate", [
-            FEDGEN, "simulate", "--sites", "2", "--rounds", "1", "--model", "nano", "--local-epochs", "0.2",
-            "--out", str(tmp_path / "out")])
+        process, log, trace = _start_traced(
+            group,
+            "simulate",
+            [
+                FEDGEN,
+                "simulate",
+                "--sites",
+                "2",
+                "--rounds",
+                "1",
+                "--model",
+                "nano",
+                "--local-epochs",
+                "0.2",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+        )
         code = process.wait(timeout=RUN_TIMEOUT)
         assert code == 0, f"fedgen simulate failed (exit {code}):\n" + log.read_text(errors="replace")[-3000:]
     finally:

@@ -36,12 +36,12 @@ def test_superlink_is_built_from_flowers_parser_and_create_app(tmp_path):
 
 
 def test_node_identity_travels_in_the_header_fedgen_checks(tmp_path):
+    from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
     from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
     from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
     from fedgen import pki
-    from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
 
     assert NODE_PUBLIC_KEY_HEADER == FLEET_HTTP_PUBLIC_KEY_HEADER.encode() == b"flwr-public-key"
     assert "FLEET_HTTP_PUBLIC_KEY_HEADER" in inspect.getsource(NodeAuthHttpInterceptor.intercept)
@@ -67,10 +67,10 @@ def test_supernode_fleet_client_hooks_exist_with_the_expected_signatures():
 
 
 def test_mutual_tls_substitution_is_used_by_the_supernode(tmp_path):
+    from fedgen.client.supernode import install_mutual_tls
     from flwr.supernode import fleet_http_connection
 
     from fedgen import pki
-    from fedgen.client.supernode import install_mutual_tls
     from fedgen.config import SiteTLSConfig
 
     pki.init_consortium(tmp_path, "t")
@@ -78,13 +78,17 @@ def test_mutual_tls_substitution_is_used_by_the_supernode(tmp_path):
     layout = pki.layout(tmp_path)
     original = (fleet_http_connection.FleetHttpClient, fleet_http_connection.generate_key_pairs)
     try:
-        install_mutual_tls(SiteTLSConfig(certificate=layout.site_cert("site-a"), private_key=layout.site_key("site-a"),
-                                         ca_certificate=layout.ca_cert))
+        install_mutual_tls(
+            SiteTLSConfig(
+                certificate=layout.site_cert("site-a"),
+                private_key=layout.site_key("site-a"),
+                ca_certificate=layout.ca_cert,
+            )
+        )
         private, public = fleet_http_connection.generate_key_pairs()
         cert = pki.load_certificate(layout.site_cert("site-a"))
         assert pki.certificate_matches_key(cert, private)
-        client = fleet_http_connection.FleetHttpClient.from_server_address(
-            "127.0.0.1:1", True, None, interceptors=[])
+        client = fleet_http_connection.FleetHttpClient.from_server_address("127.0.0.1:1", True, None, interceptors=[])
         assert client._base_url.startswith("https://")  # TLS even if Flower asked for insecure
         # Nothing listens on port 1: unregistering sends nothing, any other call would fail.
         from flwr.proto.fleet_pb2 import ActivateNodeRequest, UnregisterNodeFleetRequest
@@ -125,9 +129,8 @@ def test_asyncio_tls_hooks_used_by_the_fleet_door():
 
 def test_linkstate_calls_the_fleet_door_makes(tmp_path):
     """Why the door never unregisters a node and ends a stale session before activation."""
-    from flwr.common.constant import NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
-
     from fedgen.server.superlink import build_superlink_app
+    from flwr.common.constant import NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
 
     state = build_superlink_app(runtime_port=1, database=tmp_path / "flower.db").state.linkstate_factory.state()
     key = b"-----BEGIN PUBLIC KEY-----\nfedgen-test\n-----END PUBLIC KEY-----\n"
@@ -158,7 +161,8 @@ def test_supernode_behaviours_the_site_glue_relies_on():
     assert {"path", "rpc_method", "request", "response_type", "timeout"} <= set(unary)
     client_source = inspect.getsource(fleet_http_client.FleetHttpClient)
     assert client_source.count("self._unary_unary(") == len(
-        [name for name in vars(fleet_http_client.FleetHttpClient) if name[0].isupper()])
+        [name for name in vars(fleet_http_client.FleetHttpClient) if name[0].isupper()]
+    )
     # A 401 makes Flower interrupt its own process; fedgen only adds the reason and exit code.
     giveup = inspect.getsource(http_retry.make_simple_http_retry_invoker)
     assert "httpx.codes.UNAUTHORIZED" in giveup and "os.kill(os.getpid(), signal.SIGINT)" in giveup
@@ -176,8 +180,12 @@ def test_flower_internals_stay_in_the_glue_modules():
     root = Path(__file__).resolve().parents[2]
     internal = ("flwr.superlink", "flwr.supernode", "flwr.supercore", "flwr.server.superlink", "flwr.proto")
     offenders = []
-    for path in [*root.glob("fedgen/*.py"), *root.glob("client/*.py"), *root.glob("server/*.py"),
-                 *root.glob("strategies/*.py")]:
+    for path in [
+        *root.glob("fedgen/*.py"),
+        *root.glob("client/*.py"),
+        *root.glob("server/*.py"),
+        *root.glob("strategies/*.py"),
+    ]:
         if path.relative_to(root).as_posix() in ("server/superlink.py", "client/supernode.py"):
             continue
         if any(name in path.read_text() for name in internal):

@@ -17,12 +17,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Source folder -> the package it installs as (pyproject.toml's package-dir).
-PACKAGES = {"fedgen": "fedgen", "client": "fedgen.client", "server": "fedgen.server",
-            "strategies": "fedgen.strategies"}
+PACKAGES = {"fedgen": "fedgen", "client": "fedgen.client", "server": "fedgen.server", "strategies": "fedgen.strategies"}
 SIDES = ("fedgen.client", "fedgen.server", "fedgen.strategies")
 LAZY_ALLOWED = ("fedgen.simulation", "fedgen.cli")  # may import the sides inside functions
-FORBIDDEN = {"fedgen.client": {"fedgen.server"}, "fedgen.server": {"fedgen.client"},
-             "fedgen.strategies": {"fedgen.client", "fedgen.server"}}
+FORBIDDEN = {
+    "fedgen.client": {"fedgen.server"},
+    "fedgen.server": {"fedgen.client"},
+    "fedgen.strategies": {"fedgen.client", "fedgen.server"},
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> list[str]:
         base = node.module or ""
     else:
         package = module.split(".") if is_package else module.split(".")[:-1]
-        anchor = package[:len(package) - node.level + 1]
+        anchor = package[: len(package) - node.level + 1]
         base = ".".join([*anchor, node.module] if node.module else anchor)
     # `from fedgen import client` imports the module fedgen.client.
     return [f"{base}.{alias.name}" for alias in node.names] + [base]
@@ -77,14 +79,16 @@ def imports_of(path: Path, root: Path = ROOT) -> list[Import]:
         else:
             continue
         where = f"{path.relative_to(root)}:{node.lineno}"
-        found += [Import(module, target, where, id(node) not in in_function)
-                  for target in targets if target.startswith("fedgen")]
+        found += [
+            Import(module, target, where, id(node) not in in_function)
+            for target in targets
+            if target.startswith("fedgen")
+        ]
     return found
 
 
 def all_imports() -> list[Import]:
-    return [item for folder in PACKAGES for path in sorted((ROOT / folder).rglob("*.py"))
-            for item in imports_of(path)]
+    return [item for folder in PACKAGES for path in sorted((ROOT / folder).rglob("*.py")) for item in imports_of(path)]
 
 
 def _within(name: str, package: str) -> bool:
@@ -102,12 +106,16 @@ def violations(imports: list[Import]) -> list[str]:
         if side is None:
             lazy_ok = any(_within(item.module, allowed) for allowed in LAZY_ALLOWED)
             if item.module_scope or not lazy_ok:
-                rule = "the core imports no side" + ("" if item.module_scope else " (lazily: only the simulation "
-                                                     "API and the CLI)")
+                rule = "the core imports no side" + (
+                    "" if item.module_scope else " (lazily: only the simulation API and the CLI)"
+                )
                 found.setdefault(item.where, f"{item.where}: {item.module} imports {item.target} ({rule})")
         elif target_side in FORBIDDEN[side]:
-            found.setdefault(item.where, f"{item.where}: {item.module} imports {item.target} (client and "
-                             "server meet only in messages; strategies build on the core alone)")
+            found.setdefault(
+                item.where,
+                f"{item.where}: {item.module} imports {item.target} (client and "
+                "server meet only in messages; strategies build on the core alone)",
+            )
     return list(found.values())
 
 
@@ -118,14 +126,17 @@ def test_every_module_imports_in_the_direction_the_layout_states():
     assert not problems, "imports against the layering:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("folder, source, rule", [
-    ("client", "from fedgen.server.checkpoints import load_checkpoint\n", "meet only in messages"),
-    ("server", "def later():\n    from fedgen.client import ledger\n", "meet only in messages"),
-    ("strategies", "from ..server import app\n", "meet only in messages"),
-    ("fedgen", "from .client.ledger import PrivacyLedger\n", "the core imports no side"),
-    ("fedgen", "def later():\n    import fedgen.server.app\n", "only the simulation API and the CLI"),
-    ("fedgen/cli", "from ..client.supernode import start_site\n", "the core imports no side"),
-])
+@pytest.mark.parametrize(
+    "folder, source, rule",
+    [
+        ("client", "from fedgen.server.checkpoints import load_checkpoint\n", "meet only in messages"),
+        ("server", "def later():\n    from fedgen.client import ledger\n", "meet only in messages"),
+        ("strategies", "from ..server import app\n", "meet only in messages"),
+        ("fedgen", "from .client.ledger import PrivacyLedger\n", "the core imports no side"),
+        ("fedgen", "def later():\n    import fedgen.server.app\n", "only the simulation API and the CLI"),
+        ("fedgen/cli", "from ..client.supernode import start_site\n", "the core imports no side"),
+    ],
+)
 def test_an_import_against_the_direction_is_named_with_its_file_and_line(tmp_path, folder, source, rule):
     # A module planted in a copy of the layout, parsed by the same walk (never imported).
     planted = tmp_path / folder / "zz_layering_probe.py"

@@ -26,8 +26,16 @@ STAMP = ".venv/.fedgen-installed"  # the Makefile's install stamp
 
 @pytest.fixture
 def fresh_copy(tmp_path: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     copy = tmp_path / "fedgen"
     for name in filter(None, files):
         source = ROOT / name
@@ -57,9 +65,15 @@ def processes_working_in(folder: Path) -> list[str]:
 
 def make(copy: Path, target: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
     """``make -o STAMP target`` in ``copy``; if it must be abandoned, stopped as Ctrl-C would."""
-    with subprocess.Popen(["make", "-o", STAMP, target], cwd=copy, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=os.environ | env,
-                          start_new_session=True) as proc:
+    with subprocess.Popen(
+        ["make", "-o", STAMP, target],
+        cwd=copy,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | env,
+        start_new_session=True,
+    ) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         finally:

@@ -24,8 +24,9 @@ def test_the_simulation_notebook_runs_and_plots(tmp_path):
     assert len(tagged) == 1, "the notebook needs one cell tagged 'parameters'"
     notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell('sites, rounds = 2, 1\nout = "runs/nb"'))
     # The kernel starts in tmp_path, so the notebook's relative `out` lands there.
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
     out = tmp_path / "runs" / "nb"
     result = json.loads((out / "result.json").read_text())

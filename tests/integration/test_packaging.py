@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-import fedgen
 import fedgen.client
 import fedgen.server
 import fedgen.strategies
+import pytest
+
+import fedgen
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECK = (
@@ -30,15 +30,38 @@ def test_editable_install_maps_subpackages_to_the_source_folders():
 @pytest.mark.slow
 def test_regular_install_has_subpackages_data_and_console_script(tmp_path):
     source = tmp_path / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "build", "*.egg-info", "__pycache__", "runs", ".pytest_cache"))
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__", "runs", ".pytest_cache"),
+    )
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), str(source)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     shutil.rmtree(source)  # nothing may still point into the source tree
-    out = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, check=True,
-                         capture_output=True, text=True, env={"PYTHONPATH": str(target), "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(target), "PATH": ""},
+    )
     fedgen_file, client_file, test_rows = out.stdout.split()
     assert Path(fedgen_file).is_relative_to(target) and Path(client_file).is_relative_to(target)
     assert Path(client_file) == target / "fedgen" / "client" / "app.py"

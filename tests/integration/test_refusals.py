@@ -10,16 +10,21 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fedgen.client.supernode import client_ssl_context
+from fedgen.server.fleet_registry import FleetRegistry
+from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
 
 from fedgen import pki
-from fedgen.client.supernode import client_ssl_context
 from fedgen.config import (
-    AggregatorConfig, AggregatorTLSConfig, LineageSigningConfig, SiteConfig, SiteTLSConfig, write_toml,
+    AggregatorConfig,
+    AggregatorTLSConfig,
+    LineageSigningConfig,
+    SiteConfig,
+    SiteTLSConfig,
+    write_toml,
 )
 from fedgen.processes import ProcessGroup, free_port, wait_for_port
-from fedgen.server.fleet_registry import FleetRegistry
 from fedgen.state_files import FLEET_REGISTRY_FILE
-from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
 
 pytestmark = pytest.mark.slow
 FEDGEN = [sys.executable, "-m", "fedgen.cli"]
@@ -45,10 +50,18 @@ def consortium(tmp_path_factory):
     pki.issue_site(foreign, "site-a")
     files = pki.layout(certs)
     config = AggregatorConfig(
-        state_dir=root / "state", fleet_host="127.0.0.1", fleet_port=free_port(), control_port=free_port(),
-        tls=AggregatorTLSConfig(certificate=files.aggregator_cert, private_key=files.aggregator_key,
-                                ca_certificate=files.ca_cert, crl=files.crl),
-        lineage=LineageSigningConfig(certificate=files.lineage_cert, private_key=files.lineage_key))
+        state_dir=root / "state",
+        fleet_host="127.0.0.1",
+        fleet_port=free_port(),
+        control_port=free_port(),
+        tls=AggregatorTLSConfig(
+            certificate=files.aggregator_cert,
+            private_key=files.aggregator_key,
+            ca_certificate=files.ca_cert,
+            crl=files.crl,
+        ),
+        lineage=LineageSigningConfig(certificate=files.lineage_cert, private_key=files.lineage_key),
+    )
     toml = root / "aggregator.toml"
     write_toml(config, toml)
     (root / "logs").mkdir()
@@ -56,8 +69,15 @@ def consortium(tmp_path_factory):
     process, log = group.start("aggregator", [*FEDGEN, "aggregator", "start", "--config", str(toml)])
     try:
         wait_for_port(config.fleet_port, process, log)
-        yield {"root": root, "certs": certs, "foreign": foreign, "config": config, "log": log,
-               "group": group, "process": process}
+        yield {
+            "root": root,
+            "certs": certs,
+            "foreign": foreign,
+            "config": config,
+            "log": log,
+            "group": group,
+            "process": process,
+        }
     finally:
         group.stop()
 
@@ -68,8 +88,9 @@ def _context(folder: Path, site: str | None, ca: Path):
 
         return ssl.create_default_context(cafile=str(ca))
     files = pki.layout(folder)
-    return client_ssl_context(SiteTLSConfig(certificate=files.site_cert(site), private_key=files.site_key(site),
-                                            ca_certificate=ca))
+    return client_ssl_context(
+        SiteTLSConfig(certificate=files.site_cert(site), private_key=files.site_key(site), ca_certificate=ca)
+    )
 
 
 def _post(consortium, context, key_of: str | None = None) -> httpx.Response:
@@ -78,8 +99,9 @@ def _post(consortium, context, key_of: str | None = None) -> httpx.Response:
         cert = pki.load_certificate(pki.layout(consortium["certs"]).site_cert(key_of))
         headers[NODE_PUBLIC_KEY_HEADER.decode()] = b64encode(public_key_pem(cert)).decode()
     with httpx.Client(verify=context, timeout=10) as client:
-        return client.post(f"https://127.0.0.1:{consortium['config'].fleet_port}/v1/fleet/pull-messages",
-                           content=b"", headers=headers)
+        return client.post(
+            f"https://127.0.0.1:{consortium['config'].fleet_port}/v1/fleet/pull-messages", content=b"", headers=headers
+        )
 
 
 def _wait_for_lines(log: Path, wanted: list[str], timeout: float = 30) -> str:
@@ -112,19 +134,26 @@ def test_every_refusal_is_logged_with_its_cause_and_the_peer_address(consortium)
         _post(consortium, _context(consortium["foreign"], "site-a", ca), key_of="site-a")
     mismatch = _post(consortium, _context(consortium["certs"], "site-b", ca), key_of="site-a")
     assert mismatch.status_code == 401 and b"identity mismatch" in mismatch.content
-    wanted = ["Fleet API refused 127.0.0.1: expired: certificate has expired",
-              "Fleet API refused 127.0.0.1: no certificate",
-              "Fleet API refused 127.0.0.1: unknown CA: unable to get local issuer certificate",
-              "Fleet API refused 127.0.0.1 (site site-r): revoked: certificate serial",
-              "Fleet API refused 127.0.0.1 (site site-b): identity mismatch"]
+    wanted = [
+        "Fleet API refused 127.0.0.1: expired: certificate has expired",
+        "Fleet API refused 127.0.0.1: no certificate",
+        "Fleet API refused 127.0.0.1: unknown CA: unable to get local issuer certificate",
+        "Fleet API refused 127.0.0.1 (site site-r): revoked: certificate serial",
+        "Fleet API refused 127.0.0.1 (site site-b): identity mismatch",
+    ]
     text = _wait_for_lines(consortium["log"], wanted)
     for line in wanted:
         assert line in text, line
     assert text.count("Fleet API refused 127.0.0.1: expired") == 1
     registry = FleetRegistry(consortium["config"].state_dir / FLEET_REGISTRY_FILE)
     causes = {(r.site, r.cause) for r in registry.refusals_since(NOW - timedelta(hours=1))}
-    assert {(None, "expired"), (None, "no certificate"), (None, "unknown CA"), ("site-r", "revoked"),
-            ("site-b", "identity mismatch")} <= causes
+    assert {
+        (None, "expired"),
+        (None, "no certificate"),
+        (None, "unknown CA"),
+        ("site-r", "revoked"),
+        ("site-b", "identity mismatch"),
+    } <= causes
     assert consortium["process"].poll() is None
 
 
@@ -133,10 +162,15 @@ def _site_toml(consortium, name: str, folder: Path, ca: Path, site_id: str = "si
     root = consortium["root"] / name
     root.mkdir()
     (root / "data.csv").write_text("sequence,label\nACGTACGT,0\nTTGACCAA,1\n")
-    config = SiteConfig(site_id=site_id, data=root / "data.csv", state_dir=root / "state", device="cpu",
-                        aggregator=f"127.0.0.1:{consortium['config'].fleet_port}", runtime_port=free_port(),
-                        tls=SiteTLSConfig(certificate=files.site_cert(site_id),
-                                          private_key=files.site_key(site_id), ca_certificate=ca))
+    config = SiteConfig(
+        site_id=site_id,
+        data=root / "data.csv",
+        state_dir=root / "state",
+        device="cpu",
+        aggregator=f"127.0.0.1:{consortium['config'].fleet_port}",
+        runtime_port=free_port(),
+        tls=SiteTLSConfig(certificate=files.site_cert(site_id), private_key=files.site_key(site_id), ca_certificate=ca),
+    )
     path = root / "site.toml"
     write_toml(config, path)
     return path
@@ -148,15 +182,15 @@ def _run_site(consortium, toml: Path, timeout: float = 90) -> tuple[int, str, fl
     try:
         code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the refused site still runs after {timeout} s (retrying silently?): "
-                    f"{log.read_text()[-2000:]}")
+        pytest.fail(f"the refused site still runs after {timeout} s (retrying silently?): {log.read_text()[-2000:]}")
     return code, log.read_text(errors="replace"), time.monotonic() - started
 
 
 def test_a_revoked_site_stops_non_zero_saying_why(consortium):
     ca = pki.layout(consortium["certs"]).ca_cert
-    code, output, seconds = _run_site(consortium, _site_toml(consortium, "revoked-site", consortium["certs"], ca,
-                                                             site_id="site-r"))
+    code, output, seconds = _run_site(
+        consortium, _site_toml(consortium, "revoked-site", consortium["certs"], ca, site_id="site-r")
+    )
     assert code == 1, output[-2000:]
     assert "error: the aggregator refused this site: certificate revoked" in output
     print(f"revoked site stopped after {seconds:.1f} s")
@@ -166,8 +200,9 @@ def test_a_site_that_cannot_verify_the_aggregator_stops_non_zero_saying_why(cons
     # Its own certificate and CA are consistent (pre-flight passes) but belong to another
     # consortium: the aggregator's certificate does not verify against that CA.
     foreign_ca = pki.layout(consortium["foreign"]).ca_cert
-    code, output, seconds = _run_site(consortium, _site_toml(consortium, "foreign-site", consortium["foreign"],
-                                                             foreign_ca))
+    code, output, seconds = _run_site(
+        consortium, _site_toml(consortium, "foreign-site", consortium["foreign"], foreign_ca)
+    )
     assert code == 1, output[-2000:]
     assert "error: the aggregator's certificate failed verification" in output
     wanted = "Fleet API refused 127.0.0.1: the site refused the aggregator's certificate: unknown ca"

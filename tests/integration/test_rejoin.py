@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fedgen.client.ledger import PrivacyLedger
-from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml, write_toml
-from fedgen.cli.demo import write_consortium
-from fedgen.processes import ProcessGroup, wait_for_port
 from fedgen.server.coordinator import follow, submit
 from fedgen.server.fleet_registry import FleetRegistry
+
+from fedgen.cli.demo import write_consortium
+from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml, write_toml
+from fedgen.processes import ProcessGroup, wait_for_port
 from fedgen.state_files import FLEET_REGISTRY_FILE
 
 pytestmark = pytest.mark.slow
@@ -29,17 +29,24 @@ def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("rejoin")
     aggregator_toml, site_tomls, run_toml = write_consortium(root, sites=2, rounds=1, epsilon=50.0, seed=0)
     run = load_toml(run_toml, RunConfig)
-    write_toml(run.model_copy(update={"training": run.training.model_copy(
-        update={"local_epochs": 0.25, "site_wait": 180.0})}), run_toml)
+    write_toml(
+        run.model_copy(update={"training": run.training.model_copy(update={"local_epochs": 0.25, "site_wait": 180.0})}),
+        run_toml,
+    )
     for toml in site_tomls:  # a fixed noise: each one-round run spends a little, not the whole budget
         site = load_toml(toml, SiteConfig)
-        write_toml(site.model_copy(update={"privacy": site.privacy.model_copy(
-            update={"noise_multiplier": 1.0})}), toml)
+        write_toml(site.model_copy(update={"privacy": site.privacy.model_copy(update={"noise_multiplier": 1.0})}), toml)
     (root / "logs").mkdir()
     group = ProcessGroup(root / "logs")
     aggregator = load_toml(aggregator_toml, AggregatorConfig)
-    state = {"group": group, "aggregator_toml": aggregator_toml, "aggregator": aggregator, "run_toml": run_toml,
-             "sites": {}, "root": root}
+    state = {
+        "group": group,
+        "aggregator_toml": aggregator_toml,
+        "aggregator": aggregator,
+        "run_toml": run_toml,
+        "sites": {},
+        "root": root,
+    }
     try:
         _start_aggregator(state, "aggregator")
         for toml in site_tomls:
@@ -50,8 +57,9 @@ def federation(tmp_path_factory):
 
 
 def _start_aggregator(state: dict, name: str) -> None:
-    process, log = state["group"].start(name, [*FEDGEN, "aggregator", "start", "--config",
-                                               str(state["aggregator_toml"])])
+    process, log = state["group"].start(
+        name, [*FEDGEN, "aggregator", "start", "--config", str(state["aggregator_toml"])]
+    )
     state["aggregator_process"], state["aggregator_log"] = process, log
     wait_for_port(state["aggregator"].fleet_port, process, log)
     wait_for_port(state["aggregator"].control_port, process, log)

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fedgen.client.ledger import PrivacyLedger
-from fedgen.config import AggregatorConfig, RunConfig, load_toml, to_toml
-from fedgen.cli.demo import write_consortium
-from fedgen.processes import ProcessGroup, wait_for_port
-from fedgen.lineage import read_records
 from fedgen.server.coordinator import follow, submit
+
+from fedgen.cli.demo import write_consortium
+from fedgen.config import AggregatorConfig, RunConfig, load_toml, to_toml
+from fedgen.lineage import read_records
+from fedgen.processes import ProcessGroup, wait_for_port
 
 from .processes import processes_in_session
 
@@ -56,8 +56,9 @@ def test_a_site_killed_mid_round_is_reported_and_rejoins_later(tmp_path: Path, p
         def on_round(result) -> None:
             rounds.append(result)
             if not restarted:  # bring site-2 back once round 1 is over
-                restarted.append(group.start("site-2-again", [*FEDGEN, "site", "start", "--config",
-                                                              str(site_tomls[2])]))
+                restarted.append(
+                    group.start("site-2-again", [*FEDGEN, "site", "start", "--config", str(site_tomls[2])])
+                )
 
         result = follow(submitted, on_round, poll_seconds=1)
     finally:
@@ -97,14 +98,16 @@ def _wait_until_unlocked(ledger: Path, timeout: float = 60) -> None:
 
 
 def test_aggregator_killed_mid_run_resumes_without_repeating_or_losing_a_round(tmp_path: Path, process_tree):
+    from fedgen.server.coordinator import RunFailed
+
     from fedgen import pki
     from fedgen.lineage import verify
-    from fedgen.server.coordinator import RunFailed
 
     aggregator_toml, site_tomls, run_toml = write_consortium(tmp_path, sites=2, rounds=3, epsilon=8.0, seed=0)
     run = load_toml(run_toml, RunConfig)
-    run_toml.write_text(to_toml(run.model_copy(update={
-        "training": run.training.model_copy(update={"local_epochs": 0.5})}), run_toml))
+    run_toml.write_text(
+        to_toml(run.model_copy(update={"training": run.training.model_copy(update={"local_epochs": 0.5})}), run_toml)
+    )
     aggregator = load_toml(aggregator_toml, AggregatorConfig)
     ledger = aggregator.state_dir / "lineage.jsonl"
     (tmp_path / "logs").mkdir()
@@ -144,9 +147,12 @@ def test_aggregator_killed_mid_run_resumes_without_repeating_or_losing_a_round(t
     round_1, round_2 = [r["body"] for r in records if r["type"] == "round_committed"][:2]
     assert round_2["model_in"]["digest"] == round_1["model_out"]["digest"]
     certs = pki.layout(tmp_path / "certs")
-    report = verify(ledger, pki.load_certificate(certs.lineage_cert),
-                    checkpoints_dir=aggregator.state_dir / "checkpoints",
-                    ca_certificate=pki.load_certificate(certs.ca_cert))
+    report = verify(
+        ledger,
+        pki.load_certificate(certs.lineage_cert),
+        checkpoints_dir=aggregator.state_dir / "checkpoints",
+        ca_certificate=pki.load_certificate(certs.ca_cert),
+    )
     assert report.ok, report.error
     # The killed aggregator's SuperExec and ServerApp ended too (the ServerApp by its orphan watch).
     assert process_tree.wait_until_ended() == {}

@@ -11,19 +11,20 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from fedgen.client.ledger import PrivacyLedger
+from fedgen.server.coordinator import follow, submit
 
 from fedgen import pki
-from fedgen.client.ledger import PrivacyLedger
-from fedgen.config import AggregatorConfig, RunConfig, load_toml, write_toml
 from fedgen.cli.demo import write_consortium
-from fedgen.processes import ProcessGroup, wait_for_port
+from fedgen.config import AggregatorConfig, RunConfig, load_toml, write_toml
 from fedgen.lineage import read_records
-from fedgen.server.coordinator import follow, submit
+from fedgen.processes import ProcessGroup, wait_for_port
 
 pytestmark = pytest.mark.slow
 FEDGEN = [sys.executable, "-m", "fedgen.cli"]
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*site site-1 \(node \d+\): certificate revoked",
-                      re.MULTILINE)
+LOG_TIME = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*site site-1 \(node \d+\): certificate revoked", re.MULTILINE
+)
 
 
 class RevokeAfterFirstReply(threading.Thread):
@@ -66,17 +67,24 @@ class RevokeAfterFirstReply(threading.Thread):
 def test_a_site_revoked_between_rounds_receives_nothing_more(tmp_path: Path):
     aggregator_toml, site_tomls, run_toml = write_consortium(tmp_path, sites=2, rounds=2, epsilon=50.0, seed=0)
     run = load_toml(run_toml, RunConfig)
-    write_toml(run.model_copy(update={"training": run.training.model_copy(
-        update={"local_epochs": 0.25, "round_timeout": 300.0})}), run_toml)
+    write_toml(
+        run.model_copy(
+            update={"training": run.training.model_copy(update={"local_epochs": 0.25, "round_timeout": 300.0})}
+        ),
+        run_toml,
+    )
     aggregator = load_toml(aggregator_toml, AggregatorConfig)
     (tmp_path / "logs").mkdir()
     group = ProcessGroup(tmp_path / "logs")
     try:
-        process, aggregator_log = group.start("aggregator", [*FEDGEN, "aggregator", "start", "--config",
-                                                             str(aggregator_toml)])
+        process, aggregator_log = group.start(
+            "aggregator", [*FEDGEN, "aggregator", "start", "--config", str(aggregator_toml)]
+        )
         wait_for_port(aggregator.fleet_port, process, aggregator_log)
-        sites = {t.parent.name: group.start(t.parent.name, [*FEDGEN, "site", "start", "--config", str(t)])
-                 for t in site_tomls}
+        sites = {
+            t.parent.name: group.start(t.parent.name, [*FEDGEN, "site", "start", "--config", str(t)])
+            for t in site_tomls
+        }
         site_1, site_1_log = sites["site-1"]
         revoker = RevokeAfterFirstReply(site_1_log, site_1, tmp_path / "certs")
         revoker.start()
@@ -107,5 +115,7 @@ def test_a_site_revoked_between_rounds_receives_nothing_more(tmp_path: Path):
     records = read_records(aggregator.state_dir / "lineage.jsonl")
     round_2 = [r["body"] for r in records if r["type"] == "round_committed"][-1]
     assert [c["site"] for c in round_2["contributions"]] == ["site-0"]
-    print(f"revoked site cut off {cut_off_after:.2f} s after the CRL was written; "
-          f"its `fedgen site start` exited {revoker.exited_after:.1f} s after")
+    print(
+        f"revoked site cut off {cut_off_after:.2f} s after the CRL was written; "
+        f"its `fedgen site start` exited {revoker.exited_after:.1f} s after"
+    )

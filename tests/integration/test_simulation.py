@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fedgen.client.ledger import PrivacyLedger
 from fedgen.client.trainer import local_steps, poisson_sample_rate
+from fedgen.server.checkpoints import load_checkpoint
+
 from fedgen.data import load_bundled
 from fedgen.lineage import read_records
 from fedgen.partition import partition
-from fedgen.server.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.slow
 CHANCE = 451 / 888  # majority class of the bundled held-out split
@@ -21,9 +21,28 @@ CHANCE = 451 / 888  # majority class of the bundled held-out split
 def test_two_sites_two_rounds_learn_under_dp(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedgen.cli", "simulate", "--sites", "2", "--rounds", "2",
-         "--model", "nano", "--epsilon", "8", "--seed", "0", "--out", str(out), "--json"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "fedgen.cli",
+            "simulate",
+            "--sites",
+            "2",
+            "--rounds",
+            "2",
+            "--model",
+            "nano",
+            "--epsilon",
+            "8",
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # stdout holds the JSON object and nothing else
@@ -47,8 +66,7 @@ def test_two_sites_two_rounds_learn_under_dp(tmp_path):
 
 
 def _fedgen(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedgen.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "fedgen.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def _lineage_approval_and_export(out, checkpoints):
@@ -64,8 +82,18 @@ def _lineage_approval_and_export(out, checkpoints):
     assert "receipts: 4 checked: 4 witnessed" in witnessed.stdout
     refused = _fedgen("model", "export", "--round", "2", "--ledger", ledger, "--out", str(out / "release"))
     assert refused.returncode == 2 and "not approved" in refused.stderr
-    approved = _fedgen("model", "approve", "--round", "2", "--ledger", ledger, "--by", "Dr. Ada Lovelace",
-                       "--reason", "held-out accuracy reviewed")
+    approved = _fedgen(
+        "model",
+        "approve",
+        "--round",
+        "2",
+        "--ledger",
+        ledger,
+        "--by",
+        "Dr. Ada Lovelace",
+        "--reason",
+        "held-out accuracy reviewed",
+    )
     assert approved.returncode == 0, approved.stderr
     exported = _fedgen("model", "export", "--round", "2", "--ledger", ledger, "--out", str(out / "release"))
     assert exported.returncode == 0, exported.stderr
@@ -93,8 +121,10 @@ def _epsilons(scheme: str, sigma: float, batch: int) -> list[list[float]]:
     train = load_bundled("train")
     sizes = [len(s) for s in partition(train.labels, 2, scheme, 0, alpha=1.0)]
     probe = PrivacyLedger(path=Path("unused"), accountant="rdp", delta=1e-5)
-    return [[probe.epsilon_of([(sigma, poisson_sample_rate(n, batch), rounds * local_steps(n, batch, 1.0))])
-             for n in sizes] for rounds in (1, 2)]
+    return [
+        [probe.epsilon_of([(sigma, poisson_sample_rate(n, batch), rounds * local_steps(n, batch, 1.0))]) for n in sizes]
+        for rounds in (1, 2)
+    ]
 
 
 def test_a_site_at_its_ceiling_refuses_and_the_run_goes_on_without_it(tmp_path):
@@ -107,8 +137,15 @@ def test_a_site_at_its_ceiling_refuses_and_the_run_goes_on_without_it(tmp_path):
     ceiling = (max(large_2, small_1) + small_2) / 2
     reported = []
     result = fedgen.simulate(
-        sites=2, rounds=2, model="nano", partition_scheme="dirichlet", epsilon=ceiling,
-        noise_multiplier=1.0, batch_size=128, local_epochs=1.0, out=tmp_path / "run",
+        sites=2,
+        rounds=2,
+        model="nano",
+        partition_scheme="dirichlet",
+        epsilon=ceiling,
+        noise_multiplier=1.0,
+        batch_size=128,
+        local_epochs=1.0,
+        out=tmp_path / "run",
         on_round=reported.append,
     )
     assert [r.round for r in reported] == [1, 2]  # rounds are reported as they commit
@@ -120,8 +157,13 @@ def test_a_site_at_its_ceiling_refuses_and_the_run_goes_on_without_it(tmp_path):
     small = PrivacyLedger.open(tmp_path / "run" / "sites" / "site-1" / "state", accountant="rdp", delta=1e-5)
     assert small.epsilon == pytest.approx(round1.epsilon["site-1"]) and small.epsilon <= ceiling
     records = read_records(tmp_path / "run" / "lineage.jsonl")
-    assert [r["type"] for r in records] == ["run_started", "round_committed", "site_refused",
-                                            "round_committed", "run_finished"]
+    assert [r["type"] for r in records] == [
+        "run_started",
+        "round_committed",
+        "site_refused",
+        "round_committed",
+        "run_finished",
+    ]
     assert records[2]["body"]["site"] == "site-1"
 
 
@@ -131,13 +173,30 @@ def test_a_round_without_quorum_fails_the_run_cleanly(tmp_path):
     # Label skew: two sites of equal size; round 2 would take both past the ceiling.
     (a_1, b_1), (a_2, b_2) = _epsilons("label-skew", 1.0, 128)
     ceiling = (max(a_1, b_1) + min(a_2, b_2)) / 2
-    with pytest.raises(RuntimeError, match=r"round 2 has 0 valid update\(s\), fewer than the quorum of 1; "
-                                           r"left out: site-0: .*ceiling.*; site-1: .*ceiling"):
-        fedgen.simulate(sites=2, rounds=2, model="nano", partition_scheme="label-skew", epsilon=ceiling,
-                        noise_multiplier=1.0, batch_size=128, local_epochs=1.0, out=tmp_path / "run")
+    with pytest.raises(
+        RuntimeError,
+        match=r"round 2 has 0 valid update\(s\), fewer than the quorum of 1; "
+        r"left out: site-0: .*ceiling.*; site-1: .*ceiling",
+    ):
+        fedgen.simulate(
+            sites=2,
+            rounds=2,
+            model="nano",
+            partition_scheme="label-skew",
+            epsilon=ceiling,
+            noise_multiplier=1.0,
+            batch_size=128,
+            local_epochs=1.0,
+            out=tmp_path / "run",
+        )
     records = read_records(tmp_path / "run" / "lineage.jsonl")
-    assert [r["type"] for r in records] == ["run_started", "round_committed", "site_refused", "site_refused",
-                                            "run_failed"]
+    assert [r["type"] for r in records] == [
+        "run_started",
+        "round_committed",
+        "site_refused",
+        "site_refused",
+        "run_failed",
+    ]
     assert len(list((tmp_path / "run" / "checkpoints").glob("round-0001-*"))) == 1  # round 1 kept
     assert not list((tmp_path / "run" / "checkpoints").glob("round-0002-*"))
 
@@ -146,8 +205,16 @@ def test_a_robust_strategy_bounds_the_damage_of_one_poisoned_site(tmp_path):
     import fedgen
 
     def final(strategy: str, adversaries: dict | None, name: str) -> float:
-        return fedgen.simulate(sites=3, rounds=3, epsilon=None, partition_scheme="iid", local_epochs=1.0,
-                               strategy=strategy, adversaries=adversaries, out=tmp_path / name).final_accuracy
+        return fedgen.simulate(
+            sites=3,
+            rounds=3,
+            epsilon=None,
+            partition_scheme="iid",
+            local_epochs=1.0,
+            strategy=strategy,
+            adversaries=adversaries,
+            out=tmp_path / name,
+        ).final_accuracy
 
     flip = {"site-0": "sign-flip"}  # sends global - 10 x its honest change
     honest = final("fedavg", None, "honest")

@@ -15,8 +15,9 @@ from fedgen import pki
 from fedgen.lineage import GENESIS_PREV, canonical_encoding, record_hash
 
 
-def forge_ledger(path: Path, records: Sequence[dict[str, Any]], key: ec.EllipticCurvePrivateKey,
-                 certificate: x509.Certificate) -> list[dict[str, Any]]:
+def forge_ledger(
+    path: Path, records: Sequence[dict[str, Any]], key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate
+) -> list[dict[str, Any]]:
     """Write ``records`` to ``path`` as a ledger that verifies under ``certificate``.
 
     seq, prev, hash, signer and signature are made anew; a round's ``ledger_head`` is

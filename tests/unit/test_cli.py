@@ -33,8 +33,9 @@ def test_unknown_strategy_and_tokenizer_are_rejected():
     result = runner.invoke(app, ["simulate", "--strategy", "fedsgd"])
     assert result.exit_code == 2
     # Click's usage error: the option, the value and every choice (Click words the rest).
-    assert "'--strategy': 'fedsgd' is not one of " + ", ".join(f"'{name}'" for name in STRATEGY_NAMES) \
-        in _plain(result.output)
+    assert "'--strategy': 'fedsgd' is not one of " + ", ".join(f"'{name}'" for name in STRATEGY_NAMES) in _plain(
+        result.output
+    )
     result = runner.invoke(app, ["simulate", "--tokenizer", "kmer99"])
     assert result.exit_code == 2 and "error: tokenizer 'kmer99': k must be between 1 and 8, got 99" in result.output
 
@@ -44,14 +45,26 @@ def test_more_sites_than_data_is_a_clear_error(tmp_path):
     data.write_text("sequence,label\n" + "".join(f"ACGTACGT,{i % 2}\n" for i in range(20)))
     result = runner.invoke(app, ["simulate", "--data", str(data), "--sites", "30"])
     assert result.exit_code == 2
-    assert re.search(r"error: cannot split \d+ samples among 30 sites: every site needs at least one sample",
-                     result.output), result.output
+    assert re.search(
+        r"error: cannot split \d+ samples among 30 sites: every site needs at least one sample", result.output
+    ), result.output
 
 
 def test_help_lists_the_simulation_options():
     result = runner.invoke(app, ["simulate", "--help"])
-    for option in ("--data", "--sites", "--rounds", "--strategy", "--partition", "--epsilon",
-                   "--no-dp", "--model", "--seed", "--out", "--json"):
+    for option in (
+        "--data",
+        "--sites",
+        "--rounds",
+        "--strategy",
+        "--partition",
+        "--epsilon",
+        "--no-dp",
+        "--model",
+        "--seed",
+        "--out",
+        "--json",
+    ):
         assert option in result.output
 
 

@@ -53,16 +53,25 @@ def test_init_refuses_to_overwrite_without_force(folder):
 
 
 def test_issue_aggregator_takes_comma_separated_and_repeated_hosts(folder):
-    result = certs("issue", "aggregator", "--host", "agg.example.org, 10.0.0.5", "--host", "::1",
-                   "--dir", str(folder), "--days", "30")
+    result = certs(
+        "issue",
+        "aggregator",
+        "--host",
+        "agg.example.org, 10.0.0.5",
+        "--host",
+        "::1",
+        "--dir",
+        str(folder),
+        "--days",
+        "30",
+    )
     assert result.exit_code == 0, result.output
     assert str(folder / "aggregator.pem") in result.output and str(folder / "aggregator.key") in result.output
     assert "never be committed" in result.output
     aggregator = pki.load_certificate(folder / "aggregator.pem")
     names = aggregator.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["agg.example.org"]
-    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5"),
-                                                         ipaddress.ip_address("::1")]
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("::1")]
     assert (aggregator.not_valid_after_utc - aggregator.not_valid_before_utc).days == 30
 
 
@@ -128,7 +137,9 @@ def test_issue_list_rotate_and_revoke_the_lineage_signer(folder):
     assert rotated.exit_code == 0 and "--cert OLD --cert NEW" in " ".join(rotated.stdout.split())
     listed = json.loads(certs("list", "--dir", str(folder), "--json").stdout)
     assert [(c["kind"], c["revoked"], c["reason"]) for c in listed if c["kind"] == "lineage"] == [
-        ("lineage", True, "superseded"), ("lineage", False, None)]
+        ("lineage", True, "superseded"),
+        ("lineage", False, None),
+    ]
     assert listed[2]["serial"] == f"{old.serial_number:x}"
 
     revoked = certs("revoke", "--lineage", "--reason", "key-compromise", "--dir", str(folder))
@@ -150,8 +161,11 @@ def test_list_as_json_and_as_a_table(folder):
     assert result.exit_code == 0, result.output
     listed = json.loads(result.stdout)
     assert [(c["kind"], c["subject"], c["revoked"]) for c in listed] == [
-        ("ca", "Genomics EU consortium CA", False), ("aggregator", "localhost", False),
-        ("site", "site-a", False), ("site", "site-b", True)]
+        ("ca", "Genomics EU consortium CA", False),
+        ("aggregator", "localhost", False),
+        ("site", "site-a", False),
+        ("site", "site-b", True),
+    ]
     assert listed[3]["reason"] == "cessation_of_operation" and listed[3]["revoked_at"]
     assert all(len(c["fingerprint"]) == 64 and c["problem"] is None for c in listed)
 

@@ -4,25 +4,40 @@ import math
 
 import numpy as np
 import pytest
+from fedgen.client.app import make_client_app
+from fedgen.client.ledger import PrivacyLedger
 from flwr.app import Context, Message, MessageType, Metadata, RecordDict
 from opacus.accountants import RDPAccountant
 
-from fedgen.client.app import make_client_app
-from fedgen.client.ledger import PrivacyLedger
-from fedgen.state_files import PRIVACY_LEDGER_FILE
 from fedgen.config import SiteConfig, load_toml
 from fedgen.params import digest, record_to_arrays
 from fedgen.protocol import (
-    ARRAYS_KEY, BUDGET_REFUSED, METRICS_KEY, SITE_DATA_ERROR, SITE_ERROR, SITE_KEY, TrainReport,
+    ARRAYS_KEY,
+    BUDGET_REFUSED,
+    METRICS_KEY,
+    SITE_DATA_ERROR,
+    SITE_ERROR,
+    SITE_KEY,
+    TrainReport,
 )
+from fedgen.state_files import PRIVACY_LEDGER_FILE
 
 from ..conftest import train_message, write_site
 
 
 def _call(site_toml, content: RecordDict) -> Message:
     app = make_client_app(lambda context: load_toml(site_toml, SiteConfig))
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=5, reply_to_message_id="",
-                        group_id="1", created_at=0.0, ttl=600.0, message_type=MessageType.TRAIN)
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=0.0,
+        ttl=600.0,
+        message_type=MessageType.TRAIN,
+    )
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     return app(Message(metadata=metadata, content=content), context)
 
@@ -35,8 +50,9 @@ def _strings(content: RecordDict) -> list[str]:
         for name, value in record.items():
             found.append(name)
             values = value if isinstance(value, list) else [value]
-            found += [v.decode(errors="replace") if isinstance(v, bytes) else v for v in values
-                      if isinstance(v, (str, bytes))]
+            found += [
+                v.decode(errors="replace") if isinstance(v, bytes) else v for v in values if isinstance(v, (str, bytes))
+            ]
     return found
 
 
@@ -113,10 +129,13 @@ def test_a_round_without_a_ledger_head_is_refused_by_a_deployed_site_naming_no_p
     pki.issue_site(certs, "site-w")
     layout = pki.layout(certs)
     site_toml = write_site(tmp_path / "site-w")
-    site_toml.write_text(site_toml.read_text() + f'[tls]\ncertificate = "{layout.site_cert("site-w")}"\n'
-                         f'private_key = "{layout.site_key("site-w")}"\nca_certificate = "{layout.ca_cert}"\n')
+    site_toml.write_text(
+        site_toml.read_text() + f'[tls]\ncertificate = "{layout.site_cert("site-w")}"\n'
+        f'private_key = "{layout.site_key("site-w")}"\nca_certificate = "{layout.ca_cert}"\n'
+    )
     reply = _call(site_toml, train_message())
     assert reply.has_error() and reply.error.code == SITE_ERROR
-    assert reply.error.reason.startswith("site site-w: refused to witness the round: the aggregator sent no "
-                                         "lineage ledger head")
+    assert reply.error.reason.startswith(
+        "site site-w: refused to witness the round: the aggregator sent no lineage ledger head"
+    )
     assert str(tmp_path) not in reply.error.reason

@@ -6,19 +6,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedgen.client.app import train_round
+from fedgen.client.ledger import BudgetExceeded, PrivacyLedger
 from flwr.common.serde import recorddict_to_proto
 
 from fedgen import pki
-from fedgen.client.app import train_round
-from fedgen.client.ledger import BudgetExceeded, PrivacyLedger
 from fedgen.config import SiteConfig, SiteTLSConfig, load_toml
 from fedgen.data import DataError, load_dataset
 from fedgen.lineage import LedgerHead, LineageWriter, witness_statement
+from fedgen.lineage.receipts import Receipt, WitnessError, read_receipts
 from fedgen.params import digest, record_to_arrays
 from fedgen.protocol import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, LedgerNotice, TrainReport, put_ledger_notice,
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    SITE_KEY,
+    LedgerNotice,
+    TrainReport,
+    put_ledger_notice,
 )
-from fedgen.lineage.receipts import Receipt, WitnessError, read_receipts
 from fedgen.state_files import PRIVACY_LEDGER_FILE, RECEIPTS_FILE
 
 from ..conftest import train_message, write_site
@@ -106,8 +112,13 @@ def test_epsilon_accumulates_across_fresh_processes(site_toml):
     root = Path(__file__).resolve().parents[2]
     spent = []
     for server_round in (1, 2):
-        out = subprocess.run([sys.executable, "-c", _ROUND_IN_FRESH_PROCESS, str(site_toml), str(server_round)],
-                             capture_output=True, text=True, check=True, cwd=root)
+        out = subprocess.run(
+            [sys.executable, "-c", _ROUND_IN_FRESH_PROCESS, str(site_toml), str(server_round)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=root,
+        )
         spent.append(json.loads(out.stdout.strip().splitlines()[-1]))
     (eps1, sigma1, q, steps), (eps2, sigma2, _, _) = spent
     assert eps2 > eps1 > 0
@@ -131,9 +142,15 @@ def deployed(tmp_path):
     with LineageWriter.open(tmp_path / "lineage.jsonl", key, certificate) as writer:
         writer.append("run_started", {}, "1")
         head, signer_pem = writer.head, writer.certificate_pem
-    site = load_toml(write_site(tmp_path / "site-s"), SiteConfig).model_copy(update={"tls": SiteTLSConfig(
-        certificate=layout.site_cert("site-s"), private_key=layout.site_key("site-s"),
-        ca_certificate=layout.ca_cert)})
+    site = load_toml(write_site(tmp_path / "site-s"), SiteConfig).model_copy(
+        update={
+            "tls": SiteTLSConfig(
+                certificate=layout.site_cert("site-s"),
+                private_key=layout.site_key("site-s"),
+                ca_certificate=layout.ca_cert,
+            )
+        }
+    )
     return site, head, signer_pem, layout
 
 
@@ -156,10 +173,17 @@ def test_a_deployed_site_signs_its_update_with_the_head_it_saw_and_keeps_a_recei
     assert not pki.verify_digest_signature(certificate, update_digest, signed["signature"])  # not the bare digest
     assert b"PRIVATE KEY" not in recorddict_to_proto(reply).SerializeToString()
     (kept,) = read_receipts(site.state_dir / RECEIPTS_FILE)
-    assert kept.receipt == Receipt(site="site-s", run_id="1", round=5, head_seq=head.seq, head_hash=head.hash,
-                                   head_signature=head.signature, update_digest=update_digest,
-                                   signature=base64.b64encode(signed["signature"]).decode(),
-                                   time=kept.receipt.time)
+    assert kept.receipt == Receipt(
+        site="site-s",
+        run_id="1",
+        round=5,
+        head_seq=head.seq,
+        head_hash=head.hash,
+        head_signature=head.signature,
+        update_digest=update_digest,
+        signature=base64.b64encode(signed["signature"]).decode(),
+        time=kept.receipt.time,
+    )
 
 
 def forged_head(head: LedgerHead, layout, how: str) -> tuple[LedgerHead, str]:
@@ -173,9 +197,14 @@ def forged_head(head: LedgerHead, layout, how: str) -> tuple[LedgerHead, str]:
     return LedgerHead(head.seq, head.hash, signature), layout.site_cert("site-s").read_text()
 
 
-@pytest.mark.parametrize("how, reason", [("other-hash", "is not signed by the lineage-signing certificate"),
-                                         ("tls-signer", "not a lineage-signing certificate"),
-                                         ("no-head", "sent no lineage ledger head")])
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("other-hash", "is not signed by the lineage-signing certificate"),
+        ("tls-signer", "not a lineage-signing certificate"),
+        ("no-head", "sent no lineage ledger head"),
+    ],
+)
 def test_a_deployed_site_refuses_a_round_it_cannot_witness_before_spending_budget(deployed, how, reason):
     site, head, signer_pem, layout = deployed
     message = train_message() if how == "no-head" else with_head(train_message(), *forged_head(head, layout, how))

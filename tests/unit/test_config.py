@@ -1,10 +1,17 @@
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedgen.config import (
-    AggregatorConfig, ConfigError, RunConfig, SiteConfig, SiteTLSConfig, TrainingConfig, load_toml, to_toml,
+    AggregatorConfig,
+    ConfigError,
+    RunConfig,
+    SiteConfig,
+    SiteTLSConfig,
+    TrainingConfig,
+    load_toml,
+    to_toml,
     write_toml,
 )
 
@@ -16,22 +23,26 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_site_config_resolves_relative_paths_against_its_file(tmp_path):
-    path = _write(tmp_path, 'site_id = "hospital-a"\ndata = "data.csv"\nstate_dir = "state"\n'
-                            '[privacy]\nepsilon = 4.0\n')
+    path = _write(
+        tmp_path, 'site_id = "hospital-a"\ndata = "data.csv"\nstate_dir = "state"\n[privacy]\nepsilon = 4.0\n'
+    )
     site = load_toml(path, SiteConfig)
     assert site.data == tmp_path / "data.csv"
     assert site.state_dir == tmp_path / "state"
     assert site.privacy.epsilon == 4.0 and site.privacy.enabled and site.device == "auto"
 
 
-@pytest.mark.parametrize("body, field, words", [
-    ('site_id = "a"\ndata = "d"\nstate_dir = "s"\ndevise = "cpu"\n', "devise", "unknown key"),
-    ('site_id = "a"\ndata = "d"\nstate_dir = "s"\n[privacy]\nepsilon = "lots"\n', "privacy.epsilon", "number"),
-    ('site_id = "a"\ndata = "d"\nstate_dir = "s"\n[privacy]\nepsilon = -1\n', "privacy.epsilon", "greater than 0"),
-    ('site_id = "a"\nstate_dir = "s"\n', "data", "Field required"),
-    ('site_id = "a b"\ndata = "d"\nstate_dir = "s"\n', "site_id", "pattern"),
-    ('site_id = "a"\ndata = "d"\nstate_dir = "s"\ndevice = "tpu"\n', "device", "cuda:N"),
-])
+@pytest.mark.parametrize(
+    "body, field, words",
+    [
+        ('site_id = "a"\ndata = "d"\nstate_dir = "s"\ndevise = "cpu"\n', "devise", "unknown key"),
+        ('site_id = "a"\ndata = "d"\nstate_dir = "s"\n[privacy]\nepsilon = "lots"\n', "privacy.epsilon", "number"),
+        ('site_id = "a"\ndata = "d"\nstate_dir = "s"\n[privacy]\nepsilon = -1\n', "privacy.epsilon", "greater than 0"),
+        ('site_id = "a"\nstate_dir = "s"\n', "data", "Field required"),
+        ('site_id = "a b"\ndata = "d"\nstate_dir = "s"\n', "site_id", "pattern"),
+        ('site_id = "a"\ndata = "d"\nstate_dir = "s"\ndevice = "tpu"\n', "device", "cuda:N"),
+    ],
+)
 def test_bad_site_config_names_file_and_field(tmp_path, body, field, words):
     path = _write(tmp_path, body)
     with pytest.raises(ConfigError) as info:
@@ -64,8 +75,12 @@ def test_example_configs_are_valid():
 
 
 def test_to_toml_round_trips_nested_configs(tmp_path):
-    run = RunConfig(aggregator=tmp_path / "a.toml", sites=2, labels=["x", "y"],
-                    training=TrainingConfig(strategy="fedprox", strategy_options={"proximal_mu": 0.1}))
+    run = RunConfig(
+        aggregator=tmp_path / "a.toml",
+        sites=2,
+        labels=["x", "y"],
+        training=TrainingConfig(strategy="fedprox", strategy_options={"proximal_mu": 0.1}),
+    )
     path = tmp_path / "run.toml"
     path.write_text(to_toml(run, path))
     assert load_toml(path, RunConfig) == run
@@ -76,20 +91,23 @@ TLS = '[tls]\ncertificate = "c"\nprivate_key = "k"\nca_certificate = "ca"\ncrl =
 RUN = 'aggregator = "a.toml"\nsites = 2\nlabels = ["0", "1"]\n'
 
 
-@pytest.mark.parametrize("model, body, field, words", [
-    (SiteConfig, SITE + 'runtime_port = "19120"\n', "runtime_port", "valid integer"),
-    (SiteConfig, SITE + "runtime_port = 19120.0\n", "runtime_port", "valid integer"),
-    (SiteConfig, SITE + '[privacy]\nenabled = "false"\n', "privacy.enabled", "valid boolean"),
-    (SiteConfig, SITE + "[privacy]\nenabled = 0\n", "privacy.enabled", "valid boolean"),
-    (SiteConfig, SITE + '[privacy]\nepsilon = "8"\n', "privacy.epsilon", "valid number"),
-    (SiteConfig, 'site_id = 7\ndata = "d.csv"\nstate_dir = "s"\n', "site_id", "valid string"),
-    (SiteConfig, 'site_id = "a"\ndata = 3\nstate_dir = "s"\n', "data", "path"),
-    (AggregatorConfig, 'state_dir = "s"\nfleet_port = "9092"\n' + TLS, "fleet_port", "valid integer"),
-    (RunConfig, 'aggregator = "a.toml"\nsites = "2"\nlabels = ["0", "1"]\n', "sites", "valid integer"),
-    (RunConfig, 'aggregator = "a.toml"\nsites = 2\nlabels = ["0", 1]\n', "labels.1", "valid string"),
-    (RunConfig, RUN + '[training]\nrounds = "5"\n', "training.rounds", "valid integer"),
-    (RunConfig, RUN + '[training]\nbatch_size = 32.0\n', "training.batch_size", "valid integer"),
-])
+@pytest.mark.parametrize(
+    "model, body, field, words",
+    [
+        (SiteConfig, SITE + 'runtime_port = "19120"\n', "runtime_port", "valid integer"),
+        (SiteConfig, SITE + "runtime_port = 19120.0\n", "runtime_port", "valid integer"),
+        (SiteConfig, SITE + '[privacy]\nenabled = "false"\n', "privacy.enabled", "valid boolean"),
+        (SiteConfig, SITE + "[privacy]\nenabled = 0\n", "privacy.enabled", "valid boolean"),
+        (SiteConfig, SITE + '[privacy]\nepsilon = "8"\n', "privacy.epsilon", "valid number"),
+        (SiteConfig, 'site_id = 7\ndata = "d.csv"\nstate_dir = "s"\n', "site_id", "valid string"),
+        (SiteConfig, 'site_id = "a"\ndata = 3\nstate_dir = "s"\n', "data", "path"),
+        (AggregatorConfig, 'state_dir = "s"\nfleet_port = "9092"\n' + TLS, "fleet_port", "valid integer"),
+        (RunConfig, 'aggregator = "a.toml"\nsites = "2"\nlabels = ["0", "1"]\n', "sites", "valid integer"),
+        (RunConfig, 'aggregator = "a.toml"\nsites = 2\nlabels = ["0", 1]\n', "labels.1", "valid string"),
+        (RunConfig, RUN + '[training]\nrounds = "5"\n', "training.rounds", "valid integer"),
+        (RunConfig, RUN + "[training]\nbatch_size = 32.0\n", "training.batch_size", "valid integer"),
+    ],
+)
 def test_a_value_of_the_wrong_type_is_an_error_naming_file_and_field(tmp_path, model, body, field, words):
     path = tmp_path / "config.toml"
     path.write_text(body)
@@ -120,10 +138,16 @@ def test_written_paths_are_relative_inside_the_files_folder_and_absolute_outside
     monkeypatch.chdir(tmp_path)
     folder = Path("consortium/sites/site-0")
     folder.mkdir(parents=True)
-    site = SiteConfig(site_id="site-0", data=folder / "data.csv", state_dir=folder / "state",
-                      tls=SiteTLSConfig(certificate=Path("consortium/certs/site-0.pem"),
-                                        private_key=Path("consortium/certs/site-0.key"),
-                                        ca_certificate=tmp_path / "consortium/certs/ca.pem"))
+    site = SiteConfig(
+        site_id="site-0",
+        data=folder / "data.csv",
+        state_dir=folder / "state",
+        tls=SiteTLSConfig(
+            certificate=Path("consortium/certs/site-0.pem"),
+            private_key=Path("consortium/certs/site-0.key"),
+            ca_certificate=tmp_path / "consortium/certs/ca.pem",
+        ),
+    )
     path = write_toml(site, folder / "site.toml")
     written = tomllib.loads(path.read_text())
     assert written["data"] == "data.csv" and written["state_dir"] == "state"

@@ -244,8 +244,7 @@ def test_read_fasta_single_path_is_one_class(tmp_path):
 def test_read_fasta_labels_from_header(tmp_path):
     path = write(
         tmp_path / "mixed.fa",
-        ">seq1 label=promoter source=x\nACGT\n>chr1:1-4|strand+|background\nAAAA\n"
-        ">seq3|label=promoter|other\nCC\nGG\n",
+        ">seq1 label=promoter source=x\nACGT\n>chr1:1-4|strand+|background\nAAAA\n>seq3|label=promoter|other\nCC\nGG\n",
     )
     dataset = read_fasta(path, labels_from="header")
     assert dataset.label_names == ("background", "promoter")
@@ -331,8 +330,9 @@ def test_genomic_benchmarks_csv_layout(tmp_path):
 
 
 def test_genomic_benchmarks_folder_layout(tmp_path):
-    for index, sequence in enumerate(["AAAA", "CCCC", "GGGG", "TTTT", "ACAC", "GTGT",
-                                      "AAAC", "AAAG", "AAAT", "CCCA", "CCCG"]):
+    for index, sequence in enumerate(
+        ["AAAA", "CCCC", "GGGG", "TTTT", "ACAC", "GTGT", "AAAC", "AAAG", "AAAT", "CCCA", "CCCG"]
+    ):
         write(tmp_path / "train" / "positive" / f"{index}.txt", sequence + "\n")
     write(tmp_path / "train" / "negative" / "0.txt", "acgt\nAC\n")
     dataset = read_genomic_benchmarks(tmp_path)
@@ -494,8 +494,7 @@ def test_make_split_matches_train_test_split():
     make_split = _load_make_split()
     rng = np.random.default_rng(7)
     labels = rng.integers(0, 3, size=500)
-    dataset = SequenceDataset(tuple(f"{'ACGT'[i % 4]}{i}" for i in range(500)), labels,
-                              ("a", "b", "c"), "memory")
+    dataset = SequenceDataset(tuple(f"{'ACGT'[i % 4]}{i}" for i in range(500)), labels, ("a", "b", "c"), "memory")
     for seed in (0, 1):
         _, test = train_test_split(dataset, make_split.TEST_FRACTION, seed)
         mask = make_split.stratified_test_mask(labels, make_split.TEST_FRACTION, seed)

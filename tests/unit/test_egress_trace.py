@@ -105,7 +105,7 @@ def test_a_connect_whose_address_strace_could_not_read_fails():
 
 
 def test_a_raw_packet_socket_address_fails():
-    raw = "6199  sendto(5, \"\\377\", 1, 0, {sa_family=AF_PACKET, sll_protocol=htons(ETH_P_ALL), sll_ifindex=if_nametoindex(\"eth0\"), sll_hatype=ARPHRD_NETROM, sll_pkttype=PACKET_HOST, sll_halen=0}, 20) = 1"
+    raw = '6199  sendto(5, "\\377", 1, 0, {sa_family=AF_PACKET, sll_protocol=htons(ETH_P_ALL), sll_ifindex=if_nametoindex("eth0"), sll_hatype=ARPHRD_NETROM, sll_pkttype=PACKET_HOST, sll_halen=0}, 20) = 1'
     problems = find_egress(LAUNCH + raw, CONSORTIUM, SITE)
     assert len(problems) == 1 and problems[0].startswith("AF_PACKET socket address")
 
@@ -114,7 +114,8 @@ def test_a_trace_that_saw_nothing_fails():
     assert find_egress("", CONSORTIUM, SITE) == ["the trace is empty: strace did not run or wrote elsewhere"]
     launch_only = LAUNCH.splitlines()[1]
     assert find_egress(launch_only, CONSORTIUM, SITE) == [
-        "no socket address was traced at all: the trace saw no network calls"]
+        "no socket address was traced at all: the trace saw no network calls"
+    ]
     other_program = LAUNCH.replace('"site", "start"', '"aggregator", "start"')
     assert find_egress(other_program, CONSORTIUM, SITE) == [f"{SITE!r} never started under the trace"]
 
@@ -133,9 +134,11 @@ def test_a_failed_execve_is_not_the_program_that_runs():
 
 def test_strace_as_the_launchers_run_it_sees_a_dns_query(tmp_path):
     """Live: strace works here (ptrace allowed) and the command line writes what the parser reads."""
-    program = ("import socket\n"
-               "probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-               "probe.sendto(b'lookup', ('127.0.0.53', 53))\n")
+    program = (
+        "import socket\n"
+        "probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "probe.sendto(b'lookup', ('127.0.0.53', 53))\n"
+    )
     log = tmp_path / "probe.strace"
     subprocess.run([*strace_command(log), sys.executable, "-c", program], check=True, timeout=60)
     problems = find_egress(log.read_text(), EgressPolicy(loopback_ports=None), "socket.SOCK_DGRAM")

@@ -1,7 +1,7 @@
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 from fedgen import flower_pin
@@ -22,6 +22,9 @@ def test_another_flower_series_is_refused_with_the_requirement_to_install(monkey
     import flwr
 
     monkeypatch.setattr(flwr, "__version__", "1.42.0")
-    with pytest.raises(RuntimeError, match=r"SuperNode glue is written for Flower 1\.41\.x; found 1\.42\.0\. "
-                                           r"Install flwr>=1\.41,<1\.42\."):
+    with pytest.raises(
+        RuntimeError,
+        match=r"SuperNode glue is written for Flower 1\.41\.x; found 1\.42\.0\. "
+        r"Install flwr>=1\.41,<1\.42\.",
+    ):
         flower_pin.check_flower_version("SuperNode glue")

@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-
 from fedgen.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger
+
 from fedgen.state_files import PRIVACY_LEDGER_FILE
 
 
@@ -21,8 +21,9 @@ def test_accountant_anchor_prv(tmp_path):
 
 def test_ledger_survives_a_fresh_process(tmp_path):
     ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
-    spent = ledger.commit([(1.0, 0.01, 500)], run_id=1, server_round=1, steps=500,
-                          noise_multiplier=1.0, sample_rate=0.01)
+    spent = ledger.commit(
+        [(1.0, 0.01, 500)], run_id=1, server_round=1, steps=500, noise_multiplier=1.0, sample_rate=0.01
+    )
     code = (
         "import sys, json; from fedgen.client.ledger import PrivacyLedger\n"
         "l = PrivacyLedger.open(sys.argv[1], accountant='rdp', delta=1e-5)\n"
@@ -30,8 +31,7 @@ def test_ledger_survives_a_fresh_process(tmp_path):
         " noise_multiplier=1.0, sample_rate=0.01)\n"
         "print(json.dumps([l.epsilon, len(l.rounds)]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     epsilon, rounds = json.loads(out.stdout)
     assert rounds == 2
     # Two halves compose to the same ε as 1000 steps at once: nothing was forgotten.
@@ -50,8 +50,7 @@ def test_check_refuses_a_round_past_the_ceiling(tmp_path):
 
 def test_calibrate_spends_the_remaining_budget_exactly(tmp_path):
     ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
-    ledger.commit([(1.5, 0.02, 200)], run_id=1, server_round=1, steps=200,
-                  noise_multiplier=1.5, sample_rate=0.02)
+    ledger.commit([(1.5, 0.02, 200)], run_id=1, server_round=1, steps=200, noise_multiplier=1.5, sample_rate=0.02)
     sigma = ledger.calibrate(0.02, 600, ceiling=8.0)
     assert ledger.epsilon_after(sigma, 0.02, 600) <= 8.0
     assert ledger.epsilon_after(sigma * 0.99, 0.02, 600) > 8.0
@@ -61,7 +60,8 @@ def test_calibrate_spends_the_remaining_budget_exactly(tmp_path):
 
 def test_changed_delta_or_accountant_is_refused(tmp_path):
     PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5).commit(
-        [(1.0, 0.01, 10)], run_id=1, server_round=1, steps=10, noise_multiplier=1.0, sample_rate=0.01)
+        [(1.0, 0.01, 10)], run_id=1, server_round=1, steps=10, noise_multiplier=1.0, sample_rate=0.01
+    )
     with pytest.raises(LedgerError, match="delta=1e-05"):
         PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-6)
     with pytest.raises(LedgerError, match="accountant=rdp"):
@@ -76,5 +76,6 @@ def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path):
 
 def test_commit_leaves_no_temporary_file(tmp_path):
     PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5).commit(
-        [(1.0, 0.01, 10)], run_id=1, server_round=1, steps=10, noise_multiplier=1.0, sample_rate=0.01)
+        [(1.0, 0.01, 10)], run_id=1, server_round=1, steps=10, noise_multiplier=1.0, sample_rate=0.01
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [PRIVACY_LEDGER_FILE]

@@ -24,13 +24,24 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from fedgen.server.checkpoints import checkpoint_digest, load_checkpoint, save_checkpoint
 from safetensors.numpy import load_file, save_file
 
 from fedgen import pki
-from fedgen.lineage import (GENESIS_PREV, RECORD_TYPES, LedgerHead, LineageError, LineageWriter,
-                            canonical_encoding, export_prov, read_records, record_hash, verify, witness_statement)
+from fedgen.lineage import (
+    GENESIS_PREV,
+    RECORD_TYPES,
+    LedgerHead,
+    LineageError,
+    LineageWriter,
+    canonical_encoding,
+    export_prov,
+    read_records,
+    record_hash,
+    verify,
+    witness_statement,
+)
 from fedgen.params import digest, read_model_file
-from fedgen.server.checkpoints import checkpoint_digest, load_checkpoint, save_checkpoint
 
 from .forgery import forge_ledger
 
@@ -91,8 +102,10 @@ def rogue(tmp_path_factory: pytest.TempPathFactory) -> Consortium:
 
 def global_model(round_number: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(round_number)
-    return {"encoder.weight": rng.standard_normal((4, 3)).astype(np.float32),
-            "head.bias": rng.standard_normal(3).astype(np.float32)}
+    return {
+        "encoder.weight": rng.standard_normal((4, 3)).astype(np.float32),
+        "head.bias": rng.standard_normal(3).astype(np.float32),
+    }
 
 
 def site_update(site: str, round_number: int) -> dict[str, np.ndarray]:
@@ -102,28 +115,48 @@ def site_update(site: str, round_number: int) -> dict[str, np.ndarray]:
 MODEL_CONFIG = '{"d_model": 8, "layers": 1}'
 
 
-def contribution(consortium: Consortium, site: str, round_number: int, head: LedgerHead | None, *,
-                 signing_site: str | None = None, certificate_site: str | None = None,
-                 signed_head: LedgerHead | None = None) -> dict[str, Any]:
+def contribution(
+    consortium: Consortium,
+    site: str,
+    round_number: int,
+    head: LedgerHead | None,
+    *,
+    signing_site: str | None = None,
+    certificate_site: str | None = None,
+    signed_head: LedgerHead | None = None,
+) -> dict[str, Any]:
     """A site's contribution, signed over its update and ``head``; the keyword arguments forge it."""
     update_digest = digest(site_update(site, round_number))
     seen = signed_head or head
-    statement = witness_statement(RUN, round_number, seen.seq if seen else None, seen.hash if seen else None,
-                                  update_digest)
+    statement = witness_statement(
+        RUN, round_number, seen.seq if seen else None, seen.hash if seen else None, update_digest
+    )
     signature = pki.sign_message(consortium.site_key(signing_site or site), statement)
     pem = consortium.site_pem(certificate_site or site)
-    return {"site": site, "update_digest": update_digest, "signature": base64.b64encode(signature).decode(),
-            "certificate": pem, "fingerprint": pki.fingerprint(x509.load_pem_x509_certificate(pem.encode())),
-            "examples": 120 + 10 * SITES.index(site), "epsilon": 0.75 * round_number, "delta": 1e-5,
-            "noise_multiplier": 1.1}
+    return {
+        "site": site,
+        "update_digest": update_digest,
+        "signature": base64.b64encode(signature).decode(),
+        "certificate": pem,
+        "fingerprint": pki.fingerprint(x509.load_pem_x509_certificate(pem.encode())),
+        "examples": 120 + 10 * SITES.index(site),
+        "epsilon": 0.75 * round_number,
+        "delta": 1e-5,
+        "noise_multiplier": 1.1,
+    }
 
 
 def model_digest_of(round_number: int) -> str:
     return checkpoint_digest(round_number, global_model(round_number), MODEL_CONFIG)
 
 
-def round_body(consortium: Consortium, checkpoints: Path, round_number: int, head: LedgerHead | None,
-               contributions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def round_body(
+    consortium: Consortium,
+    checkpoints: Path,
+    round_number: int,
+    head: LedgerHead | None,
+    contributions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """A round record's body, its checkpoint written by the aggregator's own writer."""
     path, model_digest = save_checkpoint(checkpoints, round_number, global_model(round_number), MODEL_CONFIG)
     if contributions is None:
@@ -158,21 +191,42 @@ def write_ledger(folder: Path, consortium: Consortium) -> Ledger:
     ledger.checkpoints.mkdir(parents=True)
     final = model_digest_of(3)
     with consortium.writer(ledger.path) as writer:
+
         def append(record_type: str, body: dict[str, Any]) -> None:
             ledger.records.append(writer.append(record_type, body, RUN))
 
-        append("run_started", {"sites": list(SITES), "rounds": 3, "model_digest": model_digest_of(0),
-                               "strategy": {"name": "fedavg"}, "cohort": "Zürich biobank"})
+        append(
+            "run_started",
+            {
+                "sites": list(SITES),
+                "rounds": 3,
+                "model_digest": model_digest_of(0),
+                "strategy": {"name": "fedavg"},
+                "cohort": "Zürich biobank",
+            },
+        )
         append("round_committed", round_body(consortium, ledger.checkpoints, 1, writer.head))
-        append("site_refused", {"round": 2, "site": "site-c", "reason": "privacy budget exhausted",
-                                "epsilon_spent": 7.9, "epsilon_ceiling": 8.0})
+        append(
+            "site_refused",
+            {
+                "round": 2,
+                "site": "site-c",
+                "reason": "privacy budget exhausted",
+                "epsilon_spent": 7.9,
+                "epsilon_ceiling": 8.0,
+            },
+        )
         append("round_committed", round_body(consortium, ledger.checkpoints, 2, writer.head))
         head = writer.head  # round 3 is configured before its rejection is recorded
-        append("update_rejected", {"round": 3, "site": "site-c", "update_digest": digest(site_update("site-c", 3)),
-                                   "reason": REJECTION})
+        append(
+            "update_rejected",
+            {"round": 3, "site": "site-c", "update_digest": digest(site_update("site-c", 3)), "reason": REJECTION},
+        )
         append("round_committed", round_body(consortium, ledger.checkpoints, 3, head))
-        append("model_approved", {"round": 3, "by": APPROVER, "reason": "AUROC 0.85 on the held-out cohort",
-                                  "model_digest": final})
+        append(
+            "model_approved",
+            {"round": 3, "by": APPROVER, "reason": "AUROC 0.85 on the held-out cohort", "model_digest": final},
+        )
         append("run_finished", {"rounds": 3, "model_digest": final})
     return ledger
 
@@ -203,16 +257,24 @@ def assert_broken_at(report: Any, seq: int, *phrases: str) -> None:
 
 
 def test_a_realistic_ledger_verifies_with_checkpoints_and_site_signatures(ledger: Ledger, consortium: Consortium):
-    report = verify(ledger.path, consortium.signer_cert, checkpoints_dir=ledger.checkpoints,
-                    ca_certificate=consortium.ca)
+    report = verify(
+        ledger.path, consortium.signer_cert, checkpoints_dir=ledger.checkpoints, ca_certificate=consortium.ca
+    )
     assert report.ok, report.error
     assert report.records == len(ledger.records) == 8
     assert report.head_hash == ledger.records[-1]["hash"]
     assert (report.checkpoints_checked, report.site_signatures_checked) == (3, 6)
     assert not report.incomplete_tail and report.error is None and report.error_seq is None
-    assert [r["type"] for r in ledger.records] == ["run_started", "round_committed", "site_refused",
-                                                   "round_committed", "update_rejected", "round_committed",
-                                                   "model_approved", "run_finished"]
+    assert [r["type"] for r in ledger.records] == [
+        "run_started",
+        "round_committed",
+        "site_refused",
+        "round_committed",
+        "update_rejected",
+        "round_committed",
+        "model_approved",
+        "run_finished",
+    ]
 
 
 def test_records_read_back_as_written(ledger: Ledger):
@@ -235,8 +297,9 @@ def test_an_auditor_can_check_a_record_from_the_documented_format_alone(ledger: 
             before, _, after = unsigned.rpartition(member)  # the last: the body may hold a "signature"
             unsigned = before + after
         assert hashlib.sha256(unsigned.encode("utf-8")).hexdigest() == record["hash"]
-        public_key.verify(base64.b64decode(record["signature"]), record["hash"].encode("ascii"),
-                          ec.ECDSA(hashes.SHA256()))
+        public_key.verify(
+            base64.b64decode(record["signature"]), record["hash"].encode("ascii"), ec.ECDSA(hashes.SHA256())
+        )
         assert record["signer"] == fingerprint
 
 
@@ -246,9 +309,17 @@ def test_an_auditor_can_check_a_site_signature_from_the_documented_statement(led
     head = record["body"]["ledger_head"]
     assert head == {"seq": SITE_REFUSED, "hash": ledger.records[SITE_REFUSED]["hash"]}
     for item in record["body"]["contributions"]:
-        statement = json.dumps({"head_hash": head["hash"], "head_seq": head["seq"],
-                                "purpose": "fedgen lineage witness v1", "round": 2, "run_id": RUN,
-                                "update_digest": item["update_digest"]}, separators=(",", ":")).encode()
+        statement = json.dumps(
+            {
+                "head_hash": head["hash"],
+                "head_seq": head["seq"],
+                "purpose": "fedgen lineage witness v1",
+                "round": 2,
+                "run_id": RUN,
+                "update_digest": item["update_digest"],
+            },
+            separators=(",", ":"),
+        ).encode()
         site = x509.load_pem_x509_certificate(item["certificate"].encode())
         site.public_key().verify(base64.b64decode(item["signature"]), statement, ec.ECDSA(hashes.SHA256()))
 
@@ -314,7 +385,7 @@ def test_changing_any_single_byte_of_any_record_is_caught_at_that_record(ledger:
 @pytest.mark.parametrize("deleted", [0, ROUND_2, FINISHED - 1])
 def test_a_deleted_record_is_caught_where_it_was(ledger: Ledger, consortium: Consortium, deleted: int):
     lines = read_lines(ledger.path)
-    write_lines(ledger.path, lines[:deleted] + lines[deleted + 1:])
+    write_lines(ledger.path, lines[:deleted] + lines[deleted + 1 :])
     assert_broken_at(verify(ledger.path, consortium.signer_cert), deleted, "deleted, duplicated or moved")
 
 
@@ -327,7 +398,7 @@ def test_swapped_records_are_caught(ledger: Ledger, consortium: Consortium):
 
 def test_a_duplicated_record_is_caught(ledger: Ledger, consortium: Consortium):
     lines = read_lines(ledger.path)
-    write_lines(ledger.path, lines[:ROUND_1 + 1] + [lines[ROUND_1]] + lines[ROUND_1 + 1:])
+    write_lines(ledger.path, lines[: ROUND_1 + 1] + [lines[ROUND_1]] + lines[ROUND_1 + 1 :])
     assert_broken_at(verify(ledger.path, consortium.signer_cert), ROUND_1 + 1, "holds seq 1 where seq 2")
 
 
@@ -345,14 +416,18 @@ def test_swapped_checkpoint_files_are_caught_naming_the_file(ledger: Ledger, con
 def rewrite_checkpoint(path: Path, change_tensors: Any = None, change_metadata: Any = None) -> None:
     """Rewrite a checkpoint with its tensors and header metadata passed through the given changes."""
     arrays, metadata = read_model_file(path)
-    save_file(change_tensors(arrays) if change_tensors else arrays, str(path),
-              metadata=change_metadata(metadata) if change_metadata else metadata)
+    save_file(
+        change_tensors(arrays) if change_tensors else arrays,
+        str(path),
+        metadata=change_metadata(metadata) if change_metadata else metadata,
+    )
 
 
 def test_an_altered_checkpoint_tensor_is_caught(ledger: Ledger, consortium: Consortium):
     path = ledger.checkpoint_of(2)
-    rewrite_checkpoint(path, change_tensors=lambda arrays: {
-        **arrays, "head.bias": arrays["head.bias"] + np.float32(1e-3)})
+    rewrite_checkpoint(
+        path, change_tensors=lambda arrays: {**arrays, "head.bias": arrays["head.bias"] + np.float32(1e-3)}
+    )
     report = verify(ledger.path, consortium.signer_cert, checkpoints_dir=ledger.checkpoints)
     assert_broken_at(report, ROUND_SEQ[2], path.name, "altered or swapped")
     assert report.checkpoints_checked == 1
@@ -361,8 +436,13 @@ def test_an_altered_checkpoint_tensor_is_caught(ledger: Ledger, consortium: Cons
 def test_an_edited_model_config_in_a_checkpoint_header_is_caught(ledger: Ledger, consortium: Consortium):
     """The digest covers the header metadata fedgen reads back, not only the tensors."""
     path = ledger.checkpoint_of(3)
-    rewrite_checkpoint(path, change_metadata=lambda metadata: {
-        **metadata, "model_config": metadata["model_config"].replace('"layers": 1', '"layers": 2')})
+    rewrite_checkpoint(
+        path,
+        change_metadata=lambda metadata: {
+            **metadata,
+            "model_config": metadata["model_config"].replace('"layers": 1', '"layers": 2'),
+        },
+    )
     assert load_file(str(path)).keys() == global_model(3).keys()  # tensors untouched
     report = verify(ledger.path, consortium.signer_cert, checkpoints_dir=ledger.checkpoints)
     assert_broken_at(report, ROUND_SEQ[3], path.name, "altered or swapped")
@@ -395,8 +475,9 @@ def resign(record: dict[str, Any], key: ec.EllipticCurvePrivateKey, signer: str)
 
 
 @pytest.mark.parametrize("claims_aggregator", [False, True])
-def test_a_record_re_signed_with_another_key_is_caught(ledger: Ledger, consortium: Consortium, rogue: Consortium,
-                                                       claims_aggregator: bool):
+def test_a_record_re_signed_with_another_key_is_caught(
+    ledger: Ledger, consortium: Consortium, rogue: Consortium, claims_aggregator: bool
+):
     record = dict(ledger.records[UPDATE_REJECTED], body={**ledger.records[UPDATE_REJECTED]["body"], "reason": "none"})
     signer = pki.fingerprint(consortium.signer_cert if claims_aggregator else rogue.signer_cert)
     lines = read_lines(ledger.path)
@@ -415,11 +496,15 @@ def test_an_aggregator_certificate_from_another_ca_is_caught(tmp_path: Path, con
 
 @pytest.mark.parametrize("role", ["site", "tls-server"])
 def test_a_ledger_re_signed_with_a_site_or_tls_key_is_refused_even_with_that_certificate(
-        ledger: Ledger, consortium: Consortium, role: str):
+    ledger: Ledger, consortium: Consortium, role: str
+):
     """The whole chain re-signed, consistently, by a certificate the CA really issued, but not for this."""
     files = consortium.files
-    cert_path, key_path = ((files.site_cert("site-a"), files.site_key("site-a")) if role == "site"
-                           else (files.aggregator_cert, files.aggregator_key))
+    cert_path, key_path = (
+        (files.site_cert("site-a"), files.site_key("site-a"))
+        if role == "site"
+        else (files.aggregator_cert, files.aggregator_key)
+    )
     certificate, key = pki.check_key_pair(cert_path, key_path)
     forge_ledger(ledger.path, ledger.records, key, certificate)
     report = verify(ledger.path, certificate, ca_certificate=consortium.ca)
@@ -432,11 +517,17 @@ def self_signed_lineage_signer(folder: Path) -> tuple[x509.Certificate, ec.Ellip
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, pki.LINEAGE_SIGNER_CN)])
     now = datetime.now(timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([pki.LINEAGE_SIGNING_OID]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([pki.LINEAGE_SIGNING_OID]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     return cert, key
 
 
@@ -476,28 +567,42 @@ def test_records_signed_after_the_signer_was_revoked_fail_against_the_crl(tmp_pa
 
 
 def test_the_aggregator_does_not_start_a_run_with_a_revoked_lineage_signer(tmp_path: Path):
-    from fedgen.config import TrainingConfig
-    from fedgen.config import AggregatorTLSConfig, LineageSigningConfig
-    from fedgen.model import preset_config
     from fedgen.server.app import run_federation
     from fedgen.server.plan import LineagePlan, RunPlan
 
+    from fedgen.config import AggregatorTLSConfig, LineageSigningConfig, TrainingConfig
+    from fedgen.model import preset_config
+
     files = make_consortium(tmp_path / "certs", "Revoked").files
     pki.revoke_lineage(files.folder, "key-compromise")
-    plan = RunPlan(training=TrainingConfig(), model=preset_config("nano", vocab_size=8, max_len=8),
-                   label_names=["0", "1"], num_sites=1, out_dir=tmp_path,
-                   lineage=LineagePlan(ledger=tmp_path / "lineage.jsonl", signing=LineageSigningConfig(
-                       certificate=files.lineage_cert, private_key=files.lineage_key)),
-                   tls=AggregatorTLSConfig(certificate=files.aggregator_cert, private_key=files.aggregator_key,
-                                           ca_certificate=files.ca_cert, crl=files.crl))
+    plan = RunPlan(
+        training=TrainingConfig(),
+        model=preset_config("nano", vocab_size=8, max_len=8),
+        label_names=["0", "1"],
+        num_sites=1,
+        out_dir=tmp_path,
+        lineage=LineagePlan(
+            ledger=tmp_path / "lineage.jsonl",
+            signing=LineageSigningConfig(certificate=files.lineage_cert, private_key=files.lineage_key),
+        ),
+        tls=AggregatorTLSConfig(
+            certificate=files.aggregator_cert,
+            private_key=files.aggregator_key,
+            ca_certificate=files.ca_cert,
+            crl=files.crl,
+        ),
+    )
     with pytest.raises(RuntimeError, match="lineage.pem is revoked.*fedgen certs issue lineage --force"):
         run_federation(grid=None, plan=plan)  # refused before any site is asked
     assert not (tmp_path / "lineage.jsonl").exists()
 
 
-def round_with(tmp_path: Path, consortium: Consortium,
-               contributions: Callable[[LedgerHead], list[dict[str, Any]]],
-               ledger_head: Callable[[LedgerHead], dict[str, Any] | None] | None = None) -> Path:
+def round_with(
+    tmp_path: Path,
+    consortium: Consortium,
+    contributions: Callable[[LedgerHead], list[dict[str, Any]]],
+    ledger_head: Callable[[LedgerHead], dict[str, Any] | None] | None = None,
+) -> Path:
     """A ledger the honest signer signed: run_started, then one round with ``contributions(head)``."""
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
@@ -512,9 +617,14 @@ def round_with(tmp_path: Path, consortium: Consortium,
 
 def test_a_forged_site_signature_is_caught(tmp_path: Path, consortium: Consortium):
     """site-b signed site-a's update; the record carries site-a's certificate."""
-    path = round_with(tmp_path, consortium, lambda head: [
-        contribution(consortium, "site-b", 1, head),
-        contribution(consortium, "site-a", 1, head, signing_site="site-b")])
+    path = round_with(
+        tmp_path,
+        consortium,
+        lambda head: [
+            contribution(consortium, "site-b", 1, head),
+            contribution(consortium, "site-a", 1, head, signing_site="site-b"),
+        ],
+    )
     report = verify(path, consortium.signer_cert)
     assert_broken_at(report, 1, "site 'site-a'", "signature over update")
     assert report.site_signatures_checked == 1
@@ -523,25 +633,36 @@ def test_a_forged_site_signature_is_caught(tmp_path: Path, consortium: Consortiu
 def test_a_site_signature_over_another_ledger_head_is_caught(tmp_path: Path, consortium: Consortium):
     """The site witnessed a different head than the one the round record says it was sent."""
     elsewhere = LedgerHead(0, "ab" * 32, "")
-    path = round_with(tmp_path, consortium, lambda head: [
-        contribution(consortium, "site-a", 1, head, signed_head=elsewhere)])
+    path = round_with(
+        tmp_path, consortium, lambda head: [contribution(consortium, "site-a", 1, head, signed_head=elsewhere)]
+    )
     assert_broken_at(verify(path, consortium.signer_cert), 1, "site 'site-a'", "and ledger head")
 
 
-@pytest.mark.parametrize("claimed", [lambda head: {"seq": 0, "hash": "ab" * 32},
-                                     lambda head: {"seq": 1, "hash": head.hash},
-                                     lambda head: {"seq": -1, "hash": head.hash}],
-                         ids=["other-hash", "not-yet-written", "negative-seq"])
-def test_a_round_naming_a_head_this_ledger_does_not_hold_is_caught(tmp_path: Path, consortium: Consortium,
-                                                                   claimed: Callable[[LedgerHead], dict]):
+@pytest.mark.parametrize(
+    "claimed",
+    [
+        lambda head: {"seq": 0, "hash": "ab" * 32},
+        lambda head: {"seq": 1, "hash": head.hash},
+        lambda head: {"seq": -1, "hash": head.hash},
+    ],
+    ids=["other-hash", "not-yet-written", "negative-seq"],
+)
+def test_a_round_naming_a_head_this_ledger_does_not_hold_is_caught(
+    tmp_path: Path, consortium: Consortium, claimed: Callable[[LedgerHead], dict]
+):
     path = round_with(tmp_path, consortium, lambda head: [], ledger_head=claimed)
     assert_broken_at(verify(path, consortium.signer_cert), 1, "ledger_head")
 
 
-def test_a_contribution_signed_under_another_sites_certificate_is_caught_with_the_ca(tmp_path: Path,
-                                                                                    consortium: Consortium):
-    path = round_with(tmp_path, consortium, lambda head: [
-        contribution(consortium, "site-a", 1, head, signing_site="site-b", certificate_site="site-b")])
+def test_a_contribution_signed_under_another_sites_certificate_is_caught_with_the_ca(
+    tmp_path: Path, consortium: Consortium
+):
+    path = round_with(
+        tmp_path,
+        consortium,
+        lambda head: [contribution(consortium, "site-a", 1, head, signing_site="site-b", certificate_site="site-b")],
+    )
     assert verify(path, consortium.signer_cert).ok  # self-consistent without a trust anchor
     report = verify(path, consortium.signer_cert, ca_certificate=consortium.ca)
     assert_broken_at(report, 1, "certificate of site 'site-b'")
@@ -553,10 +674,12 @@ def test_a_site_certificate_from_another_ca_is_caught(tmp_path: Path, consortium
     assert_broken_at(report, 1, "site 'site-a'", "wrong issuer")
 
 
-def test_a_contribution_whose_fingerprint_disagrees_with_its_certificate_is_caught(tmp_path: Path,
-                                                                                  consortium: Consortium):
-    path = round_with(tmp_path, consortium, lambda head: [
-        {**contribution(consortium, "site-a", 1, head), "fingerprint": "0" * 64}])
+def test_a_contribution_whose_fingerprint_disagrees_with_its_certificate_is_caught(
+    tmp_path: Path, consortium: Consortium
+):
+    path = round_with(
+        tmp_path, consortium, lambda head: [{**contribution(consortium, "site-a", 1, head), "fingerprint": "0" * 64}]
+    )
     assert_broken_at(verify(path, consortium.signer_cert), 1, "names certificate")
 
 
@@ -603,8 +726,10 @@ while True:
 def test_a_writer_killed_mid_append_loses_at_most_that_record(tmp_path: Path, consortium: Consortium):
     path = tmp_path / "lineage.jsonl"
     files = consortium.files
-    writer = subprocess.Popen([sys.executable, "-c", WRITER_LOOP, str(path), str(files.lineage_key),
-                               str(files.lineage_cert)], stderr=subprocess.PIPE)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER_LOOP, str(path), str(files.lineage_key), str(files.lineage_cert)],
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while not (path.exists() and path.stat().st_size > 5_000_000):
         assert writer.poll() is None, writer.stderr.read().decode()
@@ -645,8 +770,9 @@ def test_a_torn_tail_is_reported_then_cut_off_by_the_next_writer(ledger: Ledger,
     assert after.ok and not after.incomplete_tail and after.records == 9
 
 
-@pytest.mark.parametrize("tail", [b"hello", b'{"body":{}} ', None],
-                         ids=["garbage", "object-and-more", "record-and-more"])
+@pytest.mark.parametrize(
+    "tail", [b"hello", b'{"body":{}} ', None], ids=["garbage", "object-and-more", "record-and-more"]
+)
 def test_a_tail_that_no_torn_append_leaves_is_an_error(ledger: Ledger, consortium: Consortium, tail: bytes | None):
     if tail is None:  # a whole record whose newline was changed into something else
         tail = read_lines(ledger.path)[-1].removesuffix(b"\n") + b"x"
@@ -687,11 +813,16 @@ def test_a_second_writer_in_the_same_process_is_refused(tmp_path: Path, consorti
 def test_a_writer_in_another_process_is_refused(tmp_path: Path, consortium: Consortium):
     path = tmp_path / "lineage.jsonl"
     files = consortium.files
-    code = ("import sys\nfrom fedgen import pki\nfrom fedgen.lineage import LineageWriter\n"
-            "LineageWriter.open(sys.argv[1], pki.load_private_key(sys.argv[2]), pki.load_certificate(sys.argv[3]))\n")
+    code = (
+        "import sys\nfrom fedgen import pki\nfrom fedgen.lineage import LineageWriter\n"
+        "LineageWriter.open(sys.argv[1], pki.load_private_key(sys.argv[2]), pki.load_certificate(sys.argv[3]))\n"
+    )
     with consortium.writer(path):
-        result = subprocess.run([sys.executable, "-c", code, str(path), str(files.lineage_key),
-                                 str(files.lineage_cert)], capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(path), str(files.lineage_key), str(files.lineage_cert)],
+            capture_output=True,
+            text=True,
+        )
     assert result.returncode != 0
     assert "LineageError" in result.stderr and "another writer holds" in result.stderr
 
@@ -718,8 +849,15 @@ def test_append_refuses_what_it_cannot_record_faithfully(tmp_path: Path, consort
         writer.append("run_finished", {}, RUN)
     with pytest.raises(LineageError, match="not the key"):
         LineageWriter.open(path, rogue.signer_key, consortium.signer_cert)
-    assert set(RECORD_TYPES) == {"run_started", "round_committed", "update_rejected", "site_refused",
-                                 "model_approved", "run_finished", "run_failed"}
+    assert set(RECORD_TYPES) == {
+        "run_started",
+        "round_committed",
+        "update_rejected",
+        "site_refused",
+        "model_approved",
+        "run_finished",
+        "run_failed",
+    }
 
 
 # ---------------------------------------------------------------------------- PROV
@@ -749,8 +887,11 @@ def test_prov_export_is_a_consistent_graph_of_models_updates_and_sites(ledger: L
         round_id = f"fedgen:run-{RUN}-round-{round_number}"
         assert prov_type(model_out) == "fedgen:Model" and nodes[model_out]["fedgen:round"] == round_number
         assert generated.count(model_out) == 1
-        assert {"prov:entity": model_out, "prov:activity": round_id,
-                "prov:time": ledger.records[seq]["time"]} in document["wasGeneratedBy"].values()
+        assert {
+            "prov:entity": model_out,
+            "prov:activity": round_id,
+            "prov:time": ledger.records[seq]["time"],
+        } in document["wasGeneratedBy"].values()
         assert {"prov:generatedEntity": model_out, "prov:usedEntity": model_in} in document["wasDerivedFrom"].values()
         assert {"prov:activity": round_id, "prov:entity": model_in} in document["used"].values()
         assert nodes[round_id]["prov:startTime"] == body["started_at"]

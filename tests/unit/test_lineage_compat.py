@@ -57,8 +57,12 @@ def test_every_earlier_body_reads_as_its_type_and_writes_back_the_same_bytes(nam
     for record in read_records(ledger(name)):
         typed = parse_record(record, source=ledger(name))
         assert type(typed.body) is BODY_TYPES[record["type"]] and typed.type == record["type"]
-        assert (typed.seq, typed.time, typed.run_id, typed.hash) == (record["seq"], record["time"],
-                                                                     record["run_id"], record["hash"])
+        assert (typed.seq, typed.time, typed.run_id, typed.hash) == (
+            record["seq"],
+            record["time"],
+            record["run_id"],
+            record["hash"],
+        )
         assert canonical_encoding(typed.body.dump()) == canonical_encoding(record["body"])
 
 

@@ -6,23 +6,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fedgen.server.coordinator import resume_point
+from fedgen.server.lineage_records import round_records, run_finished, run_started, strategy_of
+from fedgen.strategies.recorder import RoundLog, SiteOutcome
 from typer.testing import CliRunner
 
 from fedgen import pki
 from fedgen.cli import app
 from fedgen.config import ConfigError, TrainingConfig
 from fedgen.lineage import (
-    RECORD_TYPES, LedgerHead, LineageError, LineageWriter, canonical_encoding, read_records, verify,
+    RECORD_TYPES,
+    LedgerHead,
+    LineageError,
+    LineageWriter,
+    canonical_encoding,
+    read_records,
+    verify,
 )
 from fedgen.lineage.records import (
-    BODY_TYPES, Record, RoundCommitted, SiteRefused, UpdateRejected, parse_record, records_of,
+    BODY_TYPES,
+    Record,
+    RoundCommitted,
+    SiteRefused,
+    UpdateRejected,
+    parse_record,
+    records_of,
 )
 from fedgen.model import preset_config
 from fedgen.model_release import approve, find_round
 from fedgen.protocol import TrainReport
-from fedgen.server.coordinator import resume_point
-from fedgen.server.lineage_records import round_records, run_finished, run_started, strategy_of
-from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lineage-v1"
 RUN = "run-11"
@@ -54,16 +66,33 @@ def outcomes_of(records: list[dict], committed: Record[RoundCommitted]) -> list[
         if left_out.round != committed.body.round:
             continue
         if isinstance(left_out, UpdateRejected):
-            outcomes.append(SiteOutcome(left_out.site, "rejected", left_out.reason,
-                                        update_digest=left_out.update_digest))
+            outcomes.append(
+                SiteOutcome(left_out.site, "rejected", left_out.reason, update_digest=left_out.update_digest)
+            )
         else:
             outcomes.append(SiteOutcome(left_out.site, "refused", left_out.reason))
     for c in committed.body.contributions:
-        report = TrainReport(num_examples=c.examples, train_loss=c.train_loss, steps=c.steps, sample_rate=c.sample_rate,
-                             noise_multiplier=c.noise_multiplier, max_grad_norm=c.max_grad_norm, epsilon=c.epsilon,
-                             delta=c.delta, dp=c.dp)
-        outcomes.append(SiteOutcome(c.site, report=report, update_digest=c.update_digest, signature=c.signature,
-                                    certificate=c.certificate, fingerprint=c.fingerprint))
+        report = TrainReport(
+            num_examples=c.examples,
+            train_loss=c.train_loss,
+            steps=c.steps,
+            sample_rate=c.sample_rate,
+            noise_multiplier=c.noise_multiplier,
+            max_grad_norm=c.max_grad_norm,
+            epsilon=c.epsilon,
+            delta=c.delta,
+            dp=c.dp,
+        )
+        outcomes.append(
+            SiteOutcome(
+                c.site,
+                report=report,
+                update_digest=c.update_digest,
+                signature=c.signature,
+                certificate=c.certificate,
+                fingerprint=c.fingerprint,
+            )
+        )
     return outcomes + [SiteOutcome(x.site, "failed", x.reason) for x in committed.body.failed]
 
 
@@ -75,13 +104,26 @@ def test_the_aggregator_writes_an_earlier_rounds_records_byte_for_byte():
     for committed in rounds:
         body = committed.body
         assert body.ledger_head is not None
-        log = RoundLog(body.round, started_at=body.started_at, outcomes=outcomes_of(records, committed),
-                       head=LedgerHead(body.ledger_head.seq, body.ledger_head.hash, "unused"))
-        rebuilt = round_records(log, server_round=body.round, model_in=body.model_in.digest,
-                                model_out=body.model_out.digest, strategy=body.strategy, metrics=body.metrics,
-                                checkpoint=Path("elsewhere") / body.model_out.checkpoint)
-        written = [r["body"] for r in records if r["type"] in (UpdateRejected.TYPE, SiteRefused.TYPE)
-                   and r["body"]["round"] == body.round] + [records[committed.seq]["body"]]
+        log = RoundLog(
+            body.round,
+            started_at=body.started_at,
+            outcomes=outcomes_of(records, committed),
+            head=LedgerHead(body.ledger_head.seq, body.ledger_head.hash, "unused"),
+        )
+        rebuilt = round_records(
+            log,
+            server_round=body.round,
+            model_in=body.model_in.digest,
+            model_out=body.model_out.digest,
+            strategy=body.strategy,
+            metrics=body.metrics,
+            checkpoint=Path("elsewhere") / body.model_out.checkpoint,
+        )
+        written = [
+            r["body"]
+            for r in records
+            if r["type"] in (UpdateRejected.TYPE, SiteRefused.TYPE) and r["body"]["round"] == body.round
+        ] + [records[committed.seq]["body"]]
         assert [canonical_encoding(b.dump()) for b in rebuilt] == [canonical_encoding(b) for b in written]
 
 
@@ -90,34 +132,75 @@ def write_run(path: Path, files: pki.ConsortiumLayout, rounds: int, *, finished:
     model_config = preset_config("nano", vocab_size=8, max_len=8)
     written: list[Record] = []
     with open_writer(path, files) as writer:
-        written.append(writer.append_body(run_started(config={"run_config": "run.toml"}, training=TRAINING,
-                                                      model_config=model_config, labels=["0", "1"], sites=2,
-                                                      initial_model="0" * 64, resumes=None), RUN))
+        written.append(
+            writer.append_body(
+                run_started(
+                    config={"run_config": "run.toml"},
+                    training=TRAINING,
+                    model_config=model_config,
+                    labels=["0", "1"],
+                    sites=2,
+                    initial_model="0" * 64,
+                    resumes=None,
+                ),
+                RUN,
+            )
+        )
         for server_round in range(1, rounds + 1):
-            report = TrainReport(num_examples=50, train_loss=0.6, steps=2, sample_rate=0.2, noise_multiplier=1.1,
-                                 max_grad_norm=1.0, epsilon=0.5 * server_round, delta=1e-5, dp=True)
-            log = RoundLog(server_round, head=writer.head, outcomes=[
-                SiteOutcome("site-a", report=report, update_digest=f"{server_round:064x}"),
-                SiteOutcome("site-b", "refused", "ε ceiling") if server_round == 2 else
-                SiteOutcome("site-b", "failed", "no reply within the round timeout")])
-            for body in round_records(log, server_round=server_round, model_in=f"{server_round - 1:064x}",
-                                      model_out=f"{server_round:064x}", checkpoint=path.parent / f"r{server_round}",
-                                      strategy=strategy_of(TRAINING), metrics={"accuracy": float("nan")}):
+            report = TrainReport(
+                num_examples=50,
+                train_loss=0.6,
+                steps=2,
+                sample_rate=0.2,
+                noise_multiplier=1.1,
+                max_grad_norm=1.0,
+                epsilon=0.5 * server_round,
+                delta=1e-5,
+                dp=True,
+            )
+            log = RoundLog(
+                server_round,
+                head=writer.head,
+                outcomes=[
+                    SiteOutcome("site-a", report=report, update_digest=f"{server_round:064x}"),
+                    SiteOutcome("site-b", "refused", "ε ceiling")
+                    if server_round == 2
+                    else SiteOutcome("site-b", "failed", "no reply within the round timeout"),
+                ],
+            )
+            for body in round_records(
+                log,
+                server_round=server_round,
+                model_in=f"{server_round - 1:064x}",
+                model_out=f"{server_round:064x}",
+                checkpoint=path.parent / f"r{server_round}",
+                strategy=strategy_of(TRAINING),
+                metrics={"accuracy": float("nan")},
+            ):
                 written.append(writer.append_body(body, RUN))
         if finished:
-            written.append(writer.append_body(run_finished(rounds=rounds, model_digest=f"{rounds:064x}",
-                                                           head=writer.head_hash), RUN))
+            written.append(
+                writer.append_body(
+                    run_finished(rounds=rounds, model_digest=f"{rounds:064x}", head=writer.head_hash), RUN
+                )
+            )
     return written
 
 
-def test_typed_bodies_are_written_verify_and_read_back_as_the_same_records(tmp_path: Path,
-                                                                           signer: pki.ConsortiumLayout):
+def test_typed_bodies_are_written_verify_and_read_back_as_the_same_records(
+    tmp_path: Path, signer: pki.ConsortiumLayout
+):
     path = tmp_path / "lineage.jsonl"
     written = write_run(path, signer, 2, finished=True)
     assert verify(path, pki.load_certificate(signer.lineage_cert)).ok
     assert [parse_record(r, source=path) for r in read_records(path)] == written
-    assert [r.type for r in written] == ["run_started", "round_committed", "site_refused", "round_committed",
-                                         "run_finished"]
+    assert [r.type for r in written] == [
+        "run_started",
+        "round_committed",
+        "site_refused",
+        "round_committed",
+        "run_finished",
+    ]
     started, first = written[0].body, written[1].body
     assert started.training == TRAINING and started.strategy.options == {"proximal_mu": 0.1}
     assert started.architecture["max_len"] == 8 and len(started.code_digest) == 64
@@ -156,8 +239,11 @@ def test_a_body_that_is_not_fedgens_is_named_by_record_and_member(tmp_path: Path
     path = tmp_path / "lineage.jsonl"
     model = {"digest": "0" * 64, "checkpoint": "r1"}
     with open_writer(path, signer) as writer:
-        writer.append("round_committed", {"round": 1, "model_out": model,
-                                          "contributions": [{"site": "site-a", "epsilon": "high"}]}, RUN)
+        writer.append(
+            "round_committed",
+            {"round": 1, "model_out": model, "contributions": [{"site": "site-a", "epsilon": "high"}]},
+            RUN,
+        )
     assert verify(path, pki.load_certificate(signer.lineage_cert)).ok
     with pytest.raises(LineageError) as caught:
         parse_record(read_records(path)[0], source=path)

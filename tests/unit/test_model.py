@@ -8,8 +8,14 @@ from opacus.validators import ModuleValidator
 
 from fedgen.data import load_bundled
 from fedgen.model import (
-    PRESETS, ModelConfig, build_model, count_parameters, evaluate_classifier, mask_tokens,
-    preset_config, resolve_device,
+    PRESETS,
+    ModelConfig,
+    build_model,
+    count_parameters,
+    evaluate_classifier,
+    mask_tokens,
+    preset_config,
+    resolve_device,
 )
 from fedgen.params import digest, to_numpy, trainable_tensors
 from fedgen.tokenizers import make_tokenizer
@@ -27,8 +33,10 @@ def _ids(batch=4, length=20, seed=0):
 
 
 def test_presets_span_test_size_to_about_100m_parameters():
-    counts = {name: count_parameters(build_model(preset_config(name, vocab_size=261, max_len=512)))
-              for name in ("nano", "large")}
+    counts = {
+        name: count_parameters(build_model(preset_config(name, vocab_size=261, max_len=512)))
+        for name in ("nano", "large")
+    }
     assert counts["nano"] < 50_000
     assert 90_000_000 < counts["large"] < 110_000_000
     assert list(PRESETS)[0] == "nano" and list(PRESETS)[-1] == "large"
@@ -96,7 +104,7 @@ def test_opacus_per_sample_gradients_match_an_explicit_loop():
     for i in range(3):
         reference = build_model(_config(dropout=0.0)).double()
         reference.load_state_dict(model.state_dict())
-        torch.nn.functional.cross_entropy(reference(ids[i:i + 1]), labels[i:i + 1], reduction="sum").backward()
+        torch.nn.functional.cross_entropy(reference(ids[i : i + 1]), labels[i : i + 1], reduction="sum").backward()
         for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
             torch.testing.assert_close(p.grad_sample[i], q.grad, atol=1e-10, rtol=1e-8, msg=name)
 
@@ -105,8 +113,16 @@ def test_mask_tokens_never_masks_cls_or_padding():
     tok = make_tokenizer("nucleotide")
     ids = tok.encode(["ACGTACGTACGTACGT", "ACGT"])
     g = torch.Generator().manual_seed(0)
-    inputs, labels = mask_tokens(ids, mask_id=tok.mask_id, pad_id=tok.pad_id, cls_id=tok.cls_id,
-                                 vocab_size=tok.vocab_size, num_special=4, probability=0.9, generator=g)
+    inputs, labels = mask_tokens(
+        ids,
+        mask_id=tok.mask_id,
+        pad_id=tok.pad_id,
+        cls_id=tok.cls_id,
+        vocab_size=tok.vocab_size,
+        num_special=4,
+        probability=0.9,
+        generator=g,
+    )
     special = (ids == tok.pad_id) | (ids == tok.cls_id)
     assert torch.all(labels[special] == -100)
     assert torch.equal(inputs[special], ids[special])
@@ -169,12 +185,21 @@ def test_masked_lm_learns_to_fill_in_masked_bases():
     tok = make_tokenizer("nucleotide")
     data = load_bundled("train")
     train_ids, held_out_ids = tok.encode(data.sequences[:32]), tok.encode(data.sequences[64:128])
-    model = build_model(dataclasses.replace(
-        preset_config("nano", vocab_size=tok.vocab_size, max_len=train_ids.shape[1]), dropout=0.0), task="mlm")
+    model = build_model(
+        dataclasses.replace(preset_config("nano", vocab_size=tok.vocab_size, max_len=train_ids.shape[1]), dropout=0.0),
+        task="mlm",
+    )
 
     def masked(ids, seed):
-        return mask_tokens(ids, mask_id=tok.mask_id, pad_id=tok.pad_id, cls_id=tok.cls_id,
-                           vocab_size=tok.vocab_size, num_special=4, generator=torch.Generator().manual_seed(seed))
+        return mask_tokens(
+            ids,
+            mask_id=tok.mask_id,
+            pad_id=tok.pad_id,
+            cls_id=tok.cls_id,
+            vocab_size=tok.vocab_size,
+            num_special=4,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def masked_loss(inputs, labels):  # labels are -100 wherever nothing was masked
         return torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), ignore_index=-100)

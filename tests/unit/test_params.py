@@ -7,8 +7,10 @@ from fedgen.params import arrays_to_record, digest, load_trainable, record_to_ar
 
 def _arrays():
     rng = np.random.default_rng(0)
-    return {"b.weight": rng.standard_normal((3, 4)).astype(np.float32),
-            "a.bias": rng.standard_normal(4).astype(np.float32)}
+    return {
+        "b.weight": rng.standard_normal((3, 4)).astype(np.float32),
+        "a.bias": rng.standard_normal(4).astype(np.float32),
+    }
 
 
 def test_digest_is_stable_and_independent_of_insertion_order():

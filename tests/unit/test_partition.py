@@ -118,8 +118,7 @@ def test_label_skew_errors():
 
 def test_dirichlet_small_alpha_is_more_skewed_than_large_alpha():
     def skews(alpha):
-        return [label_skew(FOUR_CLASSES, partition_dirichlet(FOUR_CLASSES, 5, alpha, seed))
-                for seed in range(5)]
+        return [label_skew(FOUR_CLASSES, partition_dirichlet(FOUR_CLASSES, 5, alpha, seed)) for seed in range(5)]
 
     small, large = skews(0.1), skews(100.0)
     assert min(small) > max(large)

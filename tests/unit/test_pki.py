@@ -86,16 +86,17 @@ def test_aggregator_is_a_server_only_certificate_with_dns_and_ip_names(folder):
     assert pki._common_name(aggregator.subject) == "localhost"
     names = extension(aggregator, x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["localhost"]
-    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"),
-                                                         ipaddress.ip_address("::1")]
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
     assert list(extension(aggregator, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
     usage = extension(aggregator, x509.KeyUsage)
     assert usage.critical and usage.value.digital_signature and usage.value.key_agreement
     assert not usage.value.key_cert_sign
     constraints = extension(aggregator, x509.BasicConstraints)
     assert constraints.critical and not constraints.value.ca
-    assert (extension(aggregator, x509.AuthorityKeyIdentifier).value.key_identifier
-            == extension(ca, x509.SubjectKeyIdentifier).value.digest)
+    assert (
+        extension(aggregator, x509.AuthorityKeyIdentifier).value.key_identifier
+        == extension(ca, x509.SubjectKeyIdentifier).value.digest
+    )
     pki.verify_issued_by(aggregator, ca)
     assert (aggregator.not_valid_after_utc - aggregator.not_valid_before_utc).days >= pki.CERT_DAYS
 
@@ -130,8 +131,10 @@ def test_lineage_signer_has_its_own_key_and_only_the_lineage_signing_usage(folde
     assert all(info.problem is None for info in pki.list_certificates(folder))
 
 
-@pytest.mark.parametrize("path, usage", [("aggregator.pem", "serverAuth"), ("sites/site-a.pem", "clientAuth"),
-                                         ("ca.pem", "no extended key usage")])
+@pytest.mark.parametrize(
+    "path, usage",
+    [("aggregator.pem", "serverAuth"), ("sites/site-a.pem", "clientAuth"), ("ca.pem", "no extended key usage")],
+)
 def test_no_other_certificate_passes_as_a_lineage_signer(folder, path, usage):
     with pytest.raises(PKIError, match=f"not a lineage-signing certificate: its extended key usage is .*{usage}"):
         pki.check_lineage_signer(cert(folder / path))
@@ -142,12 +145,19 @@ def test_a_certificate_with_the_lineage_usage_and_another_is_refused(folder):
     ca = cert(folder / "ca.pem")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
-    both = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
-            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([pki.LINEAGE_SIGNING_OID, ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    both = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.ExtendedKeyUsage([pki.LINEAGE_SIGNING_OID, ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     with pytest.raises(PKIError, match="lineage signing, TLS server"):
         pki.check_lineage_signer(both)
 
@@ -224,11 +234,14 @@ def test_private_keys_are_0600_from_creation_and_unencrypted_pkcs8(tmp_path):
     assert stat.S_IMODE((tmp_path / "ca.pem").stat().st_mode) == 0o644
 
 
-@pytest.mark.parametrize("action, path", [
-    (lambda f: pki.init_consortium(f, "Genomics EU"), "ca.pem"),
-    (lambda f: pki.issue_aggregator(f, ["localhost"]), "aggregator.pem"),
-    (lambda f: pki.issue_site(f, "site-a"), "sites/site-a.pem"),
-])
+@pytest.mark.parametrize(
+    "action, path",
+    [
+        (lambda f: pki.init_consortium(f, "Genomics EU"), "ca.pem"),
+        (lambda f: pki.issue_aggregator(f, ["localhost"]), "aggregator.pem"),
+        (lambda f: pki.issue_site(f, "site-a"), "sites/site-a.pem"),
+    ],
+)
 def test_nothing_is_overwritten_without_force(folder, action, path):
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     with pytest.raises(PKIError, match="already exists; use --force") as error:
@@ -289,7 +302,9 @@ def test_force_reissue_revokes_the_old_serial(folder):
     assert revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.superseded
     history = [i for i in pki.list_certificates(folder) if i.subject == "site-a"]
     assert [(i.serial, i.revoked, i.reason) for i in history] == [
-        (f"{old.serial_number:x}", True, "superseded"), (f"{new.serial_number:x}", False, None)]
+        (f"{old.serial_number:x}", True, "superseded"),
+        (f"{new.serial_number:x}", False, None),
+    ]
     assert not any(i.problem for i in pki.list_certificates(folder))
 
 
@@ -410,8 +425,13 @@ def test_loading_errors_name_the_file(tmp_path, folder):
             load(garbage)
     encrypted = tmp_path / "encrypted.key"
     key = pki.load_private_key(folder / "ca.key")
-    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.BestAvailableEncryption(b"secret")))
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     with pytest.raises(PKIError, match="encrypted.key is encrypted"):
         pki.load_private_key(encrypted)
 
@@ -448,11 +468,16 @@ def test_verify_issued_by_checks_the_validity_window(tmp_path):
 def test_site_id_of_needs_a_common_name(folder):
     key = ec.generate_private_key(ec.SECP256R1())
     ca_key = pki.load_private_key(folder / "ca.key")
-    nameless = (x509.CertificateBuilder().subject_name(x509.Name([]))
-                .issuer_name(cert(folder / "ca.pem").subject).public_key(key.public_key())
-                .serial_number(1).not_valid_before(datetime.now(timezone.utc))
-                .not_valid_after(datetime.now(timezone.utc) + timedelta(days=1))
-                .sign(ca_key, hashes.SHA256()))
+    nameless = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(cert(folder / "ca.pem").subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.now(timezone.utc))
+        .not_valid_after(datetime.now(timezone.utc) + timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
     with pytest.raises(PKIError, match="no CN"):
         pki.site_id_of(nameless)
 
@@ -546,8 +571,9 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext, server_hostname: s
 
 
 def site_client(folder: Path, site_id: str, ca: Path | None = None) -> ssl.SSLContext:
-    return client_context(ca or folder / "ca.pem", folder / "sites" / f"{site_id}.pem",
-                          folder / "sites" / f"{site_id}.key")
+    return client_context(
+        ca or folder / "ca.pem", folder / "sites" / f"{site_id}.pem", folder / "sites" / f"{site_id}.key"
+    )
 
 
 @pytest.mark.parametrize("server_hostname", ["127.0.0.1", "localhost"])

@@ -7,17 +7,23 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from fedgen.client.supernode import check_site
+from fedgen.server.aggregator import check_aggregator, crl_warning
 from typer.testing import CliRunner
 
 from fedgen import pki
 from fedgen.cli import app
-from fedgen.client.supernode import check_site
 from fedgen.config import (
-    AggregatorConfig, AggregatorTLSConfig, ConfigError, LineageSigningConfig, SiteConfig, SiteTLSConfig, load_toml,
+    AggregatorConfig,
+    AggregatorTLSConfig,
+    ConfigError,
+    LineageSigningConfig,
+    SiteConfig,
+    SiteTLSConfig,
+    load_toml,
     write_toml,
 )
 from fedgen.pki import PKIError
-from fedgen.server.aggregator import check_aggregator, crl_warning
 
 NOW = datetime.now(timezone.utc)
 
@@ -43,11 +49,15 @@ def _leaf(folder: Path, name: str, extensions: list[x509.ExtensionType]) -> tupl
     files = pki.layout(folder)
     ca_cert, ca_key = pki.check_key_pair(files.ca_cert, files.ca_key)
     key = pki.load_private_key(files.site_key("site-a"))
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site-a")]))
-               .issuer_name(ca_cert.subject).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=1)))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site-a")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+    )
     for extension in extensions:
         builder = builder.add_extension(extension, critical=False)
     cert_path = folder / f"{name}.pem"
@@ -111,11 +121,24 @@ def test_key_usage_must_allow_signatures_and_extended_key_usage_must_exist(certs
     no_eku, key = _leaf(certs, "no-eku", [])
     with pytest.raises(PKIError, match="no extended key usage"):
         pki.check_tls_identity(no_eku, key, pki.layout(certs).ca_cert, "client")
-    no_signing, key = _leaf(certs, "no-signing", [
-        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-        x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=True,
-                      data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                      encipher_only=False, decipher_only=False)])
+    no_signing, key = _leaf(
+        certs,
+        "no-signing",
+        [
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+        ],
+    )
     with pytest.raises(PKIError, match="does not allow digital signatures"):
         pki.check_tls_identity(no_signing, key, pki.layout(certs).ca_cert, "client")
 
@@ -138,9 +161,13 @@ def test_crl_signature_and_next_update(certs, tmp_path):
 def _site_toml(tmp_path: Path, certs: Path, site: str = "site-a") -> Path:
     cert, key, ca = _site(certs, site)
     (tmp_path / "data.csv").write_text("sequence,label\nACGT,0\n")
-    config = SiteConfig(site_id="site-a", data=tmp_path / "data.csv", state_dir=tmp_path / "state",
-                        aggregator="127.0.0.1:1",
-                        tls=SiteTLSConfig(certificate=cert, private_key=key, ca_certificate=ca))
+    config = SiteConfig(
+        site_id="site-a",
+        data=tmp_path / "data.csv",
+        state_dir=tmp_path / "state",
+        aggregator="127.0.0.1:1",
+        tls=SiteTLSConfig(certificate=cert, private_key=key, ca_certificate=ca),
+    )
     path = tmp_path / "site.toml"
     write_toml(config, path)
     return path
@@ -167,13 +194,20 @@ def test_site_start_refuses_an_expired_certificate(certs, tmp_path):
 # ---------------------------------------------------------------------------- aggregator start
 
 
-def _aggregator(tmp_path: Path, certs: Path, cert: Path | None = None, key: Path | None = None,
-                crl: Path | None = None) -> AggregatorConfig:
+def _aggregator(
+    tmp_path: Path, certs: Path, cert: Path | None = None, key: Path | None = None, crl: Path | None = None
+) -> AggregatorConfig:
     files = pki.layout(certs)
-    return AggregatorConfig(state_dir=tmp_path / "state", tls=AggregatorTLSConfig(
-        certificate=cert or files.aggregator_cert, private_key=key or files.aggregator_key,
-        ca_certificate=files.ca_cert, crl=crl or files.crl),
-        lineage=LineageSigningConfig(certificate=files.lineage_cert, private_key=files.lineage_key))
+    return AggregatorConfig(
+        state_dir=tmp_path / "state",
+        tls=AggregatorTLSConfig(
+            certificate=cert or files.aggregator_cert,
+            private_key=key or files.aggregator_key,
+            ca_certificate=files.ca_cert,
+            crl=crl or files.crl,
+        ),
+        lineage=LineageSigningConfig(certificate=files.lineage_cert, private_key=files.lineage_key),
+    )
 
 
 def test_aggregator_start_refuses_a_certificate_without_server_auth(certs, tmp_path):

@@ -6,8 +6,17 @@ from fedgen.protocol import LEDGER_NOTICE_KEYS, LedgerNotice, ProtocolError, Tra
 
 
 def _instructions(**kw):
-    base = dict(server_round=2, num_rounds=5, model_config="{}", tokenizer="kmer4",
-                label_names=["0", "1"], local_epochs=1.0, batch_size=32, learning_rate=0.01, seed=7)
+    base = dict(
+        server_round=2,
+        num_rounds=5,
+        model_config="{}",
+        tokenizer="kmer4",
+        label_names=["0", "1"],
+        local_epochs=1.0,
+        batch_size=32,
+        learning_rate=0.01,
+        seed=7,
+    )
     return TrainInstructions(**{**base, **kw})
 
 
@@ -20,8 +29,7 @@ def test_instructions_carry_the_ledger_notice_whole_or_not_at_all():
     notice = LedgerNotice(LedgerHead(3, "ab" * 32, "c2lnbmF0dXJl"), "-----BEGIN CERT", 7)
     sent = _instructions(ledger=notice)
     record = sent.to_record()
-    assert [record[key] for key in LEDGER_NOTICE_KEYS.values()] == [3, "ab" * 32, "c2lnbmF0dXJl",
-                                                                   "-----BEGIN CERT", 7]
+    assert [record[key] for key in LEDGER_NOTICE_KEYS.values()] == [3, "ab" * 32, "c2lnbmF0dXJl", "-----BEGIN CERT", 7]
     assert TrainInstructions.from_record(record) == sent
     assert TrainInstructions.from_record(_instructions().to_record()).ledger is None
     del record["ledger-head-signature"]
@@ -40,11 +48,14 @@ def test_instructions_accept_integer_floats_and_missing_mu():
     assert parsed.learning_rate == 1.0 and parsed.proximal_mu == 0.0
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("batch-size", None, "lacks config key 'batch-size'"),
-    ("batch-size", "32", "should be int"),
-    ("label-names", "0,1", "should be list"),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("batch-size", None, "lacks config key 'batch-size'"),
+        ("batch-size", "32", "should be int"),
+        ("label-names", "0,1", "should be list"),
+    ],
+)
 def test_instructions_reject_missing_or_mistyped_keys(key, value, words):
     record = _instructions().to_record()
     if value is None:
@@ -56,8 +67,17 @@ def test_instructions_reject_missing_or_mistyped_keys(key, value, words):
 
 
 def test_report_round_trip_and_missing_metric():
-    report = TrainReport(num_examples=100, train_loss=0.5, steps=4, sample_rate=0.25,
-                         noise_multiplier=1.1, max_grad_norm=1.0, epsilon=2.5, delta=1e-5, dp=True)
+    report = TrainReport(
+        num_examples=100,
+        train_loss=0.5,
+        steps=4,
+        sample_rate=0.25,
+        noise_multiplier=1.1,
+        max_grad_norm=1.0,
+        epsilon=2.5,
+        delta=1e-5,
+        dp=True,
+    )
     record = report.to_record()
     assert isinstance(record, MetricRecord)
     assert TrainReport.from_record(record) == report

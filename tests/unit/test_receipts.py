@@ -11,20 +11,25 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from fedgen.server.lineage_records import round_records
+from fedgen.strategies.recorder import RoundLog, SiteOutcome
 from typer.testing import CliRunner
 
 from fedgen import pki
 from fedgen.cli import app
 from fedgen.lineage import LedgerHead, LineageWriter, read_records, verify, witness_statement
-from fedgen.protocol import TrainReport
 from fedgen.lineage.receipts import (
-    ReceiptError, append_receipt, check_ledger_head, check_receipts, collect_receipts, new_receipt,
+    ReceiptError,
+    append_receipt,
+    check_ledger_head,
+    check_receipts,
+    collect_receipts,
+    new_receipt,
     read_receipts,
 )
 from fedgen.lineage.records import Strategy
-from fedgen.server.lineage_records import round_records
+from fedgen.protocol import TrainReport
 from fedgen.state_files import RECEIPTS_FILE
-from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 from .forgery import forge_ledger
 
@@ -69,12 +74,16 @@ class Federation:
     records: list[dict[str, Any]]
 
     def seq_of(self, record_type: str, round_number: int | None = None) -> int:
-        return next(r["seq"] for r in self.records if r["type"] == record_type
-                    and (round_number is None or r["body"].get("round") == round_number))
+        return next(
+            r["seq"]
+            for r in self.records
+            if r["type"] == record_type and (round_number is None or r["body"].get("round") == round_number)
+        )
 
 
-def site_round(consortium: Consortium, site: str, server_round: int, head: LedgerHead, signer_pem: str,
-               state_dir: Path) -> SiteOutcome:
+def site_round(
+    consortium: Consortium, site: str, server_round: int, head: LedgerHead, signer_pem: str, state_dir: Path
+) -> SiteOutcome:
     """What a deployed site does with a round: check the head, sign update and head, keep the receipt."""
     check_ledger_head(head, signer_pem, consortium.ca)
     update_digest = f"{server_round:032x}{SITES.index(site):032x}"
@@ -82,11 +91,25 @@ def site_round(consortium: Consortium, site: str, server_round: int, head: Ledge
     signature = pki.sign_message(pki.load_private_key(consortium.files.site_key(site)), statement)
     append_receipt(state_dir, new_receipt(site, RUN, server_round, head, update_digest, signature))
     pem = consortium.files.site_cert(site).read_text()
-    report = TrainReport(num_examples=100, train_loss=0.5, steps=3, sample_rate=0.1, noise_multiplier=1.0,
-                         max_grad_norm=1.0, epsilon=0.5 * server_round, delta=1e-5, dp=True)
-    return SiteOutcome(site, report=report, update_digest=update_digest,
-                       signature=base64.b64encode(signature).decode(), certificate=pem,
-                       fingerprint=pki.fingerprint(x509.load_pem_x509_certificate(pem.encode())))
+    report = TrainReport(
+        num_examples=100,
+        train_loss=0.5,
+        steps=3,
+        sample_rate=0.1,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        epsilon=0.5 * server_round,
+        delta=1e-5,
+        dp=True,
+    )
+    return SiteOutcome(
+        site,
+        report=report,
+        update_digest=update_digest,
+        signature=base64.b64encode(signature).decode(),
+        certificate=pem,
+        fingerprint=pki.fingerprint(x509.load_pem_x509_certificate(pem.encode())),
+    )
 
 
 def federate(root: Path, consortium: Consortium, rounds: int = 3) -> Federation:
@@ -108,9 +131,15 @@ def federate(root: Path, consortium: Consortium, rounds: int = 3) -> Federation:
                     outcome = SiteOutcome(site, "failed", "no reply within the round timeout")
                 log.outcomes.append(outcome)
             model_out = f"{server_round:064x}"
-            for body in round_records(log, server_round=server_round, model_in=model, model_out=model_out,
-                                      checkpoint=root / f"round-{server_round}.safetensors",
-                                      strategy=Strategy(name="fedavg", options={}), metrics={"accuracy": 0.5}):
+            for body in round_records(
+                log,
+                server_round=server_round,
+                model_in=model,
+                model_out=model_out,
+                checkpoint=root / f"round-{server_round}.safetensors",
+                strategy=Strategy(name="fedavg", options={}),
+                metrics={"accuracy": 0.5},
+            ):
                 writer.append_body(body, RUN)
             model = model_out
         writer.append("run_finished", {"rounds": rounds, "model_digest": model}, RUN)
@@ -131,8 +160,9 @@ def audit(federation: Federation, consortium: Consortium) -> dict[str, list[str]
     receipts = collect_receipts(list(federation.sites.values()))
     findings: dict[str, list[str]] = {}
     for finding in check_receipts(read_records(federation.ledger), receipts, [certificate]).findings:
-        findings.setdefault(finding.status, []).append(f"{finding.receipt.site} r{finding.receipt.round}: "
-                                                       f"{finding.detail}")
+        findings.setdefault(finding.status, []).append(
+            f"{finding.receipt.site} r{finding.receipt.round}: {finding.detail}"
+        )
     return findings
 
 
@@ -170,7 +200,7 @@ def test_each_site_keeps_one_receipt_per_round_it_trained(federation: Federation
 
 def test_truncation_is_caught_even_with_a_forged_ending(federation: Federation, consortium: Consortium):
     """The aggregator drops round 3 and its end, and signs a new run_finished after round 2."""
-    kept = federation.records[:federation.seq_of("round_committed", 2) + 1]
+    kept = federation.records[: federation.seq_of("round_committed", 2) + 1]
     ending = {**federation.records[-1], "body": {"rounds": 2, "model_digest": f"{2:064x}"}}
     forge(federation, consortium, kept + [ending])
     findings = audit(federation, consortium)
@@ -184,15 +214,14 @@ def test_cutting_the_tail_is_caught_where_the_ledger_ends(federation: Federation
     forge(federation, consortium, federation.records[:cut])
     findings = audit(federation, consortium)
     assert [f.split(":")[0] for f in findings["truncated"]] == ["site-a r3", "site-b r3", "site-c r3"]
-    assert all(f"the ledger ends at seq {cut - 1}" in f and f"record at seq {cut}" in f
-               for f in findings["truncated"])
+    assert all(f"the ledger ends at seq {cut - 1}" in f and f"record at seq {cut}" in f for f in findings["truncated"])
     assert [f.split(":")[0] for f in findings["dropped"]] == ["site-a r2", "site-b r2"]  # site-c's is recorded
 
 
 def test_deleting_a_record_in_the_middle_is_caught(federation: Federation, consortium: Consortium):
     """The rejection of site-c's round-2 update is deleted; everything after is re-chained and re-signed."""
     deleted = federation.seq_of("update_rejected", 2)
-    forge(federation, consortium, federation.records[:deleted] + federation.records[deleted + 1:])
+    forge(federation, consortium, federation.records[:deleted] + federation.records[deleted + 1 :])
     findings = audit(federation, consortium)
     # Round 2's sites were shown the record before it, still there; the rejection is unaccounted.
     assert any(f.startswith("site-c r2") and "does not list the update" in f for f in findings["rewritten"])
@@ -211,8 +240,9 @@ def test_rewriting_a_record_is_caught(federation: Federation, consortium: Consor
     records[seq] = {**records[seq], "body": body}
     forge(federation, consortium, records)
     findings = audit(federation, consortium)
-    assert any(f.startswith("site-b r1") and f"round record at seq {seq} does not list" in f
-               for f in findings["rewritten"])
+    assert any(
+        f.startswith("site-b r1") and f"round record at seq {seq} does not list" in f for f in findings["rewritten"]
+    )
     later = [f for f in findings["rewritten"] if " r1" not in f]
     assert later and all("rewritten at or before" in f for f in later)
     assert all(" r1" in f for f in findings["witnessed"])
@@ -234,13 +264,15 @@ def test_swapping_a_sites_update_digest_is_caught(federation: Federation, consor
 # ---------------------------------------------------------------------------- what is no evidence
 
 
-def test_a_receipt_whose_head_the_signer_never_signed_proves_nothing(federation: Federation,
-                                                                      consortium: Consortium, tmp_path: Path):
+def test_a_receipt_whose_head_the_signer_never_signed_proves_nothing(
+    federation: Federation, consortium: Consortium, tmp_path: Path
+):
     """A site (or someone) invents a receipt of a head the ledger never held: not a failure."""
     other = make_consortium(tmp_path / "other-certs", "Elsewhere")
     elsewhere = federate(tmp_path / "elsewhere", other, rounds=1)
-    invented = new_receipt("site-a", RUN, 1, LedgerHead(0, "ab" * 32, base64.b64encode(b"x" * 70).decode()),
-                           "cd" * 32, None)
+    invented = new_receipt(
+        "site-a", RUN, 1, LedgerHead(0, "ab" * 32, base64.b64encode(b"x" * 70).decode()), "cd" * 32, None
+    )
     append_receipt(federation.sites["site-a"], invented)
     federation.sites["elsewhere"] = elsewhere.sites["site-b"]
     findings = audit(federation, consortium)
@@ -250,7 +282,7 @@ def test_a_receipt_whose_head_the_signer_never_signed_proves_nothing(federation:
 
 def test_a_run_that_failed_before_committing_a_round_is_a_note(tmp_path: Path, consortium: Consortium):
     federation = federate(tmp_path, consortium, rounds=2)
-    records = federation.records[:federation.seq_of("update_rejected", 2) + 1]
+    records = federation.records[: federation.seq_of("update_rejected", 2) + 1]
     failed = {**federation.records[-1], "type": "run_failed", "body": {"error": "QuorumNotMet: round 2"}}
     forge(federation, consortium, records + [failed])
     findings = audit(federation, consortium)
@@ -261,8 +293,7 @@ def test_a_run_that_failed_before_committing_a_round_is_a_note(tmp_path: Path, c
 # ---------------------------------------------------------------------------- the site's side
 
 
-def test_a_site_checks_the_head_is_signed_by_the_consortiums_lineage_signer(consortium: Consortium,
-                                                                            tmp_path: Path):
+def test_a_site_checks_the_head_is_signed_by_the_consortiums_lineage_signer(consortium: Consortium, tmp_path: Path):
     certificate, key = consortium.signer()
     with LineageWriter.open(tmp_path / "lineage.jsonl", key, certificate) as writer:
         writer.append("run_started", {}, RUN)
@@ -295,8 +326,9 @@ def test_a_receipt_torn_by_a_crash_is_ignored_then_cut_off(tmp_path: Path):
 
 
 def test_bad_receipt_files_and_folders_are_clear_errors(tmp_path: Path):
-    path = append_receipt(tmp_path / "state", new_receipt("site-a", RUN, 1, LedgerHead(0, "ab" * 32, ""),
-                                                          "cd" * 32, None))
+    path = append_receipt(
+        tmp_path / "state", new_receipt("site-a", RUN, 1, LedgerHead(0, "ab" * 32, ""), "cd" * 32, None)
+    )
     with open(path, "ab") as handle:
         handle.write(b'{"site": "site-a"}\n')
     with pytest.raises(ReceiptError, match=rf"{path}: line 2: not a lineage receipt.*members missing"):
@@ -321,19 +353,30 @@ def test_receipts_are_collected_from_state_folders_files_and_collection_folders(
 # ---------------------------------------------------------------------------- the command
 
 
-def test_lineage_verify_with_receipts_passes_and_then_names_what_was_rewritten(federation: Federation,
-                                                                               consortium: Consortium):
+def test_lineage_verify_with_receipts_passes_and_then_names_what_was_rewritten(
+    federation: Federation, consortium: Consortium
+):
     files = consortium.files
-    command = ["lineage", "verify", "--ledger", str(federation.ledger), "--cert", str(files.lineage_cert),
-               "--ca", str(files.ca_cert), "--crl", str(files.crl),
-               *(arg for state in federation.sites.values() for arg in ("--receipts", str(state)))]
+    command = [
+        "lineage",
+        "verify",
+        "--ledger",
+        str(federation.ledger),
+        "--cert",
+        str(files.lineage_cert),
+        "--ca",
+        str(files.ca_cert),
+        "--crl",
+        str(files.crl),
+        *(arg for state in federation.sites.values() for arg in ("--receipts", str(state))),
+    ]
     honest = runner.invoke(app, command)
     assert honest.exit_code == 0, honest.output
     assert "receipts: 9 checked: 8 witnessed, 1 unacknowledged" in honest.stdout
     assert "note (unacknowledged)" in honest.stderr
 
     deleted = federation.seq_of("update_rejected", 2)
-    forge(federation, consortium, federation.records[:deleted] + federation.records[deleted + 1:])
+    forge(federation, consortium, federation.records[:deleted] + federation.records[deleted + 1 :])
     tampered = runner.invoke(app, command)
     assert tampered.exit_code == 1
     assert "OK," in tampered.stdout  # the chain itself verifies: only the witnesses show the rewrite

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from fedgen import pki
 from fedgen.client.refusals import refusal_cause
 from fedgen.client.supernode import StopReason, as_retryable, client_ssl_context
-from fedgen.config import AggregatorTLSConfig, SiteTLSConfig
 from fedgen.server import door
 from fedgen.server.door import RefusalLog, RevocationList, door_ssl_context, handshake_cause
 from fedgen.server.fleet_registry import FleetRegistry, Refusal
+
+from fedgen import pki
+from fedgen.config import AggregatorTLSConfig, SiteTLSConfig
 
 NOW = datetime.now(timezone.utc)
 
@@ -41,9 +41,14 @@ def certs(tmp_path_factory) -> Path:
 
 def _server(certs: Path) -> ssl.SSLContext:
     files = pki.layout(certs)
-    return door_ssl_context(AggregatorTLSConfig(
-        certificate=files.aggregator_cert, private_key=files.aggregator_key, ca_certificate=files.ca_cert,
-        crl=files.crl))
+    return door_ssl_context(
+        AggregatorTLSConfig(
+            certificate=files.aggregator_cert,
+            private_key=files.aggregator_key,
+            ca_certificate=files.ca_cert,
+            crl=files.crl,
+        )
+    )
 
 
 def _client(folder: Path, site: str | None, ca: Path, tls12: bool = False) -> ssl.SSLContext:
@@ -51,20 +56,24 @@ def _client(folder: Path, site: str | None, ca: Path, tls12: bool = False) -> ss
         context = ssl.create_default_context(cafile=str(ca))
     else:
         files = pki.layout(folder)
-        context = client_ssl_context(SiteTLSConfig(certificate=files.site_cert(site), private_key=files.site_key(site),
-                                                   ca_certificate=ca))
+        context = client_ssl_context(
+            SiteTLSConfig(certificate=files.site_cert(site), private_key=files.site_key(site), ca_certificate=ca)
+        )
     if tls12:
         context.maximum_version = ssl.TLSVersion.TLSv1_2
     return context
 
 
-def handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str = "127.0.0.1"
-              ) -> tuple[ssl.SSLError | None, ssl.SSLError | None]:
+def handshake(
+    server: ssl.SSLContext, client: ssl.SSLContext, hostname: str = "127.0.0.1"
+) -> tuple[ssl.SSLError | None, ssl.SSLError | None]:
     """Run a handshake in memory; (server error, client error). With TLS 1.3 the client
     learns of a refusal only when it reads, as it does for its HTTP response."""
     client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
-    sides = {"client": client.wrap_bio(client_in, client_out, server_hostname=hostname),
-             "server": server.wrap_bio(server_in, server_out, server_side=True)}
+    sides = {
+        "client": client.wrap_bio(client_in, client_out, server_hostname=hostname),
+        "server": server.wrap_bio(server_in, server_out, server_side=True),
+    }
     errors: dict[str, ssl.SSLError] = {}
     finished: set[str] = set()
     for _ in range(6):
@@ -190,8 +199,9 @@ def _status_error(status: int, body: str) -> httpx.HTTPStatusError:
 
 def test_a_401_is_a_refusal_with_the_aggregators_words():
     revoked = _status_error(401, "certificate revoked: the consortium revoked this site's certificate")
-    assert refusal_cause(revoked) == ("the aggregator refused this site: certificate revoked: "
-                                      "the consortium revoked this site's certificate")
+    assert refusal_cause(revoked) == (
+        "the aggregator refused this site: certificate revoked: the consortium revoked this site's certificate"
+    )
     flower = _status_error(401, '{"detail": "Invalid SuperNode authentication"}')
     assert refusal_cause(flower) == "the aggregator refused this site: Invalid SuperNode authentication"
 
@@ -282,8 +292,11 @@ def test_refusals_are_logged_with_cause_and_peer_at_most_once_a_minute(tmp_path,
     ]
     noted = FleetRegistry(registry.path).refusals_since(NOW - timedelta(minutes=1))
     assert [(r.peer, r.cause, r.site) for r in noted] == [
-        ("10.0.0.7", door.EXPIRED, None), ("10.0.0.7", door.REVOKED, "site-b"),
-        ("10.0.0.8", door.EXPIRED, None), ("10.0.0.7", door.EXPIRED, None)]
+        ("10.0.0.7", door.EXPIRED, None),
+        ("10.0.0.7", door.REVOKED, "site-b"),
+        ("10.0.0.8", door.EXPIRED, None),
+        ("10.0.0.7", door.EXPIRED, None),
+    ]
 
 
 # ---------------------------------------------------------------------------- CRL in force

@@ -14,16 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from fedgen.client.supernode import check_site
+from fedgen.server.aggregator import check_aggregator
+from fedgen.server.coordinator import plan_run
 from typer.testing import CliRunner
 
 from fedgen import pki
 from fedgen.cli import app
-from fedgen.client.supernode import check_site
+from fedgen.cli.demo import write_consortium
 from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml
 from fedgen.data import load_bundled
-from fedgen.cli.demo import write_consortium
-from fedgen.server.aggregator import check_aggregator
-from fedgen.server.coordinator import plan_run
 
 runner = CliRunner()
 
@@ -46,8 +46,7 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
 def test_a_consortium_written_under_a_relative_folder_reads_back_from_another_directory(folders, monkeypatch):
     made, used = folders
     monkeypatch.chdir(made)
-    aggregator_toml, site_tomls, run_toml = write_consortium(Path("runs/demo"), sites=2, rounds=1,
-                                                             epsilon=8.0, seed=0)
+    aggregator_toml, site_tomls, run_toml = write_consortium(Path("runs/demo"), sites=2, rounds=1, epsilon=8.0, seed=0)
     assert not aggregator_toml.is_absolute()
     root = made / "runs" / "demo"
     monkeypatch.chdir(used)
@@ -98,12 +97,31 @@ def test_a_simulation_and_its_lineage_commands_take_relative_paths(folders, monk
     train = load_bundled("train")
     data = made.parent / "data" / "mine.csv"
     data.parent.mkdir()
-    data.write_text("sequence,label\n" + "".join(
-        f"{train.sequences[i]},{train.label_names[train.labels[i]]}\n" for i in range(400)))
+    data.write_text(
+        "sequence,label\n" + "".join(f"{train.sequences[i]},{train.label_names[train.labels[i]]}\n" for i in range(400))
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "fedgen.cli", "simulate", "--data", "../data/mine.csv", "--out", "runs/sim",
-         "--sites", "2", "--rounds", "1", "--local-epochs", "1", "--json"],
-        cwd=made, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "fedgen.cli",
+            "simulate",
+            "--data",
+            "../data/mine.csv",
+            "--out",
+            "runs/sim",
+            "--sites",
+            "2",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--json",
+        ],
+        cwd=made,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = made / "runs" / "sim"
@@ -121,14 +139,52 @@ def test_a_simulation_and_its_lineage_commands_take_relative_paths(folders, monk
     ledger = str(sim / "lineage.jsonl")
     shown = fedgen("lineage", "show", "--json", "--ledger", ledger).stdout.splitlines()
     assert [json.loads(line)["type"] for line in shown] == ["run_started", "round_committed", "run_finished"]
-    verified = fedgen("lineage", "verify", "--ledger", ledger, "--cert", str(sim / "pki/lineage.pem"),
-                      "--ca", str(sim / "pki/ca.pem"), "--checkpoints", str(sim / "checkpoints"))
+    verified = fedgen(
+        "lineage",
+        "verify",
+        "--ledger",
+        ledger,
+        "--cert",
+        str(sim / "pki/lineage.pem"),
+        "--ca",
+        str(sim / "pki/ca.pem"),
+        "--checkpoints",
+        str(sim / "checkpoints"),
+    )
     assert "OK, 3 records" in verified.stdout and "1 checkpoint digests" in verified.stdout
     fedgen("lineage", "export", "--ledger", ledger, "--out", "prov.json")
     assert "wasGeneratedBy" in json.loads((used / "prov.json").read_text())
-    fedgen("model", "approve", "--round", "1", "--ledger", ledger, "--key", str(sim / "pki/lineage.key"),
-           "--cert", str(sim / "pki/lineage.pem"), "--by", "Dr. A. Reviewer", "--reason", "reviewed")
-    fedgen("model", "export", "--round", "1", "--ledger", ledger, "--cert", str(sim / "pki/lineage.pem"),
-           "--ca", str(sim / "pki/ca.pem"), "--checkpoints", str(sim / "checkpoints"), "--out", "release")
+    fedgen(
+        "model",
+        "approve",
+        "--round",
+        "1",
+        "--ledger",
+        ledger,
+        "--key",
+        str(sim / "pki/lineage.key"),
+        "--cert",
+        str(sim / "pki/lineage.pem"),
+        "--by",
+        "Dr. A. Reviewer",
+        "--reason",
+        "reviewed",
+    )
+    fedgen(
+        "model",
+        "export",
+        "--round",
+        "1",
+        "--ledger",
+        ledger,
+        "--cert",
+        str(sim / "pki/lineage.pem"),
+        "--ca",
+        str(sim / "pki/ca.pem"),
+        "--checkpoints",
+        str(sim / "checkpoints"),
+        "--out",
+        "release",
+    )
     assert (used / "release" / "model.safetensors").read_bytes() == checkpoint.read_bytes()
     assert "Approved by Dr. A. Reviewer" in (used / "release" / "MODEL_CARD.md").read_text()

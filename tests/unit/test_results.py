@@ -9,12 +9,26 @@ matplotlib.use("Agg")
 
 def _result(tmp_path):
     rounds = [
-        RoundResult(round=1, accuracy=0.6, loss=0.7, checkpoint=str(tmp_path / "r1.safetensors"), sites=[
-            SiteRound("site-0", "trained", examples=10, epsilon=1.5),
-            SiteRound("site-1", "trained", examples=12, epsilon=1.2)]),
-        RoundResult(round=2, accuracy=0.7, loss=0.6, checkpoint=str(tmp_path / "r2.safetensors"), sites=[
-            SiteRound("site-0", "trained", examples=10, epsilon=2.5),
-            SiteRound("site-1", "refused", reason="ceiling")]),
+        RoundResult(
+            round=1,
+            accuracy=0.6,
+            loss=0.7,
+            checkpoint=str(tmp_path / "r1.safetensors"),
+            sites=[
+                SiteRound("site-0", "trained", examples=10, epsilon=1.5),
+                SiteRound("site-1", "trained", examples=12, epsilon=1.2),
+            ],
+        ),
+        RoundResult(
+            round=2,
+            accuracy=0.7,
+            loss=0.6,
+            checkpoint=str(tmp_path / "r2.safetensors"),
+            sites=[
+                SiteRound("site-0", "trained", examples=10, epsilon=2.5),
+                SiteRound("site-1", "refused", reason="ceiling"),
+            ],
+        ),
     ]
     return RunResult(rounds=rounds, initial_accuracy=0.5, out_dir=str(tmp_path), config={"sites": 2})
 
@@ -50,23 +64,35 @@ def test_save_keeps_site_detail_and_plot_draws(tmp_path):
 
 def _missed_a_round(tmp_path) -> RunResult:
     """site-1 fails round 2 and trains again in round 3; site-2 joins only in round 3."""
+
     def trained(site, eps):
         return SiteRound(site, "trained", examples=10, epsilon=eps)
 
     rounds = [
         RoundResult(round=1, accuracy=0.6, loss=0.7, sites=[trained("site-0", 1.0), trained("site-1", 1.1)]),
-        RoundResult(round=2, accuracy=0.65, loss=0.6, sites=[trained("site-0", 2.0),
-                                                             SiteRound("site-1", "failed", reason="lost")]),
-        RoundResult(round=3, accuracy=0.7, loss=0.5, sites=[trained("site-0", 3.0), trained("site-1", 2.1),
-                                                            trained("site-2", 0.9)]),
+        RoundResult(
+            round=2,
+            accuracy=0.65,
+            loss=0.6,
+            sites=[trained("site-0", 2.0), SiteRound("site-1", "failed", reason="lost")],
+        ),
+        RoundResult(
+            round=3,
+            accuracy=0.7,
+            loss=0.5,
+            sites=[trained("site-0", 3.0), trained("site-1", 2.1), trained("site-2", 0.9)],
+        ),
     ]
     return RunResult(rounds=rounds, initial_accuracy=0.5, out_dir=str(tmp_path), config={"sites": 3})
 
 
 def test_a_site_that_missed_a_round_keeps_each_epsilon_on_its_round(tmp_path):
     result = _missed_a_round(tmp_path)
-    assert result.epsilon_by_site() == {"site-0": {1: 1.0, 2: 2.0, 3: 3.0}, "site-1": {1: 1.1, 3: 2.1},
-                                        "site-2": {3: 0.9}}
+    assert result.epsilon_by_site() == {
+        "site-0": {1: 1.0, 2: 2.0, 3: 3.0},
+        "site-1": {1: 1.1, 3: 2.1},
+        "site-2": {3: 0.9},
+    }
 
 
 def test_plot_draws_every_series_at_its_rounds(tmp_path):
@@ -77,9 +103,11 @@ def test_plot_draws_every_series_at_its_rounds(tmp_path):
     assert drawn == {("global accuracy", (1, 2, 3), (0.6, 0.65, 0.7))}
     assert epsilon_axis.get_ylabel() == "ε spent"
     drawn = {(line.get_label(), tuple(line.get_xdata()), tuple(line.get_ydata())) for line in epsilon_axis.lines}
-    assert drawn == {("ε site-0", (1, 2, 3), (1.0, 2.0, 3.0)),
-                     ("ε site-1", (1, 3), (1.1, 2.1)),  # not (1, 2): it missed round 2
-                     ("ε site-2", (3,), (0.9,))}
+    assert drawn == {
+        ("ε site-0", (1, 2, 3), (1.0, 2.0, 3.0)),
+        ("ε site-1", (1, 3), (1.1, 2.1)),  # not (1, 2): it missed round 2
+        ("ε site-2", (3,), (0.9,)),
+    }
 
 
 def test_round_trip_through_a_dict(tmp_path):

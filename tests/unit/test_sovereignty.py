@@ -13,8 +13,10 @@ import pytest
 
 from fedgen.sovereignty import NO_PHONE_HOME, ray_without_api_server
 
-READ_SWITCHES = ("import flwr.supercore.telemetry as telemetry, ray._private.ray_constants as ray_constants\n"
-                 "print(telemetry.FLWR_TELEMETRY_ENABLED, ray_constants.ENABLE_RAY_CLUSTER)\n")
+READ_SWITCHES = (
+    "import flwr.supercore.telemetry as telemetry, ray._private.ray_constants as ray_constants\n"
+    "print(telemetry.FLWR_TELEMETRY_ENABLED, ray_constants.ENABLE_RAY_CLUSTER)\n"
+)
 
 
 def _fresh_python(program: str, switches: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -56,13 +58,15 @@ def test_flower_imported_before_fedgen_is_detected_warned_and_refused(tmp_path):
 
 
 def test_switches_set_before_python_starts_make_import_order_irrelevant():
-    program = ("import warnings\nimport flwr, ray\n"
-               "with warnings.catch_warnings(record=True) as caught:\n"
-               "    warnings.simplefilter('always')\n"
-               "    import fedgen\n"
-               "from fedgen.sovereignty import SovereigntyWarning, apply_sovereign_environment\n"
-               "apply_sovereign_environment()\n"
-               "print(sum(issubclass(w.category, SovereigntyWarning) for w in caught))\n" + READ_SWITCHES)
+    program = (
+        "import warnings\nimport flwr, ray\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fedgen\n"
+        "from fedgen.sovereignty import SovereigntyWarning, apply_sovereign_environment\n"
+        "apply_sovereign_environment()\n"
+        "print(sum(issubclass(w.category, SovereigntyWarning) for w in caught))\n" + READ_SWITCHES
+    )
     done = _fresh_python(program, switches=NO_PHONE_HOME)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "0", "False"]  # no warning; Flower and Ray read the switches

@@ -42,8 +42,11 @@ def test_special_token_ids():
     assert SPECIAL_TOKENS == ("[PAD]", "[CLS]", "[MASK]", "[UNK]")
     for name in ALL_NAMES:
         tokenizer = make_tokenizer(name)
-        assert (tokenizer.pad_id, tokenizer.cls_id, tokenizer.mask_id, tokenizer.unk_id) == (
-            PAD_ID, CLS_ID, MASK_ID, UNK_ID) == (0, 1, 2, 3)
+        assert (
+            (tokenizer.pad_id, tokenizer.cls_id, tokenizer.mask_id, tokenizer.unk_id)
+            == (PAD_ID, CLS_ID, MASK_ID, UNK_ID)
+            == (0, 1, 2, 3)
+        )
         assert tokenizer.vocab[:4] == SPECIAL_TOKENS
         assert tokenizer.name == name
 
@@ -116,8 +119,7 @@ def test_kmer_overlapping_round_trip():
 def test_kmer_stride_between_one_and_k():
     tokenizer = KmerTokenizer(4, stride=2)
     sequence = "ACGTACGTAC"  # starts 0, 2, 4, 6
-    assert tokens_of_row(tokenizer, tokenizer.encode([sequence])[0]) == [
-        "ACGT", "GTAC", "ACGT", "GTAC"]
+    assert tokens_of_row(tokenizer, tokenizer.encode([sequence])[0]) == ["ACGT", "GTAC", "ACGT", "GTAC"]
     assert tokenizer.token_length(len(sequence)) == 5
 
 

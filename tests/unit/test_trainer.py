@@ -1,6 +1,6 @@
 import torch
-
 from fedgen.client.trainer import DPSettings, LocalPlan, local_steps, poisson_sample_rate, train_local
+
 from fedgen.data import load_bundled
 from fedgen.model import build_model, preset_config
 from fedgen.tokenizers import make_tokenizer
@@ -49,8 +49,14 @@ def test_proximal_term_keeps_the_model_near_the_global_one():
     start = build_model(cfg)
     free, anchored = build_model(cfg), build_model(cfg)
     train_local(free, ids, labels, LocalPlan(steps=6, batch_size=32, learning_rate=1e-2, seed=0), CPU, None)
-    train_local(anchored, ids, labels, LocalPlan(steps=6, batch_size=32, learning_rate=1e-2, seed=0,
-                                                  proximal_mu=50.0), CPU, None)
+    train_local(
+        anchored,
+        ids,
+        labels,
+        LocalPlan(steps=6, batch_size=32, learning_rate=1e-2, seed=0, proximal_mu=50.0),
+        CPU,
+        None,
+    )
     assert _distance(anchored, start) < 0.8 * _distance(free, start)
 
 
