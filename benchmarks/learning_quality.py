@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedgen.client.trainer import LocalPlan, local_steps, train_local
 
 import fedgen
+from fedgen.client.trainer import LocalPlan, local_steps, train_local
 from fedgen.config import TrainingConfig
 from fedgen.data import SequenceDataset, load_bundled
 from fedgen.model import build_model, evaluate_classifier, preset_config

@@ -16,9 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
-from fedgen.strategies.registry import make_strategy
-from fedgen.strategies.validation import UpdatePolicy
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -31,6 +28,9 @@ from fedgen.pki import load_certificate, load_crl, load_private_key, revocation_
 from fedgen.protocol import TrainInstructions
 from fedgen.results import RoundResult, RunResult
 from fedgen.state_files import FAILURE_FILE, PROGRESS_FILE, RESULT_FILE
+from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
+from fedgen.strategies.registry import make_strategy
+from fedgen.strategies.validation import UpdatePolicy
 from fedgen.tokenizers import make_tokenizer
 
 from .checkpoints import checkpoint_digest, load_checkpoint

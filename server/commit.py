@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from fedgen.strategies.recorder import RecordingStrategy, RoundLog
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedgen.lineage import LineageWriter
@@ -20,6 +19,7 @@ from fedgen.lineage.records import Strategy
 from fedgen.model import evaluate_classifier
 from fedgen.params import load_trainable, record_to_arrays
 from fedgen.results import RoundResult, SiteRound
+from fedgen.strategies.recorder import RecordingStrategy, RoundLog
 
 from .checkpoints import save_checkpoint
 from .lineage_records import round_records

@@ -16,7 +16,6 @@ from pathlib import Path
 import flwr
 import opacus
 import torch
-from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 import fedgen
 from fedgen.config import TrainingConfig
@@ -37,6 +36,7 @@ from fedgen.lineage.records import (
     UpdateRejected,
 )
 from fedgen.model import ModelConfig
+from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 
 def software_versions() -> dict[str, str]:

@@ -33,21 +33,13 @@ from ..results import RoundResult, RunResult
 from ..simulation import write_sites
 
 
-def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed: int) -> tuple[Path, list[Path], Path]:
-    """Certificates, data shares and configs of a loopback consortium; (aggregator, sites, run) tomls."""
-    certs = out / "certs"
-    pki.init_consortium(certs, "fedgen-demo", days=8)  # outlives the 7-day certificates it issues
-    pki.issue_aggregator(certs, ["127.0.0.1", "localhost"], days=7)
-    pki.issue_lineage(certs, days=7)
-    layout = pki.layout(certs)
-    fleet_port, control_port = free_port(), free_port()
-    (out / "aggregator").mkdir()
-    aggregator_toml = out / "aggregator" / "aggregator.toml"
-    aggregator = AggregatorConfig(
-        state_dir=out / "aggregator" / "state",
+def loopback_aggregator(layout: pki.ConsortiumLayout, state_dir: Path) -> AggregatorConfig:
+    """An aggregator on free loopback ports with the consortium's certificates in ``layout``."""
+    return AggregatorConfig(
+        state_dir=state_dir,
         fleet_host="127.0.0.1",
-        fleet_port=fleet_port,
-        control_port=control_port,
+        fleet_port=free_port(),
+        control_port=free_port(),
         tls=AggregatorTLSConfig(
             certificate=layout.aggregator_cert,
             private_key=layout.aggregator_key,
@@ -56,6 +48,19 @@ def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed
         ),
         lineage=LineageSigningConfig(certificate=layout.lineage_cert, private_key=layout.lineage_key),
     )
+
+
+def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed: int) -> tuple[Path, list[Path], Path]:
+    """Certificates, data shares and configs of a loopback consortium; (aggregator, sites, run) tomls."""
+    certs = out / "certs"
+    pki.init_consortium(certs, "fedgen-demo", days=8)  # outlives the 7-day certificates it issues
+    pki.issue_aggregator(certs, ["127.0.0.1", "localhost"], days=7)
+    pki.issue_lineage(certs, days=7)
+    layout = pki.layout(certs)
+    (out / "aggregator").mkdir()
+    aggregator_toml = out / "aggregator" / "aggregator.toml"
+    aggregator = loopback_aggregator(layout, out / "aggregator" / "state")
+    fleet_port = aggregator.fleet_port
     write_toml(aggregator, aggregator_toml)
 
     def deployment(index: int) -> dict:

@@ -9,21 +9,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fedgen.client.supernode import client_ssl_context
-from fedgen.server.coordinator import RunFailed, follow, submit
-from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
 
 from fedgen import pki
+from fedgen.cli.demo import loopback_aggregator
+from fedgen.client.supernode import client_ssl_context
 from fedgen.config import (
-    AggregatorConfig,
-    AggregatorTLSConfig,
-    LineageSigningConfig,
     RunConfig,
     SiteTLSConfig,
     load_toml,
     to_toml,
 )
-from fedgen.processes import ProcessGroup, free_port, wait_for_port
+from fedgen.processes import ProcessGroup, wait_for_port
+from fedgen.server.coordinator import RunFailed, follow, submit
+from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
 
 pytestmark = pytest.mark.slow
 
@@ -46,19 +44,7 @@ def consortium(tmp_path_factory):
     pki.issue_site(foreign, "site-a")
 
     layout = pki.layout(certs)
-    config = AggregatorConfig(
-        state_dir=root / "state",
-        fleet_host="127.0.0.1",
-        fleet_port=free_port(),
-        control_port=free_port(),
-        tls=AggregatorTLSConfig(
-            certificate=layout.aggregator_cert,
-            private_key=layout.aggregator_key,
-            ca_certificate=layout.ca_cert,
-            crl=layout.crl,
-        ),
-        lineage=LineageSigningConfig(certificate=layout.lineage_cert, private_key=layout.lineage_key),
-    )
+    config = loopback_aggregator(layout, root / "state")
     toml = root / "aggregator.toml"
     toml.write_text(to_toml(config, toml))
     (root / "logs").mkdir()

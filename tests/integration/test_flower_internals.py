@@ -36,12 +36,12 @@ def test_superlink_is_built_from_flowers_parser_and_create_app(tmp_path):
 
 
 def test_node_identity_travels_in_the_header_fedgen_checks(tmp_path):
-    from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
     from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
     from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
     from fedgen import pki
+    from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
 
     assert NODE_PUBLIC_KEY_HEADER == FLEET_HTTP_PUBLIC_KEY_HEADER.encode() == b"flwr-public-key"
     assert "FLEET_HTTP_PUBLIC_KEY_HEADER" in inspect.getsource(NodeAuthHttpInterceptor.intercept)
@@ -67,10 +67,10 @@ def test_supernode_fleet_client_hooks_exist_with_the_expected_signatures():
 
 
 def test_mutual_tls_substitution_is_used_by_the_supernode(tmp_path):
-    from fedgen.client.supernode import install_mutual_tls
     from flwr.supernode import fleet_http_connection
 
     from fedgen import pki
+    from fedgen.client.supernode import install_mutual_tls
     from fedgen.config import SiteTLSConfig
 
     pki.init_consortium(tmp_path, "t")
@@ -129,8 +129,9 @@ def test_asyncio_tls_hooks_used_by_the_fleet_door():
 
 def test_linkstate_calls_the_fleet_door_makes(tmp_path):
     """Why the door never unregisters a node and ends a stale session before activation."""
-    from fedgen.server.superlink import build_superlink_app
     from flwr.common.constant import NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+
+    from fedgen.server.superlink import build_superlink_app
 
     state = build_superlink_app(runtime_port=1, database=tmp_path / "flower.db").state.linkstate_factory.state()
     key = b"-----BEGIN PUBLIC KEY-----\nfedgen-test\n-----END PUBLIC KEY-----\n"

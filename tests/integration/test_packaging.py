@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fedgen.client
-import fedgen.server
-import fedgen.strategies
 import pytest
 
 import fedgen
+import fedgen.client
+import fedgen.server
+import fedgen.strategies
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECK = (

@@ -10,20 +10,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fedgen.client.supernode import client_ssl_context
-from fedgen.server.fleet_registry import FleetRegistry
-from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
 
 from fedgen import pki
+from fedgen.cli.demo import loopback_aggregator
+from fedgen.client.supernode import client_ssl_context
 from fedgen.config import (
-    AggregatorConfig,
-    AggregatorTLSConfig,
-    LineageSigningConfig,
     SiteConfig,
     SiteTLSConfig,
     write_toml,
 )
 from fedgen.processes import ProcessGroup, free_port, wait_for_port
+from fedgen.server.fleet_registry import FleetRegistry
+from fedgen.server.superlink import NODE_PUBLIC_KEY_HEADER, public_key_pem
 from fedgen.state_files import FLEET_REGISTRY_FILE
 
 pytestmark = pytest.mark.slow
@@ -49,19 +47,7 @@ def consortium(tmp_path_factory):
     pki.init_consortium(foreign, "other")
     pki.issue_site(foreign, "site-a")
     files = pki.layout(certs)
-    config = AggregatorConfig(
-        state_dir=root / "state",
-        fleet_host="127.0.0.1",
-        fleet_port=free_port(),
-        control_port=free_port(),
-        tls=AggregatorTLSConfig(
-            certificate=files.aggregator_cert,
-            private_key=files.aggregator_key,
-            ca_certificate=files.ca_cert,
-            crl=files.crl,
-        ),
-        lineage=LineageSigningConfig(certificate=files.lineage_cert, private_key=files.lineage_key),
-    )
+    config = loopback_aggregator(files, root / "state")
     toml = root / "aggregator.toml"
     write_toml(config, toml)
     (root / "logs").mkdir()

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from fedgen.client.ledger import PrivacyLedger
-from fedgen.server.coordinator import follow, submit
-from fedgen.server.fleet_registry import FleetRegistry
 
 from fedgen.cli.demo import write_consortium
+from fedgen.client.ledger import PrivacyLedger
 from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml, write_toml
 from fedgen.processes import ProcessGroup, wait_for_port
+from fedgen.server.coordinator import follow, submit
+from fedgen.server.fleet_registry import FleetRegistry
 from fedgen.state_files import FLEET_REGISTRY_FILE
 
 pytestmark = pytest.mark.slow

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
-from fedgen.client.ledger import PrivacyLedger
-from fedgen.server.coordinator import follow, submit
 
 from fedgen.cli.demo import write_consortium
+from fedgen.client.ledger import PrivacyLedger
 from fedgen.config import AggregatorConfig, RunConfig, load_toml, to_toml
 from fedgen.lineage import read_records
 from fedgen.processes import ProcessGroup, wait_for_port
+from fedgen.server.coordinator import follow, submit
 
 from .processes import processes_in_session
 
@@ -98,10 +98,9 @@ def _wait_until_unlocked(ledger: Path, timeout: float = 60) -> None:
 
 
 def test_aggregator_killed_mid_run_resumes_without_repeating_or_losing_a_round(tmp_path: Path, process_tree):
-    from fedgen.server.coordinator import RunFailed
-
     from fedgen import pki
     from fedgen.lineage import verify
+    from fedgen.server.coordinator import RunFailed
 
     aggregator_toml, site_tomls, run_toml = write_consortium(tmp_path, sites=2, rounds=3, epsilon=8.0, seed=0)
     run = load_toml(run_toml, RunConfig)

@@ -11,14 +11,14 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from fedgen.client.ledger import PrivacyLedger
-from fedgen.server.coordinator import follow, submit
 
 from fedgen import pki
 from fedgen.cli.demo import write_consortium
+from fedgen.client.ledger import PrivacyLedger
 from fedgen.config import AggregatorConfig, RunConfig, load_toml, write_toml
 from fedgen.lineage import read_records
 from fedgen.processes import ProcessGroup, wait_for_port
+from fedgen.server.coordinator import follow, submit
 
 pytestmark = pytest.mark.slow
 FEDGEN = [sys.executable, "-m", "fedgen.cli"]

@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fedgen.client.ledger import PrivacyLedger
 from fedgen.client.trainer import local_steps, poisson_sample_rate
-from fedgen.server.checkpoints import load_checkpoint
-
 from fedgen.data import load_bundled
 from fedgen.lineage import read_records
 from fedgen.partition import partition
+from fedgen.server.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.slow
 CHANCE = 451 / 888  # majority class of the bundled held-out split

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
-from fedgen.server.checkpoints import checkpoint_digest, load_checkpoint, save_checkpoint
 from safetensors.numpy import save_file
 
 from fedgen.params import digest, model_digest, model_file_digest, read_model_file
+from fedgen.server.checkpoints import checkpoint_digest, load_checkpoint, save_checkpoint
 
 
 def test_checkpoint_named_by_round_and_model_digest_and_loads_back(tmp_path):

@@ -6,14 +6,14 @@ from __future__ import annotations
 import click
 import pytest
 import typer
-from fedgen.client.ledger import BudgetExceeded
-from fedgen.server.coordinator import RunFailed
 from typer.testing import CliRunner
 
 from fedgen.cli import app
 from fedgen.cli.output import ReportingGroup
+from fedgen.client.ledger import BudgetExceeded
 from fedgen.config import ConfigError
 from fedgen.errors import FedgenError, OperationFailed
+from fedgen.server.coordinator import RunFailed
 
 runner = CliRunner()
 
@@ -62,13 +62,12 @@ def test_a_programming_error_is_not_reported_as_bad_input(bug):
 def test_the_user_facing_errors_are_fedgen_errors_and_stay_what_callers_catch():
     from fedgen.client.ledger import LedgerError
     from fedgen.client.supernode import SiteStopped
-    from fedgen.receipts import ReceiptError
-
     from fedgen.data import DataError
     from fedgen.lineage import LineageError
     from fedgen.model_release import ReleaseError
     from fedgen.pki import PKIError
     from fedgen.processes import ProcessFailed
+    from fedgen.receipts import ReceiptError
     from fedgen.simulation import SimulationFailed
 
     for bad_input in (ConfigError, DataError, PKIError, LineageError, ReleaseError, ReceiptError):

@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import pytest
-from fedgen.client.app import make_client_app
-from fedgen.client.ledger import PrivacyLedger
 from flwr.app import Context, Message, MessageType, Metadata, RecordDict
 from opacus.accountants import RDPAccountant
 
+from fedgen.client.app import make_client_app
+from fedgen.client.ledger import PrivacyLedger
 from fedgen.config import SiteConfig, load_toml
 from fedgen.params import digest, record_to_arrays
 from fedgen.protocol import (

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedgen.client.app import train_round
-from fedgen.client.ledger import BudgetExceeded, PrivacyLedger
 from flwr.common.serde import recorddict_to_proto
 
 from fedgen import pki
+from fedgen.client.app import train_round
+from fedgen.client.ledger import BudgetExceeded, PrivacyLedger
 from fedgen.config import SiteConfig, SiteTLSConfig, load_toml
 from fedgen.data import DataError, load_dataset
 from fedgen.lineage import LedgerHead, LineageWriter, witness_statement

@@ -9,15 +9,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from fedgen.server.checkpoints import checkpoint_digest, load_checkpoint
-from fedgen.server.commit import RoundCommitter
-from fedgen.server.plan import ResumePoint, RunPlan
 
 from fedgen import pki
 from fedgen.config import TrainingConfig
 from fedgen.lineage import LineageWriter, read_records
 from fedgen.model import build_model, preset_config
 from fedgen.params import arrays_to_record, to_numpy, trainable_tensors
+from fedgen.server.checkpoints import checkpoint_digest, load_checkpoint
+from fedgen.server.commit import RoundCommitter
+from fedgen.server.plan import ResumePoint, RunPlan
 from fedgen.tokenizers import make_tokenizer
 
 STRATEGY = {"name": "fedavg", "options": {}}

@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-from fedgen.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger
 
+from fedgen.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from fedgen.state_files import PRIVACY_LEDGER_FILE
 
 

@@ -24,7 +24,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fedgen.server.checkpoints import checkpoint_digest, load_checkpoint, save_checkpoint
 from safetensors.numpy import load_file, save_file
 
 from fedgen import pki
@@ -42,6 +41,7 @@ from fedgen.lineage import (
     witness_statement,
 )
 from fedgen.params import digest, read_model_file
+from fedgen.server.checkpoints import checkpoint_digest, load_checkpoint, save_checkpoint
 
 from .forgery import forge_ledger
 
@@ -567,11 +567,10 @@ def test_records_signed_after_the_signer_was_revoked_fail_against_the_crl(tmp_pa
 
 
 def test_the_aggregator_does_not_start_a_run_with_a_revoked_lineage_signer(tmp_path: Path):
-    from fedgen.server.app import run_federation
-    from fedgen.server.plan import LineagePlan, RunPlan
-
     from fedgen.config import AggregatorTLSConfig, LineageSigningConfig, TrainingConfig
     from fedgen.model import preset_config
+    from fedgen.server.app import run_federation
+    from fedgen.server.plan import LineagePlan, RunPlan
 
     files = make_consortium(tmp_path / "certs", "Revoked").files
     pki.revoke_lineage(files.folder, "key-compromise")

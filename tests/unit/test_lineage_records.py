@@ -6,9 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fedgen.server.coordinator import resume_point
-from fedgen.server.lineage_records import round_records, run_finished, run_started, strategy_of
-from fedgen.strategies.recorder import RoundLog, SiteOutcome
 from typer.testing import CliRunner
 
 from fedgen import pki
@@ -35,6 +32,9 @@ from fedgen.lineage.records import (
 from fedgen.model import preset_config
 from fedgen.model_release import approve, find_round
 from fedgen.protocol import TrainReport
+from fedgen.server.coordinator import resume_point
+from fedgen.server.lineage_records import round_records, run_finished, run_started, strategy_of
+from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lineage-v1"
 RUN = "run-11"

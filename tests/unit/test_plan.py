@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from fedgen.server.plan import LineagePlan, ResumePoint, RunPlan, read_plan, write_plan
 from pydantic import ValidationError
 
 from fedgen.config import AggregatorTLSConfig, LineageSigningConfig, TrainingConfig
 from fedgen.model_config import preset_config
+from fedgen.server.plan import LineagePlan, ResumePoint, RunPlan, read_plan, write_plan
 
 
 def deployment_plan(folder: Path) -> RunPlan:

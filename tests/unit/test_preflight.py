@@ -7,12 +7,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from fedgen.client.supernode import check_site
-from fedgen.server.aggregator import check_aggregator, crl_warning
 from typer.testing import CliRunner
 
 from fedgen import pki
 from fedgen.cli import app
+from fedgen.client.supernode import check_site
 from fedgen.config import (
     AggregatorConfig,
     AggregatorTLSConfig,
@@ -24,6 +23,7 @@ from fedgen.config import (
     write_toml,
 )
 from fedgen.pki import PKIError
+from fedgen.server.aggregator import check_aggregator, crl_warning
 
 NOW = datetime.now(timezone.utc)
 

@@ -11,8 +11,6 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from fedgen.server.lineage_records import round_records
-from fedgen.strategies.recorder import RoundLog, SiteOutcome
 from typer.testing import CliRunner
 
 from fedgen import pki
@@ -29,7 +27,9 @@ from fedgen.lineage.receipts import (
 )
 from fedgen.lineage.records import Strategy
 from fedgen.protocol import TrainReport
+from fedgen.server.lineage_records import round_records
 from fedgen.state_files import RECEIPTS_FILE
+from fedgen.strategies.recorder import RoundLog, SiteOutcome
 
 from .forgery import forge_ledger
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from fedgen import pki
 from fedgen.client.refusals import refusal_cause
 from fedgen.client.supernode import StopReason, as_retryable, client_ssl_context
+from fedgen.config import AggregatorTLSConfig, SiteTLSConfig
 from fedgen.server import door
 from fedgen.server.door import RefusalLog, RevocationList, door_ssl_context, handshake_cause
 from fedgen.server.fleet_registry import FleetRegistry, Refusal
-
-from fedgen import pki
-from fedgen.config import AggregatorTLSConfig, SiteTLSConfig
 
 NOW = datetime.now(timezone.utc)
 

@@ -14,16 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from fedgen.client.supernode import check_site
-from fedgen.server.aggregator import check_aggregator
-from fedgen.server.coordinator import plan_run
 from typer.testing import CliRunner
 
 from fedgen import pki
 from fedgen.cli import app
 from fedgen.cli.demo import write_consortium
+from fedgen.client.supernode import check_site
 from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, load_toml
 from fedgen.data import load_bundled
+from fedgen.server.aggregator import check_aggregator
+from fedgen.server.coordinator import plan_run
 
 runner = CliRunner()
 

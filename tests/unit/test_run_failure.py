@@ -5,7 +5,6 @@ from datetime import datetime, timedelta
 
 from fedgen.server.coordinator import SubmittedRun, failure_report
 from fedgen.server.fleet_registry import FleetRegistry, Refusal
-
 from fedgen.state_files import FAILURE_FILE
 
 

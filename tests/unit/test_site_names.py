@@ -3,12 +3,12 @@ never replied: from the fleet registry the Fleet listener writes."""
 
 import numpy as np
 import pytest
-from fedgen.server.fleet_registry import FleetRegistry
-from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing
-from fedgen.strategies.registry import make_strategy
 from flwr.app import ConfigRecord, Error, Message, MessageType, Metadata
 
 from fedgen.params import arrays_to_record
+from fedgen.server.fleet_registry import FleetRegistry
+from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing
+from fedgen.strategies.registry import make_strategy
 
 
 class _Grid:

@@ -3,10 +3,6 @@ import time
 
 import numpy as np
 import pytest
-from fedgen.server.lineage_records import round_records
-from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
-from fedgen.strategies.registry import STRATEGIES, make_strategy
-from fedgen.strategies.validation import UpdatePolicy
 from flwr.app import ConfigRecord, Error, Message, MessageType, Metadata, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
@@ -24,6 +20,10 @@ from fedgen.protocol import (
     TrainReport,
     site_record,
 )
+from fedgen.server.lineage_records import round_records
+from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
+from fedgen.strategies.registry import STRATEGIES, make_strategy
+from fedgen.strategies.validation import UpdatePolicy
 
 
 class _Grid:

@@ -1,6 +1,6 @@
 import torch
-from fedgen.client.trainer import DPSettings, LocalPlan, local_steps, poisson_sample_rate, train_local
 
+from fedgen.client.trainer import DPSettings, LocalPlan, local_steps, poisson_sample_rate, train_local
 from fedgen.data import load_bundled
 from fedgen.model import build_model, preset_config
 from fedgen.tokenizers import make_tokenizer
