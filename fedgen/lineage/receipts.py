@@ -3,7 +3,8 @@
 A hash chain signed by one key cannot show its key holder rewriting or truncating it:
 re-chained and re-signed, any history verifies. So the sites witness it. Each round's
 instructions carry the ledger head (seq, hash, and the lineage signer's signature over
-the hash); a site checks that signature, signs its update digest together with that head
+the hash) and the round's number in the ledger (`fedgen.protocol.LedgerNotice`); a site
+checks that signature, signs its update digest together with that head
 (`fedgen.lineage.format.witness_statement`) and, before its reply leaves, appends a receipt to
 ``<state_dir>/lineage-receipts.jsonl``. The receipt holds the signer's own signature over
 the head, so a receipt whose head the ledger no longer holds proves that the holder of the
@@ -13,11 +14,12 @@ Receipt files
 -------------
 One JSON object per line, each line ending in ``\\n``, written in the canonical encoding
 of `fedgen.lineage.format.canonical_encoding`, with exactly the members ``head_hash`` (hex),
-``head_seq`` (int), ``head_signature`` (base64), ``round`` (int), ``run_id`` (str),
-``signature`` (the site's base64 signature over the witness statement, or null for a
-site without a certificate, as in simulations), ``site`` (str), ``time`` (ISO 8601 UTC)
-and ``update_digest`` (hex). Appends are fsynced; a line torn by a crash is cut off by the
-next append and ignored by readers.
+``head_seq`` (int), ``head_signature`` (base64), ``round`` (int: the number the ledger
+records the round under), ``run_id`` (str, the Flower run), ``signature`` (the site's
+base64 signature over the witness statement, or null for a site without a certificate, as
+in simulations), ``site`` (str), ``time`` (ISO 8601 UTC) and ``update_digest`` (hex).
+Appends are fsynced; a line torn by a crash is cut off by the next append and ignored by
+readers.
 
 What `check_receipts` concludes, per receipt
 --------------------------------------------

@@ -153,5 +153,15 @@ def test_aggregator_killed_mid_run_resumes_without_repeating_or_losing_a_round(t
         ca_certificate=pki.load_certificate(certs.ca_cert),
     )
     assert report.ok, report.error
+    # The sites' receipts agree: the resumed run's rounds carry on the numbering they signed.
+    from fedgen.lineage.receipts import check_receipts, collect_receipts
+
+    witnessed = check_receipts(
+        read_records(ledger),
+        collect_receipts([t.parent / "state" for t in site_tomls]),
+        [pki.load_certificate(certs.lineage_cert)],
+    )
+    assert witnessed.ok, [f.detail for f in witnessed.findings if f.failed]
+    assert witnessed.count("witnessed") >= 2 * 3 - 2  # each site, each committed round (a late reply aside)
     # The killed aggregator's SuperExec and ServerApp ended too (the ServerApp by its orphan watch).
     assert process_tree.wait_until_ended() == {}
