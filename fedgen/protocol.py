@@ -210,6 +210,12 @@ class TrainReport:
         if missing:
             raise ProtocolError(f"train reply lacks metrics {missing}")
         kwargs = {name: record[key] for name, key in cls._KEYS.items()}
+        for name, key in cls._KEYS.items():  # a site's numbers go into the lineage: numbers only
+            value = kwargs[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ProtocolError(f"train reply metric {key!r} is not a number")
+            if name in ("num_examples", "steps") and (value < 0 or value != int(value)):
+                raise ProtocolError(f"train reply metric {key!r} is not a count")
         kwargs["num_examples"] = int(kwargs["num_examples"])
         kwargs["steps"] = int(kwargs["steps"])
         kwargs["dp"] = bool(kwargs["dp"])

@@ -85,3 +85,30 @@ def test_report_round_trip_and_missing_metric():
     with pytest.raises(ProtocolError, match="epsilon"):
         TrainReport.from_record(record)
     assert isinstance(_instructions().to_record(), ConfigRecord)
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("epsilon", [1.0, 2.0], "'epsilon' is not a number"),
+        ("num-examples", 2.5, "'num-examples' is not a count"),
+        ("steps", -1, "'steps' is not a count"),
+    ],
+)
+def test_report_refuses_metrics_that_are_not_numbers_or_counts(key, value, words):
+    # What a site reports goes into the signed lineage: a list or a fraction there is refused here,
+    # at the door, as a malformed reply of that site, not when the round is committed.
+    record = TrainReport(
+        num_examples=10,
+        train_loss=0.5,
+        steps=2,
+        sample_rate=0.5,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        epsilon=1.0,
+        delta=1e-5,
+        dp=True,
+    ).to_record()
+    record[key] = value
+    with pytest.raises(ProtocolError, match=words):
+        TrainReport.from_record(record)
