@@ -64,10 +64,10 @@ def test_the_user_facing_errors_are_fedgen_errors_and_stay_what_callers_catch():
     from fedgen.client.supernode import SiteStopped
     from fedgen.data import DataError
     from fedgen.lineage import LineageError
+    from fedgen.lineage.receipts import ReceiptError
     from fedgen.model_release import ReleaseError
     from fedgen.pki import PKIError
     from fedgen.processes import ProcessFailed
-    from fedgen.receipts import ReceiptError
     from fedgen.simulation import SimulationFailed
 
     for bad_input in (ConfigError, DataError, PKIError, LineageError, ReleaseError, ReceiptError):
