@@ -51,7 +51,8 @@ class ProcessGroup:
         self.processes: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
-    def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+        """Start ``args`` logging to ``<log_dir>/<name>.log``; ``env`` defaults to the sovereign one."""
         log = self.log_dir / f"{name}.log"
         with open(log, "wb") as handle:
             process = subprocess.Popen(
@@ -59,7 +60,7 @@ class ProcessGroup:
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=sovereign_environment(),
+                env=sovereign_environment() if env is None else env,
                 start_new_session=True,
             )
         self.processes.append(process)

@@ -37,18 +37,8 @@ def _operator_shell() -> dict[str, str]:
 def _start_traced(group: ProcessGroup, name: str, args: list[str]) -> tuple[subprocess.Popen, Path, Path]:
     """Start ``args`` under strace in its own session, tracked by ``group``; (process, log, trace)."""
     assert shutil.which("strace"), "strace is needed to prove zero egress (.ci/run installs it)"
-    log, trace = group.log_dir / f"{name}.log", group.log_dir / f"{name}.strace"
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            [*strace_command(trace), *args],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=_operator_shell(),
-            start_new_session=True,
-        )
-    group.processes.append(process)
-    group.logs.append(log)
+    trace = group.log_dir / f"{name}.strace"
+    process, log = group.start(name, [*strace_command(trace), *args], env=_operator_shell())
     return process, log, trace
 
 
