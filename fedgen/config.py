@@ -75,6 +75,13 @@ class SiteConfig(StrictModel):
     aggregator: str | None = Field(None, pattern=r"^\S+:\d+$", description="host:port of the Fleet API")
     tls: SiteTLSConfig | None = None
     runtime_port: int = Field(9094, ge=1, le=65535, description="loopback port for ClientApp processes")
+    base_model: ConfigPath | None = Field(
+        None, description="this site's copy of the run's Hugging Face base checkpoint (a folder)"
+    )
+    trust_remote_code: bool = Field(False, description="run modeling code shipped inside the base checkpoint")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast precision on a GPU that supports it; refused under DP"
+    )
 
     @field_validator("device")
     @classmethod
@@ -93,8 +100,16 @@ class TrainingConfig(StrictModel):
     local_epochs: float = Field(2.0, gt=0)
     batch_size: int = Field(128, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
-    model: str = "nano"
-    tokenizer: str = "kmer3s1"
+    model: str = Field("nano", description="a built-in preset, or the aggregator's Hugging Face checkpoint folder")
+    tokenizer: str = Field("kmer3s1", description="built-in presets only; a checkpoint brings its own")
+    finetune: Literal["auto", "full", "lora", "ffa-lora"] = Field(
+        "auto", description="auto: full for built-in presets, lora for a checkpoint"
+    )
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = Field([], description="modules LoRA wraps; empty = the architecture's default")
+    trust_remote_code: bool = Field(False, description="the aggregator runs modeling code shipped in its checkpoint")
     seed: int = 0
     round_timeout: float = Field(900.0, gt=0, description="seconds to wait for the sites' replies")
     site_wait: float = Field(600.0, gt=0, description="seconds to wait for the sites to connect")

@@ -77,3 +77,80 @@ def preset_config(preset: str, *, vocab_size: int, max_len: int, num_labels: int
         pad_id=pad_id,
         **PRESETS[preset],
     )
+
+
+FINETUNE_MODES = ("full", "lora", "ffa-lora")
+"""How a Hugging Face base is fine-tuned: every weight, LoRA adapters (A and B trained), or
+FFA-LoRA (A frozen at its seeded initialisation, only B trained: FedAvg of B is then the
+exact average of the products B·A, and the update is half the size)."""
+
+
+@dataclass(frozen=True)
+class HFModelConfig:
+    """A sequence classifier fine-tuned from a Hugging Face checkpoint that every site holds.
+
+    The checkpoint itself never travels: each site and the aggregator load their own copy,
+    and ``base_digest`` pins which one (`fedgen.hf.checkpoint.base_digest`).
+
+    Parameters
+    ----------
+    architecture : str
+        The checkpoint's class for sequence classification, e.g. ``EsmForSequenceClassification``.
+    model_type : str
+        Its ``config.json`` model type (``esm``, ``bert``, ...), which picks the LoRA targets.
+    base_digest : str
+        SHA-256 over the checkpoint's tensors, config, tokenizer and code files.
+    num_labels, max_len : int
+        Classes, and the longest token sequence the run feeds the model.
+    finetune : {"full", "lora", "ffa-lora"}
+        What is trained (and so what travels), see `FINETUNE_MODES`.
+    lora_rank, lora_alpha, lora_dropout, target_modules
+        The adapters' shape and the modules they wrap (LoRA modes only).
+    seed : int
+        Seeds the adapters' and the head's initialisation, identical on every side.
+    total_parameters, trainable_parameters : int
+        Of the model as built, for people and the lineage.
+    frozen_digest : str or None
+        FFA-LoRA: digest of the frozen A factors, which every site must rebuild bit for bit.
+    """
+
+    architecture: str
+    model_type: str
+    base_digest: str
+    num_labels: int
+    max_len: int
+    finetune: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    seed: int = 0
+    total_parameters: int = 0
+    trainable_parameters: int = 0
+    frozen_digest: str | None = None
+    kind: str = "hf"
+
+    def __post_init__(self) -> None:
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(f"unknown finetune mode {self.finetune!r}; choose one of {', '.join(FINETUNE_MODES)}")
+        if self.kind != "hf":
+            raise ValueError("HFModelConfig.kind must be 'hf'")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> HFModelConfig:
+        return cls(**json.loads(text))
+
+
+AnyModelConfig = ModelConfig | HFModelConfig
+
+
+def model_config_from_json(text: str) -> AnyModelConfig:
+    """The built-in or Hugging Face model config that ``to_json`` wrote."""
+    values = json.loads(text)
+    if values.get("kind") == "hf":
+        return HFModelConfig(**values)
+    return ModelConfig(**values)

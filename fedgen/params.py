@@ -75,7 +75,7 @@ def _hash_field(h: hashlib._Hash, field: bytes) -> None:
     h.update(field)
 
 
-def _hash_arrays(h: hashlib._Hash, arrays: NamedArrays) -> None:
+def hash_arrays(h: hashlib._Hash, arrays: NamedArrays) -> None:
     h.update(struct.pack("<Q", len(arrays)))
     for name in sorted(arrays):
         array = np.asarray(arrays[name])
@@ -90,7 +90,7 @@ def _hash_arrays(h: hashlib._Hash, arrays: NamedArrays) -> None:
 def digest(arrays: NamedArrays) -> str:
     """SHA-256 hex digest of named arrays over their canonical encoding."""
     h = hashlib.sha256()
-    _hash_arrays(h, arrays)
+    hash_arrays(h, arrays)
     return h.hexdigest()
 
 
@@ -112,7 +112,7 @@ def model_digest(arrays: NamedArrays, metadata: Mapping[str, str]) -> str:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("model metadata keys and values must be strings (safetensors header entries)")
     h = hashlib.sha256(_MODEL_DOMAIN)
-    _hash_arrays(h, arrays)
+    hash_arrays(h, arrays)
     h.update(struct.pack("<Q", len(metadata)))
     for key in sorted(metadata):
         _hash_field(h, key.encode("utf-8"))
