@@ -11,6 +11,7 @@ LINEAGE_FILE = "lineage.jsonl"  # the signed, hash-chained lineage ledger
 CHECKPOINTS_DIR = "checkpoints"  # one safetensors file per committed round
 PRIVACY_LEDGER_FILE = "privacy-ledger.json"  # a site's accountant history
 RECEIPTS_FILE = "lineage-receipts.jsonl"  # a site's signed witnesses of the ledger heads it saw
+GRADIENT_CHECKS_FILE = "gradient-checks.json"  # a site's verdicts on Opacus' per-sample gradients
 FLEET_REGISTRY_FILE = "fleet-registry.json"  # which site holds which Flower node, and refusals
 FLOWER_DATABASE = "flower.db"  # the SuperLink's own state
 PROGRESS_FILE = "progress.jsonl"  # a run's committed rounds, for the coordinator to follow
