@@ -19,9 +19,12 @@ from flwr.clientapp import ClientApp
 
 from fedgen.config import SiteConfig, load_toml
 from fedgen.data import DataError, load_dataset
+from fedgen.errors import InputError
 from fedgen.lineage import witness_statement
 from fedgen.lineage.receipts import WitnessError, append_receipt, check_ledger_head, new_receipt
-from fedgen.model import ModelConfig, build_model, resolve_device
+from fedgen.model import resolve_device
+from fedgen.model_config import AnyModelConfig, HFModelConfig, model_config_from_json
+from fedgen.model_source import BaseModelMismatch, LocalBase, build_classifier, sequence_encoder
 from fedgen.params import (
     arrays_to_record,
     digest,
@@ -36,6 +39,7 @@ from fedgen.protocol import (
     BUDGET_REFUSED,
     CONFIG_KEY,
     METRICS_KEY,
+    MODEL_REFUSED,
     SITE_DATA_ERROR,
     SITE_ERROR,
     SITE_KEY,
@@ -43,8 +47,8 @@ from fedgen.protocol import (
     TrainReport,
     site_record,
 )
-from fedgen.tokenizers import make_tokenizer
 
+from .dp_check import CheckKey, PerSampleGradientMismatch, ensure_per_sample_gradients
 from .ledger import BudgetExceeded, PrivacyLedger
 from .trainer import DPSettings, LocalPlan, local_steps, poisson_sample_rate, train_local
 
@@ -72,6 +76,14 @@ def _site_seed(site_id: str, instructions: TrainInstructions) -> int:
     return zlib.crc32(f"{instructions.seed}/{instructions.server_round}/{site_id}".encode())
 
 
+def gradient_check_key(model_config: AnyModelConfig) -> CheckKey:
+    """What the per-sample gradient check depends on: the base and what trains, not the weights."""
+    if isinstance(model_config, HFModelConfig):
+        trained = f"{model_config.finetune} r{model_config.lora_rank} " + ",".join(model_config.target_modules)
+        return CheckKey(model_config.base_digest, trained)
+    return CheckKey("built-in", model_config.to_json())
+
+
 def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDict:
     """Run one local round and build the reply content.
 
@@ -94,12 +106,13 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
             load_certificate(site.tls.ca_certificate),
         )
     dataset = load_dataset(site.data).with_label_names(instructions.label_names)
-    model_config = ModelConfig.from_json(instructions.model_config)
-    tokenizer = make_tokenizer(instructions.tokenizer)
-    ids = tokenizer.encode(dataset.sequences, max_length=model_config.max_len)
+    model_config = model_config_from_json(instructions.model_config)
+    base = LocalBase(site.base_model, site.trust_remote_code) if site.base_model is not None else None
+    encoder = sequence_encoder(model_config, instructions.tokenizer, base)
+    ids = encoder.encode(dataset.sequences, max_length=model_config.max_len)
     labels = torch.tensor(dataset.labels, dtype=torch.long)
 
-    model = build_model(model_config)
+    model = build_classifier(model_config, base)  # refuses a base other than the run's
     load_trainable(model, record_to_arrays(content[ARRAYS_KEY]))
     device = resolve_device(site.device)
 
@@ -111,12 +124,26 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
         learning_rate=instructions.learning_rate,
         seed=_site_seed(site.site_id, instructions),
         proximal_mu=instructions.proximal_mu,
+        precision=site.precision,
     )
     privacy = site.privacy
     sample_rate = poisson_sample_rate(n, batch_size)
     dp = None
     ledger = None
     if privacy.enabled:
+        if site.precision != "fp32":
+            raise InputError(
+                f"precision {site.precision} is refused under DP: fedgen checks per-sample gradients in float32 "
+                'only; set precision = "fp32" or disable privacy'
+            )
+        # Before any budget is spent: DP holds only if per-sample gradients are what Opacus computes.
+        ensure_per_sample_gradients(
+            lambda: build_classifier(model_config, base, deterministic=True),
+            ids,
+            labels,
+            state_dir=site.state_dir,
+            key=gradient_check_key(model_config),
+        )
         ledger = PrivacyLedger.open(site.state_dir, accountant=privacy.accountant, delta=privacy.delta)
         if privacy.noise_multiplier is not None:
             sigma = privacy.noise_multiplier
@@ -211,6 +238,9 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config, tamper: 
         except BudgetExceeded as exc:
             log.warning("site %s: %s", site_id, exc)
             code, reason = BUDGET_REFUSED, str(exc)
+        except (BaseModelMismatch, PerSampleGradientMismatch) as exc:  # their messages name no path
+            log.error("site %s: %s", site_id, exc)
+            code, reason = MODEL_REFUSED, str(exc)
         except WitnessError as exc:  # its message names no path
             log.error("site %s: %s", site_id, exc)
             code, reason = SITE_ERROR, f"refused to witness the round: {exc}"

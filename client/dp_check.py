@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -337,7 +338,7 @@ def _entry_name(identity: dict) -> str:
 
 
 def ensure_per_sample_gradients(
-    model: nn.Module,
+    model: nn.Module | Callable[[], nn.Module],
     ids: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -347,6 +348,9 @@ def ensure_per_sample_gradients(
     grad_sample_mode: str = "hooks",
 ) -> GradientCheck:
     """Return the (cached or fresh) passing check of ``model``; raise if it fails.
+
+    ``model`` may be a function that builds the model: it is called only on a cache miss,
+    so later rounds do not pay for building a second copy of a large model.
 
     On a cache miss the check runs on ``samples`` examples of ``ids``/``labels`` chosen to
     differ in real length where the data allows (padding is where per-sample gradients go
@@ -361,6 +365,8 @@ def ensure_per_sample_gradients(
     check = cache.get(key, grad_sample_mode)
     if check is None:
         chosen = select_samples(ids, samples)
+        if not isinstance(model, nn.Module):
+            model = model()
         check = check_per_sample_gradients(model, ids[chosen], labels[chosen], grad_sample_mode=grad_sample_mode)
         cache.put(key, grad_sample_mode, check)
     if not check.passed:

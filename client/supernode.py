@@ -35,6 +35,7 @@ import httpx
 from fedgen.config import ConfigError, SiteConfig, SiteTLSConfig, load_toml
 from fedgen.errors import OperationFailed
 from fedgen.flower_pin import check_flower_version
+from fedgen.hf.checkpoint import CheckpointError, read_checkpoint
 from fedgen.pki import PKIError, check_key_pair, check_tls_identity, site_id_of
 from fedgen.sovereignty import apply_sovereign_environment
 
@@ -208,6 +209,11 @@ def check_site(site: SiteConfig, source: str) -> SiteTLSConfig:
             raise ConfigError(f"{source}: tls.{field}: file {path} not found")
     if not Path(site.data).exists():
         raise ConfigError(f"{source}: data: {site.data} not found")
+    if site.base_model is not None:
+        try:  # the folder's shape now; its digest against the run's, in each round
+            read_checkpoint(site.base_model)
+        except CheckpointError as exc:
+            raise ConfigError(f"{source}: base_model: {exc}") from None
     try:  # what the aggregator will check, checked here first, with the fix in the message
         certificate = check_tls_identity(site.tls.certificate, site.tls.private_key, site.tls.ca_certificate, "client")
     except PKIError as exc:

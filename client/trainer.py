@@ -6,6 +6,7 @@ accountant from the ledger's history and hands back the accountant's new history
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class LocalPlan:
     learning_rate: float
     seed: int
     proximal_mu: float = 0.0
+    precision: str = "fp32"  # "bf16" or "fp16": autocast, never under DP (the caller refuses it)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ def train_local(
             grad_sample_mode="hooks",
         )
     criterion = nn.CrossEntropyLoss()
+    autocast = _autocast(plan.precision, device)
     losses: list[float] = []
     batches = _cycle(loader)
     for _ in range(plan.steps):
@@ -103,7 +106,8 @@ def train_local(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         if len(x):
-            loss = criterion(trained_module(x), y)
+            with autocast:
+                loss = criterion(trained_module(x), y)
             loss.backward()
             losses.append(loss.item())
         optimizer.step()
@@ -117,6 +121,18 @@ def train_local(
         # The budget check used expected_rate; a different one means the check was wrong.
         raise RuntimeError(f"Opacus sampled at rate {history[-1][1]}, fedgen accounted for {expected_rate}")
     return LocalResult(mean_loss=float(np.mean(losses)) if losses else math.nan, history=history)
+
+
+_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass, as asked; float32 otherwise."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"precision bf16 requested but {device} does not support bfloat16")
+    return torch.autocast(device.type, dtype=_PRECISIONS[precision])
 
 
 def _proximal_step(model: nn.Module, anchor: Mapping[str, torch.Tensor], rate: float) -> None:

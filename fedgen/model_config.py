@@ -112,6 +112,9 @@ class HFModelConfig:
         Of the model as built, for people and the lineage.
     frozen_digest : str or None
         FFA-LoRA: digest of the frozen A factors, which every site must rebuild bit for bit.
+    code_digest : str or None
+        SHA-256 of the modeling code shipped inside the checkpoint (``*.py``), which runs
+        only where an operator opted in with ``trust_remote_code``; None if it ships none.
     """
 
     architecture: str
@@ -128,6 +131,7 @@ class HFModelConfig:
     total_parameters: int = 0
     trainable_parameters: int = 0
     frozen_digest: str | None = None
+    code_digest: str | None = None
     kind: str = "hf"
 
     def __post_init__(self) -> None:

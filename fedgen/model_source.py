@@ -105,6 +105,7 @@ def resolve_model_config(
         lora_alpha=training.lora_alpha,
         lora_dropout=training.lora_dropout,
         seed=training.seed,
+        code_digest=checkpoint.code_digest,
     )
     if finetune != "full":
         targets = tuple(training.lora_target_modules)

@@ -27,6 +27,9 @@ BUDGET_REFUSED = 1001
 SITE_DATA_ERROR = 1002
 # Custom error code of any other failure on a site; details stay in the site's own log.
 SITE_ERROR = 1003
+# Custom error code of a site that refuses to train the run's model: its own copy of the
+# base differs from the run's, or per-sample gradients fail the check DP depends on.
+MODEL_REFUSED = 1004
 
 # The lineage ledger notice a round's instructions carry (absent when the run keeps no lineage).
 LEDGER_NOTICE_KEYS = {

@@ -11,7 +11,8 @@ from fedgen import atomic
 
 SiteStatus = Literal["trained", "refused", "rejected", "failed"]
 """How a site took part in a round: it trained (its update was aggregated), it refused
-(its privacy budget would be exceeded), its update was rejected (digest, signature, shape
+(its privacy budget would be exceeded, or it would not train the run's model: another base
+checkpoint, or per-sample gradients that fail fedgen's DP check), its update was rejected (digest, signature, shape
 or norm checks), or it failed (an error, or no reply within the round timeout)."""
 
 
@@ -63,6 +64,7 @@ class RunResult:
     out_dir: str
     config: dict
     lineage: str | None = None  # the signed ledger the run was recorded in
+    model: dict | None = None  # `fedgen.model_source.model_summary`: source, architecture, sizes, base digest
 
     @property
     def final_accuracy(self) -> float:
@@ -93,12 +95,13 @@ class RunResult:
         return series
 
     def summary(self) -> dict:
-        """The `--json` object: ``rounds`` [{round, accuracy, loss, epsilon}], ``final_accuracy``."""
+        """The `--json` object: ``rounds`` [{round, accuracy, loss, epsilon}], ``final_accuracy``, ``model``."""
         return {
             "rounds": [
                 {"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "epsilon": r.epsilon} for r in self.rounds
             ],
             "final_accuracy": self.final_accuracy,
+            "model": self.model,
         }
 
     @classmethod
@@ -109,6 +112,7 @@ class RunResult:
             out_dir=data["out_dir"],
             config=data["config"],
             lineage=data.get("lineage"),
+            model=data.get("model"),
         )
 
     def to_dict(self) -> dict:

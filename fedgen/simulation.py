@@ -21,14 +21,14 @@ from . import pki
 from .config import LineageSigningConfig, PrivacyConfig, SiteConfig, TrainingConfig, load_toml, write_toml
 from .data import SequenceDataset, bundled_data_dir, load_bundled, load_dataset, train_test_split
 from .errors import FedgenError, InputError, OperationFailed
-from .model import ModelConfig, preset_config
+from .model_config import AnyModelConfig
+from .model_source import checkpoint_folder, resolve_model_config
 from .params import arrays_to_record, digest, record_to_arrays
 from .partition import SCHEMES, partition
 from .protocol import ARRAYS_KEY, SITE_KEY
 from .results import RoundResult, RunResult
 from .sovereignty import apply_sovereign_environment, ray_without_api_server
 from .state_files import LINEAGE_FILE, RESULT_FILE
-from .tokenizers import make_tokenizer
 
 DEFAULTS = TrainingConfig()
 TEST_FRACTION = 0.15
@@ -96,6 +96,11 @@ def simulate(
     max_grad_norm: float = PrivacyConfig().max_grad_norm,
     model: str = DEFAULTS.model,
     tokenizer: str = DEFAULTS.tokenizer,
+    finetune: str = DEFAULTS.finetune,
+    lora_rank: int = DEFAULTS.lora_rank,
+    lora_alpha: float = DEFAULTS.lora_alpha,
+    lora_target_modules: list[str] | None = None,
+    trust_remote_code: bool = False,
     local_epochs: float = DEFAULTS.local_epochs,
     batch_size: int = DEFAULTS.batch_size,
     learning_rate: float = DEFAULTS.learning_rate,
@@ -112,6 +117,14 @@ def simulate(
     ----------
     data : path, optional
         CSV/TSV, FASTA or Genomic Benchmarks folder; default the bundled promoter set.
+    model : str
+        A built-in preset (``nano`` ... ``large``) or a local Hugging Face checkpoint folder,
+        which every virtual site and the aggregator load (offline) as their base.
+    finetune : {"auto", "full", "lora", "ffa-lora"}
+        What trains and travels; ``auto`` is full for presets, LoRA for a checkpoint
+        (``lora_rank``, ``lora_alpha``, ``lora_target_modules``: the adapters).
+    trust_remote_code : bool
+        Run modeling code shipped inside the checkpoint (every virtual site opts in).
     epsilon : float or None
         Each site's ε ceiling; ``None`` trains without differential privacy.
     partition_scheme : {"iid", "label-skew", "dirichlet"}
@@ -143,6 +156,11 @@ def simulate(
             learning_rate=learning_rate,
             model=model,
             tokenizer=tokenizer,
+            finetune=finetune,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=list(lora_target_modules or []),
+            trust_remote_code=trust_remote_code,
             seed=seed,
         )
         privacy = PrivacyConfig(
@@ -152,7 +170,6 @@ def simulate(
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
         )
-        token_ids = make_tokenizer(tokenizer)
         tamper = Adversaries(adversaries) if adversaries else None
         unknown = sorted(set(adversaries or {}) - {f"site-{i}" for i in range(sites)})
         if unknown:
@@ -160,13 +177,8 @@ def simulate(
         train, test = split_for_simulation(data, seed)
         shares = partition(train.labels, sites, partition_scheme, seed, alpha=alpha)
         longest = max(len(s) for s in (*train.sequences, *test.sequences))
-        model_config = preset_config(
-            model,
-            vocab_size=token_ids.vocab_size,
-            max_len=token_ids.token_length(longest),
-            num_labels=len(train.label_names),
-            pad_id=token_ids.pad_id,
-        )
+        base_model = checkpoint_folder(model)
+        model_config = resolve_model_config(model, training, num_labels=len(train.label_names), max_bases=longest)
     except FedgenError:
         raise
     except ValueError as exc:
@@ -179,7 +191,8 @@ def simulate(
     # Absolute: Ray's workers load the site configs, and result.json names files, from anywhere.
     out_dir = Path(os.path.abspath(out)) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-sim-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    site_tomls = write_sites(train, shares, out_dir / "sites", privacy, device)
+    site_base = {"base_model": base_model, "trust_remote_code": trust_remote_code} if base_model else {}
+    site_tomls = write_sites(train, shares, out_dir / "sites", privacy, device, extra=lambda _: site_base)
     config_summary = {
         "data": os.path.abspath(data) if data is not None else str(bundled_data_dir()),
         "sites": sites,
@@ -194,6 +207,7 @@ def simulate(
     result = _run(
         training,
         model_config,
+        base_model,
         train.label_names,
         site_tomls,
         test,
@@ -210,7 +224,8 @@ def simulate(
 
 def _run(
     training: TrainingConfig,
-    model_config: ModelConfig,
+    model_config: AnyModelConfig,
+    base_model: Path | None,
     label_names: tuple[str, ...],
     site_tomls: list[Path],
     test: SequenceDataset,
@@ -232,6 +247,7 @@ def _run(
     plan = RunPlan(
         training=training,
         model=model_config,
+        base_model=base_model,
         label_names=list(label_names),
         num_sites=len(site_tomls),
         out_dir=out_dir,

@@ -39,12 +39,16 @@ NO_PHONE_HOME = {
     # Ray's single-machine mode (its default on macOS and Windows): loopback only, no
     # 8.8.8.8 route probe. A simulation never spans machines.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Hugging Face: models and tokenizers load from the site's own folders, never a hub.
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
 }
 # Packages that read a switch once, when imported (one imported before fedgen set the
 # switch read whatever the environment held then), and what they do if it was unset.
 READ_AT_IMPORT = {
     "flwr": ("FLWR_TELEMETRY_ENABLED", "Flower sends telemetry to telemetry.flower.ai"),
     "ray": ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "Ray probes a route to 8.8.8.8 and serves on this machine's address"),
+    "huggingface_hub": ("HF_HUB_OFFLINE", "the Hugging Face Hub client may call huggingface.co"),
 }
 TOO_LATE = (
     "{packages} imported before fedgen, without fedgen's no-phone-home switches: in this process "

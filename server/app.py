@@ -22,7 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedgen.data import SequenceDataset, load_dataset
 from fedgen.lineage import LineageWriter
 from fedgen.lineage.records import Resumes
-from fedgen.model import build_model, resolve_device
+from fedgen.model import resolve_device
+from fedgen.model_source import LocalBase, build_classifier, model_summary, sequence_encoder
 from fedgen.params import arrays_to_record, to_numpy, trainable_tensors
 from fedgen.pki import load_certificate, load_crl, load_private_key, revocation_time
 from fedgen.protocol import TrainInstructions
@@ -31,7 +32,6 @@ from fedgen.state_files import FAILURE_FILE, PROGRESS_FILE, RESULT_FILE
 from fedgen.strategies.recorder import QuorumNotMet, RecordingStrategy, SitesMissing, SiteTrust
 from fedgen.strategies.registry import make_strategy
 from fedgen.strategies.validation import UpdatePolicy
-from fedgen.tokenizers import make_tokenizer
 
 from .checkpoints import checkpoint_digest, load_checkpoint
 from .commit import RoundCallback, RoundCommitter
@@ -89,13 +89,14 @@ def _run_rounds(
     writer: LineageWriter | None,
 ) -> RunResult:
     training = plan.training
-    model = build_model(plan.model, seed=training.seed)
+    base = LocalBase(plan.base_model, training.trust_remote_code) if plan.base_model is not None else None
+    model = build_classifier(plan.model, base, seed=training.seed)
     device = resolve_device("auto")
     evaluate_set = None
     if eval_data is not None:
-        tokenizer = make_tokenizer(training.tokenizer)
+        encoder = sequence_encoder(plan.model, training.tokenizer, base)
         evaluate_set = (
-            tokenizer.encode(eval_data.sequences, max_length=plan.model.max_len),
+            encoder.encode(eval_data.sequences, max_length=plan.model.max_len),
             torch.tensor(eval_data.labels, dtype=torch.long),
         )
     registry = plan.fleet_registry  # deployment: who holds which node
@@ -172,6 +173,7 @@ def _run_rounds(
         out_dir=str(plan.out_dir),
         config=plan.config_summary,
         lineage=str(plan.lineage.ledger) if plan.lineage else None,
+        model=model_summary(plan.model, training.model, model),
     )
 
 

@@ -30,10 +30,10 @@ from fedgen.config import (
     load_toml,
 )
 from fedgen.data import DataError, load_dataset
-from fedgen.errors import OperationFailed
+from fedgen.errors import FedgenError, OperationFailed
 from fedgen.lineage import LineageError, read_records
 from fedgen.lineage.records import RoundCommitted, RunFinished, RunStarted, records_of
-from fedgen.model_config import preset_config
+from fedgen.model_source import checkpoint_folder, resolve_model_config
 from fedgen.results import RoundResult, RunResult
 from fedgen.sovereignty import sovereign_environment
 from fedgen.state_files import (
@@ -45,7 +45,6 @@ from fedgen.state_files import (
     PROGRESS_FILE,
     RESULT_FILE,
 )
-from fedgen.tokenizers import make_tokenizer
 
 from .fleet_registry import FleetRegistry
 from .plan import (
@@ -120,17 +119,19 @@ def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, RunPlan]:
         Naming the file and field at fault, before anything is submitted.
     """
     aggregator = load_toml(run.aggregator, AggregatorConfig)
+    # A checkpoint folder named in run.toml is relative to run.toml, like its other paths.
+    relative_to = Path(source).absolute().parent
     try:
-        tokenizer = make_tokenizer(run.training.tokenizer)
-        model_config = preset_config(
+        base_model = checkpoint_folder(run.training.model, relative_to)
+        model_config = resolve_model_config(
             run.training.model,
-            vocab_size=tokenizer.vocab_size,
-            max_len=tokenizer.token_length(run.max_length),
+            run.training,
             num_labels=len(run.labels),
-            pad_id=tokenizer.pad_id,
+            max_bases=run.max_length,
+            relative_to=relative_to,
         )
-    except ValueError as exc:
-        raise ConfigError(f"{source}: training: {exc}") from None
+    except (ValueError, FedgenError) as exc:
+        raise ConfigError(f"{source}: training.model: {exc}") from None
     if run.eval_data is not None:
         try:
             load_dataset(run.eval_data).with_label_names(run.labels)
@@ -142,6 +143,7 @@ def plan_run(run: RunConfig, source: str) -> tuple[AggregatorConfig, RunPlan]:
     plan = RunPlan(
         training=run.training,
         model=model_config,
+        base_model=base_model,
         label_names=list(run.labels),
         num_sites=run.sites,
         out_dir=state / "runs" / stamp,

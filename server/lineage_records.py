@@ -83,7 +83,7 @@ def run_started(
     """The start of a run, with the software that runs it."""
     return RunStarted(
         config=config,
-        training=training,
+        training=TrainingConfig.model_validate(training.model_dump()),  # every setting, defaults included
         model_config=json.loads(model_config.to_json()),
         labels=list(labels),
         sites=sites,

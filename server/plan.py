@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import Field
 
 from fedgen.config import AggregatorTLSConfig, ConfigPath, LineageSigningConfig, StrictModel, TrainingConfig
-from fedgen.model_config import ModelConfig
+from fedgen.model_config import HFModelConfig, ModelConfig
 from fedgen.state_files import CHECKPOINTS_DIR
 
 # The run's folder: what the coordinator writes and what the ServerApp leaves there.
@@ -44,11 +44,13 @@ class RunPlan(StrictModel):
     ``tls`` (deployment): the consortium CA and CRL that site signatures are checked
     against; ``fleet_registry``: which site holds which node; ``eval_data``: the path
     of the aggregator's held-out set, which the ServerApp loads; ``resume``: continue
-    an interrupted run after its last committed round.
+    an interrupted run after its last committed round; ``base_model``: the aggregator's
+    own copy of the checkpoint a Hugging Face ``model`` is pinned to.
     """
 
     training: TrainingConfig
-    model: ModelConfig
+    model: ModelConfig | HFModelConfig = Field(union_mode="left_to_right")
+    base_model: ConfigPath | None = None  # the aggregator's copy of a Hugging Face base
     label_names: list[str]
     num_sites: int = Field(ge=1)
     out_dir: ConfigPath

@@ -30,6 +30,7 @@ from fedgen.protocol import (
     ARRAYS_KEY,
     BUDGET_REFUSED,
     METRICS_KEY,
+    MODEL_REFUSED,
     SITE_KEY,
     LedgerNotice,
     ProtocolError,
@@ -242,7 +243,7 @@ class RecordingStrategy(Strategy):
         if reply.has_error():
             site = self._name(node)
             reason = reply.error.reason or f"error code {reply.error.code}"
-            if reply.error.code == BUDGET_REFUSED:
+            if reply.error.code in (BUDGET_REFUSED, MODEL_REFUSED):
                 return SiteOutcome(site, "refused", reason)
             return SiteOutcome(site, "failed", reason)
         content = reply.content

@@ -99,3 +99,40 @@ def process_tree(monkeypatch) -> ProcessTree:
     tree = ProcessTree.new()
     monkeypatch.setenv(MARK_VARIABLE, tree.mark)
     return tree
+
+
+@pytest.fixture(scope="session")
+def hf_bases(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random checkpoints of real architectures, built once per session: ``esm``
+    (Nucleotide Transformer shape), ``bert`` (DNABERT shape), ``esm-other`` (another seed:
+    another base digest) and ``mixing`` (remote code whose forward mixes samples)."""
+    from fedgen.hf.random import bert_checkpoint, esm_checkpoint
+
+    from .hf_checkpoints import mixing_checkpoint
+
+    root = tmp_path_factory.mktemp("hf-bases")
+    esm = esm_checkpoint(root / "esm")
+    return {
+        "esm": esm,
+        "bert": bert_checkpoint(root / "bert"),
+        "esm-other": esm_checkpoint(root / "esm-other", seed=1),
+        "mixing": mixing_checkpoint(root / "mixing", tokenizer_from=esm),
+    }
+
+
+def model_message(model_config, model, *, tokenizer: str = "", batch_size: int = 16) -> RecordDict:
+    """The train message an aggregator sends for ``model`` (built from ``model_config``)."""
+    instructions = TrainInstructions(
+        server_round=1,
+        num_rounds=1,
+        model_config=model_config.to_json(),
+        tokenizer=tokenizer,
+        label_names=["0", "1"],
+        local_epochs=1.0,
+        batch_size=batch_size,
+        learning_rate=1e-3,
+        seed=0,
+    )
+    return RecordDict(
+        {ARRAYS_KEY: arrays_to_record(to_numpy(trainable_tensors(model))), CONFIG_KEY: instructions.to_record()}
+    )

@@ -31,7 +31,24 @@ app.add_typer(model_app, name="model")
 
 DEFAULTS = TrainingConfig()
 Strategy = Enum("Strategy", {name: name for name in STRATEGY_NAMES}, type=str)
-Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
+Finetune = Enum("Finetune", {name: name for name in ("auto", "full", "lora", "ffa-lora")}, type=str)
+
+MODEL_OPTION = typer.Option(
+    DEFAULTS.model,
+    "--model",
+    help=f"A built-in preset ({', '.join(PRESETS)}) or a local Hugging Face model folder (loaded offline).",
+)
+FINETUNE_OPTION = typer.Option(
+    DEFAULTS.finetune, "--finetune", help="What trains and travels: auto = full for presets, lora for a checkpoint."
+)
+LORA_RANK_OPTION = typer.Option(DEFAULTS.lora_rank, "--lora-rank", min=1, help="LoRA adapter rank.")
+LORA_ALPHA_OPTION = typer.Option(DEFAULTS.lora_alpha, "--lora-alpha", min=0.0, help="LoRA scaling alpha.")
+LORA_TARGETS_OPTION = typer.Option(
+    None, "--lora-target", help="Module LoRA wraps (repeatable; default: the architecture's attention query, value)."
+)
+TRUST_CODE_OPTION = typer.Option(
+    False, "--trust-remote-code", help="Run modeling code shipped inside the checkpoint folder (explicit opt-in)."
+)
 
 
 class Partition(str, Enum):
@@ -106,7 +123,12 @@ def simulate(
     noise_multiplier: float = typer.Option(
         None, "--noise-multiplier", min=0.0, help="Fixed DP noise multiplier instead of calibrating to ε."
     ),
-    model: Preset = typer.Option(DEFAULTS.model, "--model", help="Built-in model preset."),
+    model: str = MODEL_OPTION,
+    finetune: Finetune = FINETUNE_OPTION,
+    lora_rank: int = LORA_RANK_OPTION,
+    lora_alpha: float = LORA_ALPHA_OPTION,
+    lora_target: list[str] = LORA_TARGETS_OPTION,
+    trust_remote_code: bool = TRUST_CODE_OPTION,
     tokenizer: str = typer.Option(
         DEFAULTS.tokenizer, "--tokenizer", help="nucleotide, kmerK (non-overlapping) or kmerKsS (stride S)."
     ),
@@ -144,8 +166,13 @@ def simulate(
             alpha=alpha,
             epsilon=None if no_dp else epsilon,
             noise_multiplier=noise_multiplier,
-            model=model.value,
+            model=model,
             tokenizer=tokenizer,
+            finetune=finetune.value,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=lora_target,
+            trust_remote_code=trust_remote_code,
             local_epochs=local_epochs,
             batch_size=batch_size,
             learning_rate=lr,
@@ -287,10 +314,28 @@ def demo(
     out: Path = typer.Option(
         None, "--out", help="Where certificates, configs, logs and checkpoints go (default: a new temporary folder)."
     ),
+    model: str = MODEL_OPTION,
+    finetune: Finetune = FINETUNE_OPTION,
+    lora_rank: int = LORA_RANK_OPTION,
+    lora_alpha: float = LORA_ALPHA_OPTION,
+    lora_target: list[str] = LORA_TARGETS_OPTION,
+    trust_remote_code: bool = TRUST_CODE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
 ) -> None:
     """A consortium on this machine: CA, aggregator and sites as real processes over mutual TLS."""
     from .demo import run_demo
+
+    try:
+        training = TrainingConfig(
+            model=model,
+            finetune=finetune.value,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=list(lora_target or []),
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as exc:
+        fail(str(exc))
 
     with contextlib.redirect_stdout(sys.stderr):
         result = run_demo(
@@ -299,6 +344,7 @@ def demo(
             epsilon=epsilon,
             seed=seed,
             out=out,
+            training=training,
             on_round=_report_round,
             on_event=lambda m: err.print(m, highlight=False, soft_wrap=True),
         )

@@ -27,6 +27,7 @@ from ..config import (
 )
 from ..data import bundled_data_dir, load_bundled
 from ..errors import InputError
+from ..model_source import checkpoint_folder
 from ..partition import partition
 from ..processes import ProcessGroup, free_port, sigterm_as_interrupt, wait_for_port
 from ..results import RoundResult, RunResult
@@ -50,8 +51,16 @@ def loopback_aggregator(layout: pki.ConsortiumLayout, state_dir: Path) -> Aggreg
     )
 
 
-def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed: int) -> tuple[Path, list[Path], Path]:
-    """Certificates, data shares and configs of a loopback consortium; (aggregator, sites, run) tomls."""
+def write_consortium(
+    out: Path, *, sites: int, rounds: int, epsilon: float, seed: int, training: TrainingConfig | None = None
+) -> tuple[Path, list[Path], Path]:
+    """Certificates, data shares and configs of a loopback consortium; (aggregator, sites, run) tomls.
+
+    ``training`` (default: the defaults) names the model; a checkpoint folder is every
+    site's base too (on one machine they share it; in a consortium each holds its copy).
+    """
+    training = (training or TrainingConfig()).model_copy(update={"rounds": rounds, "seed": seed})
+    base_model = checkpoint_folder(training.model)
     certs = out / "certs"
     pki.init_consortium(certs, "fedgen-demo", days=8)  # outlives the 7-day certificates it issues
     pki.issue_aggregator(certs, ["127.0.0.1", "localhost"], days=7)
@@ -67,6 +76,7 @@ def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed
         site_id = f"site-{index}"
         pki.issue_site(certs, site_id, days=7)
         return {
+            **({"base_model": base_model, "trust_remote_code": training.trust_remote_code} if base_model else {}),
             "aggregator": f"127.0.0.1:{fleet_port}",
             "runtime_port": free_port(),
             "tls": SiteTLSConfig(
@@ -85,7 +95,7 @@ def write_consortium(out: Path, *, sites: int, rounds: int, epsilon: float, seed
         labels=list(train.label_names),
         max_length=max(len(s) for s in train.sequences),
         eval_data=bundled_data_dir() / "test.csv",
-        training=TrainingConfig(rounds=rounds, seed=seed),
+        training=training.model_copy(update={"model": str(base_model)}) if base_model else training,
     )
     run_toml = write_toml(run, out / "run.toml")
     return aggregator_toml, site_tomls, run_toml
@@ -98,10 +108,15 @@ def run_demo(
     epsilon: float = 8.0,
     seed: int = 0,
     out: Path | None = None,
+    training: TrainingConfig | None = None,
     on_round: Callable[[RoundResult], None] | None = None,
     on_event: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Start a loopback consortium, run ``rounds`` DP rounds, stop everything, return the result."""
+    """Start a loopback consortium, run ``rounds`` DP rounds, stop everything, return the result.
+
+    ``training`` chooses the model and its fine-tuning (`TrainingConfig`); rounds and seed
+    come from the arguments.
+    """
     from fedgen.config import load_toml
     from fedgen.server.coordinator import follow, submit
 
@@ -111,7 +126,7 @@ def run_demo(
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="fedgen-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     aggregator_toml, site_tomls, run_toml = write_consortium(
-        out, sites=sites, rounds=rounds, epsilon=epsilon, seed=seed
+        out, sites=sites, rounds=rounds, epsilon=epsilon, seed=seed, training=training
     )
     aggregator = load_toml(aggregator_toml, AggregatorConfig)
     (out / "logs").mkdir()

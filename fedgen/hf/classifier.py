@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -62,6 +63,10 @@ def load_sequence_classifier(
 ) -> nn.Module:
     """The checkpoint as transformers' AutoModelForSequenceClassification, offline.
 
+    The model's ``fedgen_new_modules`` names the modules the checkpoint holds no weights
+    for (a new classification head; BERT's pooler in a masked-LM checkpoint): they start
+    from the seeded initialisation and must train, and travel, with the head.
+
     Raises
     ------
     CheckpointError
@@ -86,16 +91,20 @@ def load_sequence_classifier(
         )
         if deterministic:
             _dropout_free(config)
-        return AutoModelForSequenceClassification.from_pretrained(
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
             str(folder),
             config=config,
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=True,
             dtype=torch.float32,
+            output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{folder}: transformers cannot build a sequence classifier from it ({exc})") from None
+    missing = set(loading.get("missing_keys", ())) | {key for key, *_ in loading.get("mismatched_keys", ())}
+    model.fedgen_new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
+    return model
 
 
 class HFClassifier(nn.Module):
@@ -135,15 +144,20 @@ def apply_finetuning(model: nn.Module, config: HFModelConfig) -> nn.Module:
         return model
     from peft import LoraConfig, TaskType, get_peft_model
 
+    # peft keeps the head ("classifier"/"score") trainable for SEQ_CLS; other new modules join it.
+    new_modules = [m for m in getattr(model, "fedgen_new_modules", []) if not m.startswith(("classifier", "score"))]
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,  # keeps the classification head trainable (modules_to_save)
+        task_type=TaskType.SEQ_CLS,
+        modules_to_save=new_modules or None,
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=list(config.target_modules),
     )
     try:
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():  # peft asks transformers a question it has deprecated
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = get_peft_model(model, lora)
     except ValueError as exc:
         raise CheckpointError(f"LoRA target modules {list(config.target_modules)}: {exc}") from None
     if config.finetune == "ffa-lora":

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_serializer
 
 from fedgen.config import StrictModel, TrainingConfig, describe_validation_error
 
@@ -127,9 +127,10 @@ class RunStarted(Body):
     """A run began (or continued an interrupted one: ``resumes``).
 
     ``config`` is what the run was started from (free-form: a simulation's or a run
-    config's summary); ``architecture`` the model's configuration (`fedgen.model.ModelConfig`
-    as JSON), the record's ``model_config`` member, named apart from pydantic's
-    ``model_config``; ``versions`` the software versions and ``code_digest`` a SHA-256
+    config's summary); ``architecture`` the model's configuration (`fedgen.model_config.ModelConfig`
+    or, for a Hugging Face base, `HFModelConfig`, whose base digest, architecture and
+    parameter counts tell an auditor which base every adapter belongs to), the record's
+    ``model_config`` member, named apart from pydantic's ``model_config``; ``versions`` the software versions and ``code_digest`` a SHA-256
     over fedgen's source.
     """
 
@@ -145,6 +146,12 @@ class RunStarted(Body):
     versions: dict[str, str]
     code_digest: Digest
     resumes: Resumes | None
+
+    @field_serializer("training")
+    def _training_as_written(self, training: TrainingConfig) -> dict[str, Any]:
+        # The settings the record was written with, no more: a ledger written before a
+        # setting existed reads back to the bytes it was hashed as. New records set all.
+        return training.model_dump(exclude_unset=True)
 
 
 class RoundCommitted(RoundEvent):
