@@ -1,8 +1,11 @@
 """Human oversight before a model is used: approving a committed round and exporting it.
 
 An approval is a signed ``model_approved`` record in the lineage ledger; an export is the
-round's checkpoint with its configuration and a model card that cites the ledger's head
-hash, each site's privacy spend and the approval. Export refuses an unapproved round
+round's model with its configuration and a model card that cites the ledger's head
+hash, each site's privacy spend and the approval. A built-in model exports as its
+checkpoint; a model fine-tuned from a Hugging Face base exports, from the exporter's own
+copy of that base (checked against the pinned digest), as peft adapters or as one merged
+transformers model (`fedgen.hf.release`). Export refuses an unapproved round
 unless told otherwise, and always refuses a ledger that does not verify or a copied
 checkpoint whose model digest (tensors and header, model config included) is not the one
 the ledger commits.
@@ -24,7 +27,10 @@ from . import atomic
 from .errors import FedgenError
 from .lineage import LineageError, LineageWriter, read_records, verify
 from .lineage.records import ModelApproved, Record, RoundCommitted, RunStarted, records_of
+from .model_config import HFModelConfig
 from .params import model_file_digest, read_model_file
+
+RELEASE_FILE = "fedgen-release.json"  # beside a Hugging Face export, whose config.json is transformers'
 
 
 class ReleaseError(FedgenError, ValueError):
@@ -115,8 +121,14 @@ def export_model(
     allow_unapproved: bool = False,
     ca_certificate: x509.Certificate | None = None,
     crl: x509.CertificateRevocationList | None = None,
+    fmt: str = "adapters",
+    base: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write weights, configuration and a model card for a committed round into ``out``.
+
+    A run that fine-tuned a Hugging Face base needs ``base``, this side's copy of it, and
+    is written in ``fmt`` (``"adapters"`` or ``"merged"``).
 
     ``out`` is written whole or not at all: the files go to a temporary folder beside it,
     which is renamed to ``out`` once the copied weights' model digest checked out.
@@ -140,13 +152,25 @@ def export_model(
     staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
     staging.mkdir()
     try:
-        _write_release(staging, checkpoint, entry, approvals, privacy_spend(ledger, entry), report.head_hash)
+        release = _HFRelease(fmt, base, trust_remote_code) if _is_hf(entry) else None
+        _write_release(staging, checkpoint, entry, approvals, privacy_spend(ledger, entry), report.head_hash, release)
         os.replace(staging, out)  # over a missing or empty folder
         atomic.fsync_directory(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+@dataclass(frozen=True)
+class _HFRelease:
+    fmt: str
+    base: Path | None
+    trust_remote_code: bool
+
+
+def _is_hf(entry: RoundEntry) -> bool:
+    return entry.run_started.body.architecture.get("kind") == "hf"
 
 
 def _write_release(
@@ -156,14 +180,15 @@ def _write_release(
     approvals: list[Record[ModelApproved]],
     spend: dict[str, dict[str, float]],
     head_hash: str | None,
+    release: _HFRelease | None,
 ) -> None:
     model_out, started = entry.record.body.model_out, entry.run_started.body
-    weights = folder / "model.safetensors"
-    with atomic.replacing(weights) as temporary:
+    copied = folder / ("round.safetensors" if release else "model.safetensors")
+    with atomic.replacing(copied) as temporary:
         shutil.copyfile(checkpoint, temporary)
     try:
-        copied_digest = model_file_digest(weights)
-        _, metadata = read_model_file(weights)
+        copied_digest = model_file_digest(copied)
+        arrays, metadata = read_model_file(copied)
     except ValueError as exc:
         raise ReleaseError(str(exc)) from None
     if copied_digest != model_out.digest:
@@ -183,21 +208,46 @@ def _write_release(
         "round": entry.round,
         "lineage_head": head_hash,
     }
-    atomic.write_text(folder / "config.json", json.dumps(config, indent=2))
-    atomic.write_text(folder / "MODEL_CARD.md", model_card(entry, approvals, spend, head_hash))
+    if release is not None:
+        copied.unlink()  # the round's tensors go out in the format asked for
+        _write_hf_model(folder, HFModelConfig(**model_config), arrays, started.labels, release)
+        config["format"] = release.fmt
+    atomic.write_text(folder / (RELEASE_FILE if release else "config.json"), json.dumps(config, indent=2))
+    atomic.write_text(folder / "MODEL_CARD.md", model_card(entry, approvals, spend, head_hash, release))
+
+
+def _write_hf_model(folder: Path, config: HFModelConfig, arrays: dict, labels: list[str], release: _HFRelease) -> None:
+    from .hf.release import write_hf_release
+    from .model_source import LocalBase
+
+    if release.base is None:
+        raise ReleaseError(
+            f"this run fine-tuned a Hugging Face base ({config.architecture}, digest {config.base_digest[:16]}…): "
+            "name your copy of it with --base"
+        )
+    write_hf_release(folder, config, LocalBase(release.base, release.trust_remote_code), arrays, labels, release.fmt)
 
 
 def model_card(
-    entry: RoundEntry, approvals: list[Record[ModelApproved]], spend: dict[str, dict[str, float]], head_hash: str | None
+    entry: RoundEntry,
+    approvals: list[Record[ModelApproved]],
+    spend: dict[str, dict[str, float]],
+    head_hash: str | None,
+    release: _HFRelease | None = None,
 ) -> str:
     body, started = entry.record.body, entry.run_started.body
+    model_lines = (
+        _base_lines(started.architecture, release.fmt, started.labels)
+        if release is not None
+        else [_builtin_line(started)]
+    )
     lines = [
         f"# Model card: run {entry.run_id}, round {entry.round}",
         "",
         f"- Model digest (SHA-256 of the named tensors and the checkpoint metadata): `{body.model_out.digest}`",
         f"- Lineage head hash at export: `{head_hash}`",
         f"- Round record hash: `{entry.record.hash}`",
-        f"- Model: {started.training.model} ({started.training.tokenizer}), labels {started.labels}",
+        *model_lines,
         f"- Strategy: {started.strategy.name}, {started.training.rounds} rounds planned",
         "- Software: " + ", ".join(f"{k} {v}" for k, v in started.versions.items()),
         f"- Held-out accuracy at this round: {body.metrics.get('accuracy')}",
@@ -220,3 +270,23 @@ def model_card(
     if not spend:
         lines.append("| (no site trained under DP) | | |")
     return "\n".join(lines) + "\n"
+
+
+def _builtin_line(started: RunStarted) -> str:
+    return f"- Model: {started.training.model} ({started.training.tokenizer}), labels {started.labels}"
+
+
+def _base_lines(base: dict, fmt: str, labels: list[str]) -> list[str]:
+    """The model card's lines on a Hugging Face base and what was fine-tuned of it."""
+    tuned = f"- Fine-tuning: {base['finetune']}"
+    if base["finetune"] != "full":
+        tuned += f" (rank {base['lora_rank']} on {', '.join(base['target_modules'])})"
+    lines = [
+        f"- Base model: {base['architecture']}, digest `{base['base_digest']}` "
+        f"({base['total_parameters']:,} parameters; the base never left any site)",
+        f"{tuned}, {base['trainable_parameters']:,} trainable parameters; exported as {fmt}",
+        f"- Labels: {labels}",
+    ]
+    if base.get("code_digest"):
+        lines.append(f"- Modeling code shipped with the base: digest `{base['code_digest']}`")
+    return lines

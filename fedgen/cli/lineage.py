@@ -301,6 +301,15 @@ def export_command(
     crl: Path = CRL,
     checkpoints: Path = CHECKPOINTS,
     allow_unapproved: bool = typer.Option(False, "--allow-unapproved", help="Export without an approval."),
+    fmt: str = typer.Option(
+        "adapters", "--format", help="Hugging Face runs: adapters (peft, for the same base) or merged (standalone)."
+    ),
+    base: Path = typer.Option(
+        None, "--base", help="Hugging Face runs: your copy of the base checkpoint (checked against its digest)."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Run modeling code shipped inside the base checkpoint."
+    ),
 ) -> None:
     """Export a round's model with a model card (refuses unapproved rounds by default)."""
     files = _files(ledger, config, cert, ca, checkpoints, crl=crl)
@@ -317,5 +326,8 @@ def export_command(
         allow_unapproved=allow_unapproved,
         ca_certificate=ca_certificate,
         crl=revocations,
+        fmt=fmt,
+        base=base,
+        trust_remote_code=trust_remote_code,
     )
-    print(f"exported to {path}: model.safetensors, config.json, MODEL_CARD.md")
+    print(f"exported to {path}: " + ", ".join(sorted(p.name for p in path.iterdir())))

@@ -39,7 +39,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from fedgen.errors import InputError
@@ -108,7 +107,7 @@ def write_hf_release(
     classifier.eval()
     model = classifier.model
     if fmt == "adapters":
-        _save_adapters(folder, model, config, base)
+        _save_adapters(folder, model, config)
     else:
         merged = model.merge_and_unload() if config.finetune != "full" else model
         _save_merged(folder, merged, config, labels)
@@ -138,17 +137,11 @@ def _save_merged(folder: Path, model: nn.Module, config: HFModelConfig, labels: 
     model.save_pretrained(str(folder), safe_serialization=True)
 
 
-def _save_adapters(folder: Path, model: nn.Module, config: HFModelConfig, base: LocalBase) -> None:
-    from peft.utils.other import set_additional_trainable_modules
-
-    peft_config = model.peft_config[_ADAPTER]
-    seeded = _seeded_modules(config, base, model)
-    if seeded:
-        # Not in the base checkpoint, so a fresh load would draw them anew: ship them.
-        peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *seeded]
-        set_additional_trainable_modules(model, peft_config, model.get_base_model().config, _ADAPTER)
+def _save_adapters(folder: Path, model: nn.Module, config: HFModelConfig) -> None:
+    # Modules the base checkpoint lacks (BERT's pooler) already train, and save, with the
+    # head (`fedgen.hf.classifier.apply_finetuning`), so the reload does not draw them anew.
     _name_base(model.get_base_model(), config)
-    peft_config.base_model_name_or_path = base_reference(config)
+    model.peft_config[_ADAPTER].base_model_name_or_path = base_reference(config)
     # False: peft's "auto" looks the base up on the Hugging Face hub when it is not a local folder.
     model.save_pretrained(str(folder), save_embedding_layers=False)
 
@@ -158,39 +151,3 @@ def _name_base(model: nn.Module, config: HFModelConfig) -> None:
     in ``config.json`` and peft's model card) by the base digest."""
     model.config._name_or_path = base_reference(config)
     model.name_or_path = base_reference(config)
-
-
-def _seeded_modules(config: HFModelConfig, base: LocalBase, model: nn.Module) -> list[str]:
-    """Modules of the base classifier, outside LoRA and the head peft saves, whose weights
-    the checkpoint lacks (or holds in another shape) and the run initialised from its seed."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    # Built once already by `build_classifier`, so this load is known to succeed.
-    _, info = AutoModelForSequenceClassification.from_pretrained(
-        str(base.folder),
-        num_labels=config.num_labels,
-        local_files_only=True,
-        trust_remote_code=base.trust_remote_code,
-        ignore_mismatched_sizes=True,
-        dtype=torch.float32,
-        output_loading_info=True,
-    )
-    drawn = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
-    saved = tuple(model.peft_config[_ADAPTER].modules_to_save or ())
-    parameters = dict(model.get_base_model().named_parameters())
-    modules = set()
-    for key in drawn:
-        module = key.rpartition(".")[0]
-        if key in parameters and not any(_within(module, name) for name in saved):
-            modules.add(module)
-    return sorted(modules)
-
-
-def _within(module: str, name: str) -> bool:
-    """Whether ``module`` is, or lies inside, a module that peft's ``modules_to_save`` entry
-    ``name`` matches (peft matches module paths that end with the entry)."""
-    parts = module.split(".")
-    prefixes = (".".join(parts[: i + 1]) for i in range(len(parts)))
-    return any(prefix == name or prefix.endswith(f".{name}") for prefix in prefixes)

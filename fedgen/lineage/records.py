@@ -130,8 +130,8 @@ class RunStarted(Body):
     config's summary); ``architecture`` the model's configuration (`fedgen.model_config.ModelConfig`
     or, for a Hugging Face base, `HFModelConfig`, whose base digest, architecture and
     parameter counts tell an auditor which base every adapter belongs to), the record's
-    ``model_config`` member, named apart from pydantic's ``model_config``; ``versions`` the software versions and ``code_digest`` a SHA-256
-    over fedgen's source.
+    ``model_config`` member, named apart from pydantic's ``model_config``; ``versions``
+    the software versions and ``code_digest`` a SHA-256 over fedgen's source.
     """
 
     TYPE: ClassVar[str] = "run_started"

@@ -1,7 +1,6 @@
 """`fedgen demo`: a consortium of real processes over mutual TLS, and nothing calling home."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import time
 import pytest
 
 from .processes import processes_mentioning
-from .tripwire import tripwire  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 CHANCE = 451 / 888

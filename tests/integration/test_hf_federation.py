@@ -8,16 +8,20 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification
 
+from fedgen import pki
 from fedgen.config import TrainingConfig
+from fedgen.data import load_bundled
 from fedgen.hf.checkpoint import base_digest, read_checkpoint
 from fedgen.lineage import read_records
-from fedgen.model_source import LocalBase, build_classifier, resolve_model_config
+from fedgen.model_config import HFModelConfig
+from fedgen.model_source import LocalBase, build_classifier, resolve_model_config, sequence_encoder
 from fedgen.simulation import simulate
 
 from .processes import processes_mentioning
-from .tripwire import tripwire  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +77,31 @@ def test_simulated_dp_round_with_esm_lora_from_the_command_line(hf_bases, tmp_pa
     assert pinned["base_digest"] == model["base_digest"]
     assert pinned["architecture"] == model["architecture"]
     assert pinned["total_parameters"] == model["total_parameters"] and pinned["lora_rank"] == 4
+
+    # The released model, reloaded with transformers alone, is the model the aggregator evaluated.
+    for fmt in ("merged", "adapters"):
+        export = subprocess.run(
+            [
+                sys.executable, "-m", "fedgen.cli", "model", "export", "--ledger", str(out / "lineage.jsonl"),
+                "--cert", str(pki.layout(out / "pki").lineage_cert), "--checkpoints", str(out / "checkpoints"),
+                "--round", "1", "--allow-unapproved", "--format", fmt, "--base", str(hf_bases["esm"]),
+                "--out", str(tmp_path / fmt),
+            ],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert export.returncode == 0, export.stderr[-3000:]
+    card = (tmp_path / "merged" / "MODEL_CARD.md").read_text()
+    assert model["base_digest"] in card and "exported as merged" in card
+    assert "| site-0 |" in card and "| site-1 |" in card  # ε per site
+    assert (tmp_path / "adapters" / "adapter_config.json").is_file()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    config = HFModelConfig(**pinned)
+    test = load_bundled("test")
+    ids = sequence_encoder(config, "", LocalBase(hf_bases["esm"])).encode(test.sequences, max_length=config.max_len)
+    with torch.no_grad():
+        logits = merged(input_ids=ids, attention_mask=(ids != merged.config.pad_token_id).long()).logits
+    accuracy = (logits.argmax(-1) == torch.tensor(test.labels)).float().mean().item()
+    assert abs(accuracy - only["accuracy"]) <= 1 / len(test)
 
 
 def test_simulated_dp_round_with_dnabert_ffa_lora_a_robust_strategy_and_an_adversary(hf_bases, tmp_path):

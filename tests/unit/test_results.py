@@ -30,7 +30,8 @@ def _result(tmp_path):
             ],
         ),
     ]
-    return RunResult(rounds=rounds, initial_accuracy=0.5, out_dir=str(tmp_path), config={"sites": 2})
+    model = {"source": "nano", "architecture": "fedgen-dna-transformer", "base_digest": None}
+    return RunResult(rounds=rounds, initial_accuracy=0.5, out_dir=str(tmp_path), config={"sites": 2}, model=model)
 
 
 def test_summary_is_the_json_contract(tmp_path):
@@ -41,6 +42,7 @@ def test_summary_is_the_json_contract(tmp_path):
             {"round": 2, "accuracy": 0.7, "loss": 0.6, "epsilon": {"site-0": 2.5}},
         ],
         "final_accuracy": 0.7,
+        "model": {"source": "nano", "architecture": "fedgen-dna-transformer", "base_digest": None},
     }
 
 
