@@ -80,3 +80,20 @@ def _save(model_class, config, tokenizer, folder: Path, seed: int) -> Path:
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def any_architecture_checkpoint(folder: str | Path, model_type: str, *, seed: int = 0) -> Path:
+    """A tiny random masked LM of any transformers architecture that takes BERT-like
+    config keys (``roberta``, ``distilbert``, ...), with the 6-mer ESM tokenizer."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, EsmTokenizer
+
+    folder = Path(folder)
+    specials = ["<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>"]
+    tokenizer = EsmTokenizer(str(_write_vocab(folder, specials + _kmers(6) + list("ACGTN"))))
+    shape = dict(TINY_SHAPE)
+    if model_type == "distilbert":  # its own names for the same shape
+        shape = dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, max_position_embeddings=514, **shape
+    )
+    return _save(AutoModelForMaskedLM.from_config, config, tokenizer, folder, seed)

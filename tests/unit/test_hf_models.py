@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from fedgen.client.app import train_round
-from fedgen.client.dp_check import PerSampleGradientMismatch
+from fedgen.client.dp_check import PerSampleGradientMismatch, check_per_sample_gradients
 from fedgen.client.trainer import DPSettings, LocalPlan, train_local
 from fedgen.config import SiteConfig, TrainingConfig, load_toml
 from fedgen.data import load_bundled
 from fedgen.errors import InputError
 from fedgen.hf.checkpoint import CheckpointError, base_digest, read_checkpoint
 from fedgen.hf.classifier import load_sequence_classifier
+from fedgen.hf.random import any_architecture_checkpoint
 from fedgen.model_config import HFModelConfig, model_config_from_json
 from fedgen.model_source import (
     BaseModelMismatch,
@@ -198,3 +199,34 @@ def test_reduced_precision_is_refused_under_dp_and_trains_without(hf_bases, tmp_
     plain = site.model_copy(update={"privacy": site.privacy.model_copy(update={"enabled": False})})
     reply = train_round(plain, message, run_id=1)
     assert all(np.isfinite(a).all() for a in record_to_arrays(reply[ARRAYS_KEY]).values())
+
+
+def _check(folder, finetune):
+    config = _config(folder, finetune=finetune)
+    model = build_classifier(config, LocalBase(folder), deterministic=True)
+    data = load_bundled("train")
+    ids = sequence_encoder(config, "", LocalBase(folder)).encode(data.sequences[:6], max_length=config.max_len)
+    ids[1, 20:] = ids[0, -1]  # rows of different real lengths: padding is where sampling goes wrong
+    return check_per_sample_gradients(model, ids, torch.tensor(data.labels[:6]))
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+@pytest.mark.parametrize("architecture", ["esm", "bert"])
+def test_per_sample_gradients_of_the_real_architectures_pass_the_check(hf_bases, architecture, finetune):
+    # Full fine-tuning includes attention key biases, whose true gradient is zero: they are
+    # compared against the sample's whole gradient, not against their own rounding noise.
+    check = _check(hf_bases[architecture], finetune)
+    assert check.passed, check.reason
+    assert check.max_relative_error < 1e-4
+
+
+@pytest.mark.parametrize("model_type, targets", [("roberta", ("query", "value")), ("distilbert", ("q_lin", "v_lin"))])
+def test_other_architectures_are_attempted_with_their_own_module_names(tmp_path, model_type, targets):
+    folder = any_architecture_checkpoint(tmp_path / model_type, model_type)
+    config = _config(folder)
+    assert config.target_modules == targets
+    assert _check(folder, "lora").passed
+    reply = train_round(
+        _hf_site(tmp_path, folder), model_message(config, build_classifier(config, LocalBase(folder))), 1
+    )
+    assert all(".lora_" in n or ".modules_to_save." in n for n in record_to_arrays(reply[ARRAYS_KEY]))
