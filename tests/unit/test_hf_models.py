@@ -230,3 +230,34 @@ def test_other_architectures_are_attempted_with_their_own_module_names(tmp_path,
         _hf_site(tmp_path, folder), model_message(config, build_classifier(config, LocalBase(folder))), 1
     )
     assert all(".lora_" in n or ".modules_to_save." in n for n in record_to_arrays(reply[ARRAYS_KEY]))
+
+
+def test_a_run_toml_names_its_checkpoint_relative_to_itself_and_the_plan_reads_back(hf_bases, tmp_path, monkeypatch):
+    from fedgen.cli.demo import write_consortium
+    from fedgen.client.supernode import check_site
+    from fedgen.config import ConfigError, RunConfig
+    from fedgen.server.coordinator import plan_run
+    from fedgen.server.plan import read_plan, write_plan
+
+    root = tmp_path / "consortium"
+    shutil.copytree(hf_bases["esm"], root / "bases" / "nt")
+    _, site_tomls, run_toml = write_consortium(
+        root, sites=1, rounds=1, epsilon=8.0, seed=0, training=TrainingConfig(model=str(root / "bases" / "nt"))
+    )
+    text = run_toml.read_text()
+    assert str(root / "bases" / "nt") in text
+    run_toml.write_text(text.replace(json.dumps(str(root / "bases" / "nt")), '"bases/nt"'))  # as an operator writes it
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    _, plan = plan_run(load_toml(run_toml, RunConfig), str(run_toml))
+    assert plan.base_model == root / "bases" / "nt"
+    assert isinstance(plan.model, HFModelConfig) and plan.model.base_digest == base_digest(
+        read_checkpoint(root / "bases" / "nt")
+    )
+    write_plan(plan, tmp_path / "plan.json")
+    assert read_plan(tmp_path / "plan.json") == plan  # the ServerApp reads the same HF model config back
+
+    site = load_toml(site_tomls[0], SiteConfig)
+    assert site.base_model == root / "bases" / "nt"
+    check_site(site, str(site_tomls[0]))
+    with pytest.raises(ConfigError, match=r"site.toml: base_model: .*no config.json"):
+        check_site(site.model_copy(update={"base_model": tmp_path}), str(site_tomls[0]))
