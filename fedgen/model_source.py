@@ -9,7 +9,7 @@ Torch and transformers are imported only when a model is actually built.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,22 +114,16 @@ def resolve_model_config(
 
             probe = load_sequence_classifier(checkpoint, num_labels, trust_remote_code=training.trust_remote_code)
             targets = default_lora_targets(checkpoint.model_type, probe)
-        config = _replace(config, target_modules=targets)
+        config = replace(config, target_modules=targets)
     built = build_hf_classifier(checkpoint, config, tokenizer.pad_id, trust_remote_code=training.trust_remote_code)
     total, trainable = describe_parameters(built.model)
-    return _replace(
+    return replace(
         config,
         architecture=type(built.model.get_base_model() if finetune != "full" else built.model).__name__,
         total_parameters=total,
         trainable_parameters=trainable,
         frozen_digest=frozen_adapter_digest(built.model) if finetune == "ffa-lora" else None,
     )
-
-
-def _replace(config: HFModelConfig, **changes: Any) -> HFModelConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)
 
 
 class BaseModelMismatch(InputError):
@@ -187,8 +181,6 @@ def build_classifier(
         If ``base`` is not the checkpoint the run is pinned to.
     """
     if isinstance(config, ModelConfig):
-        from dataclasses import replace
-
         from .model import build_model
 
         return build_model(replace(config, dropout=0.0) if deterministic else config, seed=seed)
