@@ -1,7 +1,8 @@
 """Round overhead of a deployment: fedgen's polling vs Flower's stock polling, side by side.
 
-Runs `fedgen demo` (a CA, an aggregator and the sites as real processes over mutual TLS on
-loopback; the same model, data, sites and seed each time) twice in one run:
+Runs the machinery of `fedgen demo` (`fedgen.cli.demo.run_demo`: a CA, an aggregator and
+the sites as real processes over mutual TLS on loopback; the same model, data, sites,
+seed and training settings each time) twice in one run:
 
 * ``fedgen``: as shipped, without Flower's polling floor (client/supernode.py,
   server/superlink.py, `fedgen.flower_pin.prompt_superexec_polling`);
@@ -12,11 +13,14 @@ loopback; the same model, data, sites and seed each time) twice in one run:
 A round's overhead is its ``wall_seconds`` (the aggregator's, configure to commit) minus
 the slowest trained site's ``train_seconds`` (the site's, inside local training); the
 figure per setting is the median over rounds 2 onward (round 1 also waits for the sites
-to connect). Also printed: each demo's wall time, and what a fresh Python pays to import
-the ClientApp module, which each Flower message's ClientApp process pays again.
+to connect). Also printed: each demo's wall time (start to stop of every process), and
+what a fresh Python pays to import the ClientApp module, which each Flower message's
+ClientApp process pays again.
 
-Run: ``python benchmarks/round_overhead.py`` (2 sites, 4 rounds; ``--quick``: 1 site,
-2 rounds, for the test suite). Figures go to ``benchmarks/results/round_overhead.json``.
+Run: ``python benchmarks/round_overhead.py`` (2 sites, 4 rounds, the demo's training
+settings: what ``fedgen demo --sites 2 --rounds 4`` runs); ``--quick``: 1 site, 2 rounds
+of a twentieth of an epoch, for the test suite. Figures go to
+``benchmarks/results/round_overhead.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import fedgen  # noqa: F401  (sovereign switches before torch and flwr)
 
 RESULTS = Path(__file__).parent / "results" / "round_overhead.json"
 STOCK_POLLING_ENV = "FEDGEN_STOCK_FLOWER_POLLING"  # fedgen.flower_pin.STOCK_POLLING_ENV
@@ -54,18 +60,24 @@ def round_overheads(summary: dict) -> list[dict]:
     return rows
 
 
-def run_demo(setting: str, sites: int, rounds: int, out: Path) -> dict:
-    """`fedgen demo --json` in a fresh process under ``setting``; its summary and wall time."""
-    env = {k: v for k, v in os.environ.items() if k != STOCK_POLLING_ENV}
-    env.update(SETTINGS[setting])
-    command = [sys.executable, "-m", "fedgen.cli", "demo", "--sites", str(sites), "--rounds", str(rounds)]
-    command += ["--seed", "0", "--out", str(out), "--json"]
-    started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"fedgen demo ({setting}) failed with code {proc.returncode}:\n{proc.stderr[-3000:]}")
-    summary = json.loads(proc.stdout)
+def run_demo(setting: str, sites: int, rounds: int, local_epochs: float | None, out: Path) -> dict:
+    """The demo's consortium under ``setting`` (its processes inherit this environment);
+    its per-round overheads and wall time."""
+    from fedgen.cli.demo import run_demo as demo
+    from fedgen.config import TrainingConfig
+
+    training = TrainingConfig() if local_epochs is None else TrainingConfig(local_epochs=local_epochs)
+    saved = os.environ.pop(STOCK_POLLING_ENV, None)
+    os.environ.update(SETTINGS[setting])
+    try:
+        started = time.perf_counter()
+        result = demo(sites=sites, rounds=rounds, seed=0, out=out, training=training)
+        wall = time.perf_counter() - started
+    finally:
+        os.environ.pop(STOCK_POLLING_ENV, None)
+        if saved is not None:
+            os.environ[STOCK_POLLING_ENV] = saved
+    summary = result.summary()
     rows = round_overheads(summary)
     later = [row["overhead_seconds"] for row in rows[1:]] or [rows[0]["overhead_seconds"]]
     return {
@@ -91,24 +103,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 site, 2 rounds (a smoke test)")
     parser.add_argument("--sites", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--local-epochs", type=float, default=None, help="default: the demo's")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the figures go (JSON)")
     args = parser.parse_args()
     sites = args.sites or (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 4)
+    local_epochs = args.local_epochs or (0.05 if args.quick else None)
     if rounds < 2:
         parser.error("--rounds must be at least 2: round 1 also waits for the sites to connect")
 
     settings = {}
     with tempfile.TemporaryDirectory(prefix="fedgen-round-overhead-") as scratch:
         for setting in SETTINGS:
-            print(f"fedgen demo --sites {sites} --rounds {rounds} ({setting} polling) ...", file=sys.stderr)
-            settings[setting] = run_demo(setting, sites, rounds, Path(scratch) / setting)
+            print(f"demo consortium, {sites} site(s), {rounds} rounds, {setting} polling ...", file=sys.stderr)
+            settings[setting] = run_demo(setting, sites, rounds, local_epochs, Path(scratch) / setting)
     stock, ours = settings["stock"], settings["fedgen"]
     report = {
         "command": " ".join(["python", "benchmarks/round_overhead.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch CPU",
         "sites": sites,
         "rounds": rounds,
+        "local_epochs": local_epochs,
         "settings": settings,
         "overhead_ratio_stock_over_fedgen": stock["median_overhead_seconds"] / ours["median_overhead_seconds"],
         "demo_wall_ratio_stock_over_fedgen": stock["demo_wall_seconds"] / ours["demo_wall_seconds"],
@@ -122,8 +137,10 @@ def main() -> None:
         print(f"{name:8} {row['median_overhead_seconds']:35.2f}s {row['demo_wall_seconds']:9.1f}s")
         per_round = ", ".join(f"r{r['round']} {r['overhead_seconds']:.2f}s" for r in row["rounds"])
         print(f"         per round: {per_round}")
-    print(f"stock / fedgen: overhead {report['overhead_ratio_stock_over_fedgen']:.2f}x, "
-          f"demo wall {report['demo_wall_ratio_stock_over_fedgen']:.2f}x")
+    print(
+        f"stock / fedgen: overhead {report['overhead_ratio_stock_over_fedgen']:.2f}x, "
+        f"demo wall {report['demo_wall_ratio_stock_over_fedgen']:.2f}x"
+    )
     print(f"a fresh Python importing the ClientApp module: {report['clientapp_import_seconds']:.2f}s")
     print(f"figures: {args.out}")
 
