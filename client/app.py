@@ -10,6 +10,7 @@ signature over update and head. The data path and the sequences stay on the site
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections.abc import Callable
 
@@ -158,7 +159,9 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
             history=ledger.history,
         )
 
+    started = time.perf_counter()
     result = train_local(model, ids, labels, plan, device, dp)
+    train_seconds = time.perf_counter() - started
 
     epsilon = 0.0
     if ledger is not None and dp is not None:
@@ -181,6 +184,7 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
         epsilon=epsilon,
         delta=privacy.delta if dp else 0.0,
         dp=dp is not None,
+        train_seconds=train_seconds,
     )
     update = to_numpy(trainable_tensors(model))
     return RecordDict(

@@ -17,6 +17,13 @@ aggregator rejects its certificate or its requests, or the aggregator's certific
 verification) stops the SuperNode with the reason, instead of Flower's silent retries, and
 `fedgen site start` exits non-zero with it.
 
+It also takes away Flower's polling floor on the site (`install_prompt_polling`): the
+SuperNode sleeps 3 s after each empty poll of the aggregator and 0.5 s between looks for
+its ClientApp's reply (``time.sleep`` in ``flwr.supernode.start_client_internal``), and
+its SuperExec looks for new tasks every second (Flower's own setting,
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``). Setting ``FEDGEN_STOCK_FLOWER_POLLING=1`` keeps
+Flower's pace (the round-overhead benchmark's baseline).
+
 Pinned to Flower 1.41; tests fail loudly when these names change.
 """
 
@@ -28,13 +35,16 @@ import signal
 import ssl
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 
 from fedgen.config import ConfigError, SiteConfig, SiteTLSConfig, load_toml
 from fedgen.errors import OperationFailed
-from fedgen.flower_pin import check_flower_version
+from fedgen.flower_pin import check_flower_version, prompt_superexec_polling, stock_polling
 from fedgen.hf.checkpoint import CheckpointError, read_checkpoint
 from fedgen.pki import PKIError, check_key_pair, check_tls_identity, site_id_of
 from fedgen.sovereignty import apply_sovereign_environment
@@ -93,8 +103,86 @@ class StopReason:
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def install_mutual_tls(tls: SiteTLSConfig) -> StopReason:
+class PollPace:
+    """How long the SuperNode waits where Flower 1.41 hard-codes its sleeps.
+
+    Flower's connection loop sleeps ``FLOWER_IDLE_SLEEP`` (3 s) after every poll of the
+    aggregator that brought no message, and ``FLOWER_REPLY_SLEEP`` (0.5 s) between looks
+    at its own state for the ClientApp's reply. A site in a run (it replied within
+    ``active_window`` seconds) polls the aggregator every ``active_seconds``, so the next
+    round's message is picked up within a fraction of a second; a site idle for longer
+    polls every ``idle_seconds``, a request a second, so idle sites do not load the
+    aggregator. The reply is looked for every ``reply_seconds``, a look at local memory.
+    """
+
+    FLOWER_IDLE_SLEEP = 3
+    FLOWER_REPLY_SLEEP = 0.5
+
+    def __init__(
+        self,
+        active_seconds: float = 0.2,
+        idle_seconds: float = 1.0,
+        active_window: float = 120.0,
+        reply_seconds: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.active_seconds = active_seconds
+        self.idle_seconds = idle_seconds
+        self.active_window = active_window
+        self.reply_seconds = reply_seconds
+        self._clock = clock
+        self._last_reply: float | None = None
+
+    def replied(self) -> None:
+        """The site just sent a reply: a run is on, its next message comes soon."""
+        self._last_reply = self._clock()
+
+    def interval(self, flower_seconds: float) -> float:
+        """The wait fedgen uses where Flower asked for ``flower_seconds``."""
+        if flower_seconds == self.FLOWER_IDLE_SLEEP:
+            active = self._last_reply is not None and self._clock() - self._last_reply < self.active_window
+            return self.active_seconds if active else self.idle_seconds
+        if flower_seconds == self.FLOWER_REPLY_SLEEP:
+            return self.reply_seconds
+        return flower_seconds
+
+
+class _PacedTime(ModuleType):
+    """The ``time`` module as ``flwr.supernode.start_client_internal`` sees it: every
+    attribute is the real one, except that ``sleep`` waits as `PollPace` says."""
+
+    def __init__(self, pace: PollPace) -> None:
+        super().__init__("time")
+        self.pace = pace
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self.pace.interval(seconds))
+
+
+def install_prompt_polling(pace: PollPace | None = None) -> PollPace | None:
+    """Take away Flower's polling floor on this site, unless ``FEDGEN_STOCK_FLOWER_POLLING=1``.
+
+    Sets Flower's SuperExec task poll (read by the SuperExec the SuperNode starts, which
+    inherits this environment) and paces the SuperNode's hard-coded sleeps with ``pace``.
+    Returns the pace installed, or None with stock polling.
+    """
+    if stock_polling():
+        return None
+    from flwr.supernode import start_client_internal
+
+    prompt_superexec_polling()
+    pace = pace or PollPace()
+    start_client_internal.time = _PacedTime(pace)
+    return pace
+
+
+def install_mutual_tls(tls: SiteTLSConfig, pace: PollPace | None = None) -> StopReason:
     """Make Flower's SuperNode connect with the site's certificate and certificate key.
+
+    ``pace``, if given, learns when the site sends a reply (`PollPace.replied`).
 
     Returns
     -------
@@ -128,6 +216,12 @@ def install_mutual_tls(tls: SiteTLSConfig) -> StopReason:
                     raise retryable
                 raise
 
+        def PushMessages(self, request):  # noqa: N802, ANN001, ANN201 - Flower's method
+            response = super().PushMessages(request)
+            if pace is not None:
+                pace.replied()
+            return response
+
         def RegisterNode(self, request):  # noqa: N802, ANN001, ANN201 - Flower's method
             # A site that stopped (crash, kill or a clean stop) rejoins as the node it already is.
             try:
@@ -159,7 +253,7 @@ def run_supernode(*, tls: SiteTLSConfig, aggregator: str, site_config: Path, run
     SiteStopped
         If the aggregator refused this site, or the connection ended on an error.
     """
-    stop = install_mutual_tls(tls)
+    stop = install_mutual_tls(tls, install_prompt_polling())
     from flwr.supercore.exit import ExitCode, flwr_exit
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -9,6 +9,7 @@ Nothing else leaves a site: no sequence, no path, no per-sample value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from flwr.app import ConfigRecord, MetricRecord
@@ -176,7 +177,11 @@ def _ledger_notice(record: ConfigRecord) -> LedgerNotice | None:
 
 @dataclass(frozen=True)
 class TrainReport:
-    """The metrics a site reports with its update; ε is its accountant's, after the round."""
+    """The metrics a site reports with its update; ε is its accountant's, after the round.
+
+    ``train_seconds`` is the time the site spent inside local training (None in a reply
+    from a site that does not report it).
+    """
 
     num_examples: int
     train_loss: float
@@ -187,6 +192,7 @@ class TrainReport:
     epsilon: float
     delta: float
     dp: bool
+    train_seconds: float | None = None
 
     _KEYS = {
         "num_examples": WEIGHT_KEY,
@@ -198,30 +204,38 @@ class TrainReport:
         "epsilon": "epsilon",
         "delta": "delta",
         "dp": "dp",
+        "train_seconds": "train-seconds",
     }
+    _OPTIONAL = ("train_seconds",)  # absent from replies of sites before it was reported
 
     def to_record(self) -> MetricRecord:
         record = MetricRecord()
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None:
+                continue
             record[self._KEYS[f.name]] = int(value) if isinstance(value, (bool, int)) else float(value)
         return record
 
     @classmethod
     def from_record(cls, record: MetricRecord) -> TrainReport:
-        missing = [key for key in cls._KEYS.values() if key not in record]
+        missing = [key for name, key in cls._KEYS.items() if key not in record and name not in cls._OPTIONAL]
         if missing:
             raise ProtocolError(f"train reply lacks metrics {missing}")
-        kwargs = {name: record[key] for name, key in cls._KEYS.items()}
-        for name, key in cls._KEYS.items():  # a site's numbers go into the lineage: numbers only
-            value = kwargs[name]
+        kwargs = {name: record[key] for name, key in cls._KEYS.items() if key in record}
+        for name, value in kwargs.items():  # a site's numbers go into the lineage: numbers only
+            key = cls._KEYS[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ProtocolError(f"train reply metric {key!r} is not a number")
             if name in ("num_examples", "steps") and (value < 0 or value != int(value)):
                 raise ProtocolError(f"train reply metric {key!r} is not a count")
+            if name == "train_seconds" and not (math.isfinite(value) and value >= 0):
+                raise ProtocolError(f"train reply metric {key!r} is not a duration: {value!r}")
         kwargs["num_examples"] = int(kwargs["num_examples"])
         kwargs["steps"] = int(kwargs["steps"])
         kwargs["dp"] = bool(kwargs["dp"])
+        if "train_seconds" in kwargs:
+            kwargs["train_seconds"] = float(kwargs["train_seconds"])
         return cls(**kwargs)
 
 

@@ -18,7 +18,10 @@ or norm checks), or it failed (an error, or no reply within the round timeout)."
 
 @dataclass
 class SiteRound:
-    """One site's part in one round: its `SiteStatus` and, unless it trained, the reason."""
+    """One site's part in one round: its `SiteStatus` and, unless it trained, the reason.
+
+    ``train_seconds`` is the time the site reports it spent inside local training.
+    """
 
     site: str
     status: SiteStatus
@@ -29,11 +32,16 @@ class SiteRound:
     noise_multiplier: float | None = None
     steps: int = 0
     reason: str | None = None
+    train_seconds: float | None = None
 
 
 @dataclass
 class RoundResult:
-    """A committed round: global evaluation, per-site outcomes and the checkpoint."""
+    """A committed round: global evaluation, per-site outcomes and the checkpoint.
+
+    ``wall_seconds`` is the round's time on the aggregator, from configuring it (sending
+    the train messages) to committing its model (evaluated, checkpointed, recorded).
+    """
 
     round: int
     accuracy: float
@@ -41,6 +49,7 @@ class RoundResult:
     sites: list[SiteRound] = field(default_factory=list)
     checkpoint: str | None = None
     model_digest: str | None = None
+    wall_seconds: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> RoundResult:
@@ -95,10 +104,19 @@ class RunResult:
         return series
 
     def summary(self) -> dict:
-        """The `--json` object: ``rounds`` [{round, accuracy, loss, epsilon}], ``final_accuracy``, ``model``."""
+        """The `--json` object: ``rounds`` [{round, accuracy, loss, epsilon, wall_seconds,
+        sites: [{site, status, train_seconds, ...}]}], ``final_accuracy``, ``model``."""
         return {
             "rounds": [
-                {"round": r.round, "accuracy": r.accuracy, "loss": r.loss, "epsilon": r.epsilon} for r in self.rounds
+                {
+                    "round": r.round,
+                    "accuracy": r.accuracy,
+                    "loss": r.loss,
+                    "epsilon": r.epsilon,
+                    "wall_seconds": r.wall_seconds,
+                    "sites": [asdict(site) for site in r.sites],
+                }
+                for r in self.rounds
             ],
             "final_accuracy": self.final_accuracy,
             "model": self.model,

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from fedgen.config import AggregatorConfig, AggregatorTLSConfig, ConfigError
+from fedgen.flower_pin import prompt_superexec_polling
 from fedgen.pki import (
     PKIError,
     check_crl_signature,
@@ -78,6 +79,7 @@ def start_aggregator(config: AggregatorConfig, source: str = "aggregator config"
     check_flower_version()
     tls = check_aggregator(config, source)
     apply_sovereign_environment()
+    prompt_superexec_polling()  # inherited by the SuperExec that Flower's lifespan starts
     state_dir = Path(config.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     app = build_superlink_app(runtime_port=config.control_port, database=state_dir / FLOWER_DATABASE)

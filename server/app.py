@@ -38,6 +38,7 @@ from .commit import RoundCallback, RoundCommitter
 from .fleet_registry import FleetRegistry
 from .lineage_records import left_out_records, run_failed, run_finished, run_started, strategy_of
 from .plan import PLAN_FILE_KEY, RunPlan, read_plan
+from .superlink import prompt_replies
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def _exit_when_orphaned(poll_seconds: float = 2.0) -> None:
 def deployed_main(grid: Grid, context: Context) -> None:
     """Deployment entry: the coordinator's plan file names everything the run needs."""
     _exit_when_orphaned()
+    prompt_replies(grid)
     plan_file = context.run_config.get(PLAN_FILE_KEY)
     if not plan_file:
         raise RuntimeError(f"run config lacks {PLAN_FILE_KEY!r}; submit runs with `fedgen run`")

@@ -9,6 +9,7 @@ last committed model's digest, the initial accuracy, the rounds so far).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -47,10 +48,19 @@ def site_rounds(log: RoundLog | None) -> list[SiteRound]:
                     delta=r.delta if r.dp else None,
                     noise_multiplier=r.noise_multiplier if r.dp else None,
                     steps=r.steps,
+                    train_seconds=r.train_seconds,
                 )
             )
         else:
-            rows.append(SiteRound(site=outcome.site, status=outcome.status, reason=outcome.reason))
+            report = outcome.report  # a rejected update still says how long it trained
+            rows.append(
+                SiteRound(
+                    site=outcome.site,
+                    status=outcome.status,
+                    reason=outcome.reason,
+                    train_seconds=report.train_seconds if report is not None else None,
+                )
+            )
     return sorted(rows, key=lambda row: row.site)
 
 
@@ -137,6 +147,7 @@ class RoundCommitter:
             sites=site_rounds(log),
             checkpoint=str(path),
             model_digest=model_digest,
+            wall_seconds=time.monotonic() - log.started if log is not None else None,
         )
         self.rounds.append(result)
         if self.on_round is not None:

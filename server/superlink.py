@@ -18,6 +18,13 @@ unregister (Flower 1.41 then refuses that key for good) and lets a site that res
 after a crash replace its stale session, so a site rejoins as itself after a crash, a
 clean stop or an aggregator restart.
 
+The ServerApp that Flower's SuperExec starts for a run waits for the sites' replies by
+polling the SuperLink every 3 s (``HttpGrid.send_and_receive``); `prompt_replies` makes
+its grid poll every `REPLY_POLL_SECONDS` instead, through Flower's public ``Grid`` API,
+and the aggregator's SuperExec looks for runs at fedgen's pace
+(`fedgen.flower_pin.prompt_superexec_polling`). ``FEDGEN_STOCK_FLOWER_POLLING=1`` keeps
+Flower's pace (the round-overhead benchmark's baseline).
+
 Pinned to `fedgen.flower_pin.FLOWER_SERIES`; ``check_flower_version`` and the tests in
 ``tests/integration/test_flower_internals.py`` fail loudly when Flower changes.
 """
@@ -32,7 +39,7 @@ import signal
 import sys
 import time
 from base64 import b64decode
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,7 @@ from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER
 
 from fedgen.config import AggregatorTLSConfig
 from fedgen.flower_pin import check_flower_version as check_flower_series
+from fedgen.flower_pin import stock_polling
 from fedgen.pki import PKIError, load_certificate, site_id_of
 
 from .door import (
@@ -69,6 +77,38 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# The ServerApp asks its SuperLink, over loopback, for replies this often (Flower: every 3 s).
+REPLY_POLL_SECONDS = 0.1
+
+
+def prompt_replies(grid: Any, poll_seconds: float = REPLY_POLL_SECONDS) -> None:
+    """Make ``grid`` (a ServerApp's ``flwr.serverapp.Grid``) look for replies every
+    ``poll_seconds`` in ``send_and_receive``, unless ``FEDGEN_STOCK_FLOWER_POLLING=1``.
+
+    The replacement keeps the contract of ``Grid.send_and_receive``: push with
+    ``push_messages``, pull with ``pull_messages`` until every message has its reply or
+    ``timeout`` (seconds, None: no limit) has passed, and return the replies received.
+    """
+    if stock_polling():
+        return
+
+    def send_and_receive(messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        pending = set(grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Any] = []
+        while pending:
+            received = list(grid.pull_messages(list(pending)))
+            replies.extend(received)
+            pending.difference_update(reply.metadata.reply_to_message_id for reply in received)
+            left = None if deadline is None else deadline - time.monotonic()
+            if not pending or (left is not None and left <= 0):
+                break
+            time.sleep(poll_seconds if left is None else min(poll_seconds, left))
+        return replies
+
+    grid.send_and_receive = send_and_receive
 
 
 def check_flower_version() -> None:

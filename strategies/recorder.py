@@ -86,6 +86,7 @@ class SiteOutcome:
 class RoundLog:
     server_round: int  # as the lineage numbers it: a resumed run numbers its rounds on
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    started: float = field(default_factory=time.monotonic)  # for the round's wall time
     sampled: list[int] = field(default_factory=list)  # node ids the round was sent to
     outcomes: list[SiteOutcome] = field(default_factory=list)
     head: LedgerHead | None = None  # the ledger head the round's instructions carried

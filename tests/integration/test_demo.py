@@ -44,6 +44,10 @@ def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_pat
     first, second = (r["epsilon"] for r in summary["rounds"])
     assert set(first) == set(second) == {"site-0", "site-1"}
     assert all(0 < first[s] < second[s] <= 8.0 + 1e-9 for s in first)
+    for entry in summary["rounds"]:  # round timing: the aggregator's wall time covers each site's training
+        trained = [s["train_seconds"] for s in entry["sites"] if s["status"] == "trained"]
+        assert sorted(s["site"] for s in entry["sites"]) == ["site-0", "site-1"] and len(trained) == 2
+        assert entry["wall_seconds"] > max(trained) >= min(trained) > 0
     assert summary["final_accuracy"] > CHANCE + 0.1
     assert len(list(out.glob("aggregator/state/checkpoints/round-*.safetensors"))) == 3
     assert server.attempts == []  # no outbound connection was tried

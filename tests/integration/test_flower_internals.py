@@ -5,6 +5,8 @@ internals; every name and behaviour they use is checked here.
 """
 
 import inspect
+import os
+import time
 from pathlib import Path
 
 import flwr
@@ -192,3 +194,140 @@ def test_flower_internals_stay_in_the_glue_modules():
         if any(name in path.read_text() for name in internal):
             offenders.append(str(path.relative_to(root)))
     assert offenders == [], "Flower internals outside server/superlink.py and client/supernode.py"
+
+
+def test_supernode_sleeps_the_site_pace_replaces():
+    """Flower's SuperNode waits with hard-coded ``time.sleep`` calls: 3 s after an empty
+    poll, 0.5 s between looks for the ClientApp's reply. fedgen paces exactly those."""
+    from flwr.supernode import start_client_internal as sci
+
+    from fedgen.client.supernode import PollPace
+
+    module = inspect.getsource(sci)
+    assert "\nimport time\n" in module and "from time import" not in module  # sleeps go through sci.time
+    loop = inspect.getsource(sci.start_client_internal)
+    assert "if run_id is None:" in loop and f"time.sleep({PollPace.FLOWER_IDLE_SLEEP})" in loop
+    push = inspect.getsource(sci._push_messages)
+    assert push.count(f"time.sleep({PollPace.FLOWER_REPLY_SLEEP})") == 2
+    # No other sleep in the module that the pace would pass through unchanged by surprise.
+    assert module.count("time.sleep(") == 3
+    # The SuperExec the SuperNode starts inherits its environment (Flower's poll setting).
+    assert "subprocess.Popen(command)" in loop and '"flower-superexec"' in loop
+
+
+def test_site_pace_is_installed_where_the_supernode_sleeps(monkeypatch):
+    from flwr.supernode import start_client_internal as sci
+
+    from fedgen.client.supernode import PollPace, install_prompt_polling
+    from fedgen.flower_pin import STOCK_POLLING_ENV, SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS
+
+    monkeypatch.delenv(STOCK_POLLING_ENV, raising=False)
+    monkeypatch.delenv(SUPEREXEC_POLL_ENV, raising=False)
+    monkeypatch.setattr(sci, "time", sci.time)  # restored after the test
+    now = [100.0]
+    pace = install_prompt_polling(PollPace(clock=lambda: now[0]))
+    assert pace is not None and os.environ[SUPEREXEC_POLL_ENV] == str(SUPEREXEC_POLL_SECONDS)
+    assert sci.time.time is time.time and sci.time.monotonic is time.monotonic  # the rest is the real module
+    started = time.monotonic()
+    sci.time.sleep(PollPace.FLOWER_IDLE_SLEEP)  # idle site: 1 s, not 3 s
+    assert 0.9 <= time.monotonic() - started < 2.5
+    pace.replied()  # in a run: 0.2 s
+    started = time.monotonic()
+    sci.time.sleep(PollPace.FLOWER_IDLE_SLEEP)
+    sci.time.sleep(PollPace.FLOWER_REPLY_SLEEP)
+    assert time.monotonic() - started < 1.0
+
+
+def test_stock_polling_switch_leaves_flower_alone(monkeypatch):
+    from flwr.supernode import start_client_internal as sci
+
+    from fedgen.client.supernode import install_prompt_polling
+    from fedgen.flower_pin import STOCK_POLLING_ENV, SUPEREXEC_POLL_ENV
+    from fedgen.server.superlink import prompt_replies
+
+    monkeypatch.setenv(STOCK_POLLING_ENV, "1")
+    monkeypatch.delenv(SUPEREXEC_POLL_ENV, raising=False)
+    monkeypatch.setattr(sci, "time", time)
+    assert install_prompt_polling() is None and sci.time is time and SUPEREXEC_POLL_ENV not in os.environ
+    grid = _FakeGrid(replies_after=1)
+    prompt_replies(grid)
+    assert "send_and_receive" not in vars(grid)
+
+
+def test_site_marks_its_reply_through_the_push_flower_calls():
+    from flwr.supernode import fleet_http_client, fleet_http_connection
+
+    assert "PushMessages" in vars(fleet_http_client.FleetHttpClient)
+    assert "client.PushMessages," in inspect.getsource(fleet_http_connection.http_request_response)
+
+
+def test_superexec_poll_is_flowers_own_setting(monkeypatch):
+    """Flower's SuperExec reads its task poll interval from the environment fedgen sets."""
+    from flwr.supercore.superexec import run_superexec
+    from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
+
+    from fedgen.flower_pin import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS
+
+    assert run_superexec._TASK_POLL_INTERVAL_ENV == SUPEREXEC_POLL_ENV
+    monkeypatch.setenv(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL_SECONDS))
+    assert run_superexec._get_task_poll_interval() == SUPEREXEC_POLL_SECONDS
+    loop = inspect.getsource(run_superexec.run_superexec)
+    assert "_get_task_poll_interval()" in loop and "time.sleep(task_poll_interval)" in loop
+    # The aggregator's SuperExec is started by the lifespan without an env of its own.
+    starts = inspect.getsource(SuperLinkLifespan)
+    assert "subprocess.Popen(command, **get_popen_detach_kwargs())" in starts
+
+
+def test_serverapp_grid_is_the_one_fedgen_makes_prompt():
+    """A deployed ServerApp gets an HttpGrid polling every 3 s; Flower's strategies wait
+    for replies through ``grid.send_and_receive``, which fedgen replaces on that grid."""
+    from flwr.serverapp.strategy import Strategy
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.superlink.runtime.run_serverapp import run_serverapp
+
+    assert "grid = HttpGrid(" in inspect.getsource(run_serverapp)
+    stock = inspect.getsource(HttpGrid.send_and_receive)
+    assert "self.push_messages(messages)" in stock and "self.pull_messages(msg_ids)" in stock
+    assert "time.sleep(3)" in stock
+    start = inspect.getsource(Strategy.start)
+    assert start.count("grid.send_and_receive(") == 2  # train and evaluate
+    params = inspect.signature(HttpGrid.send_and_receive).parameters
+    assert list(params) == ["self", "messages", "timeout"] and params["timeout"].kind is params["timeout"].KEYWORD_ONLY
+
+
+class _Reply:
+    def __init__(self, message_id: str) -> None:
+        self.metadata = type("Metadata", (), {"reply_to_message_id": message_id})()
+
+
+class _FakeGrid:
+    """Push gives ids m0, m1; each message's reply shows up after ``replies_after`` pulls."""
+
+    def __init__(self, replies_after: int) -> None:
+        self.replies_after = replies_after
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        return [_Reply(m) for m in message_ids] if self.pulls >= self.replies_after else []
+
+
+def test_prompt_replies_keeps_the_send_and_receive_contract(monkeypatch):
+    from fedgen.flower_pin import STOCK_POLLING_ENV
+    from fedgen.server.superlink import prompt_replies
+
+    monkeypatch.delenv(STOCK_POLLING_ENV, raising=False)
+    grid = _FakeGrid(replies_after=4)
+    prompt_replies(grid, poll_seconds=0.05)
+    started = time.monotonic()
+    replies = grid.send_and_receive(["a", "b"], timeout=None)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert grid.pulls == 4 and time.monotonic() - started < 1.0  # three 0.05 s waits, not 3 s ones
+    late = _FakeGrid(replies_after=10**6)
+    prompt_replies(late, poll_seconds=0.05)
+    started = time.monotonic()
+    assert list(late.send_and_receive(["a"], timeout=0.3)) == []  # the timeout still ends the wait
+    assert 0.3 <= time.monotonic() - started < 1.0 and late.pulls >= 5

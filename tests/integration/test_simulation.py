@@ -48,6 +48,10 @@ def test_two_sites_two_rounds_learn_under_dp(tmp_path):
     summary = json.loads(proc.stdout)  # stdout holds the JSON object and nothing else
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert summary["final_accuracy"] == summary["rounds"][-1]["accuracy"] > CHANCE + 0.1
+    for entry in summary["rounds"]:  # round timing: the aggregator's wall time covers each site's training
+        trained = [s["train_seconds"] for s in entry["sites"] if s["status"] == "trained"]
+        assert sorted(s["site"] for s in entry["sites"]) == ["site-0", "site-1"] and len(trained) == 2
+        assert entry["wall_seconds"] > max(trained) >= min(trained) > 0
     first, second = (r["epsilon"] for r in summary["rounds"])
     assert set(first) == set(second) == {"site-0", "site-1"}
     for site in first:

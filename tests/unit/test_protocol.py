@@ -77,9 +77,11 @@ def test_report_round_trip_and_missing_metric():
         epsilon=2.5,
         delta=1e-5,
         dp=True,
+        train_seconds=1.5,
     )
     record = report.to_record()
     assert isinstance(record, MetricRecord)
+    assert record["train-seconds"] == 1.5
     assert TrainReport.from_record(record) == report
     del record["epsilon"]
     with pytest.raises(ProtocolError, match="epsilon"):
@@ -93,6 +95,10 @@ def test_report_round_trip_and_missing_metric():
         ("epsilon", [1.0, 2.0], "'epsilon' is not a number"),
         ("num-examples", 2.5, "'num-examples' is not a count"),
         ("steps", -1, "'steps' is not a count"),
+        ("train-seconds", -0.5, "'train-seconds' is not a duration"),
+        ("train-seconds", float("nan"), "'train-seconds' is not a duration"),
+        ("train-seconds", float("inf"), "'train-seconds' is not a duration"),
+        ("train-seconds", [1.0], "'train-seconds' is not a number"),
     ],
 )
 def test_report_refuses_metrics_that_are_not_numbers_or_counts(key, value, words):
@@ -112,3 +118,21 @@ def test_report_refuses_metrics_that_are_not_numbers_or_counts(key, value, words
     record[key] = value
     with pytest.raises(ProtocolError, match=words):
         TrainReport.from_record(record)
+
+
+def test_a_reply_without_train_seconds_still_reads():
+    """A site of an earlier fedgen reports no training time: its reply stays valid."""
+    report = TrainReport(
+        num_examples=10,
+        train_loss=0.5,
+        steps=2,
+        sample_rate=0.5,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        epsilon=1.0,
+        delta=1e-5,
+        dp=True,
+    )
+    record = report.to_record()
+    assert "train-seconds" not in record
+    assert TrainReport.from_record(record).train_seconds is None

@@ -15,9 +15,10 @@ def _result(tmp_path):
             loss=0.7,
             checkpoint=str(tmp_path / "r1.safetensors"),
             sites=[
-                SiteRound("site-0", "trained", examples=10, epsilon=1.5),
-                SiteRound("site-1", "trained", examples=12, epsilon=1.2),
+                SiteRound("site-0", "trained", examples=10, epsilon=1.5, train_seconds=1.25),
+                SiteRound("site-1", "trained", examples=12, epsilon=1.2, train_seconds=2.5),
             ],
+            wall_seconds=3.75,
         ),
         RoundResult(
             round=2,
@@ -25,21 +26,59 @@ def _result(tmp_path):
             loss=0.6,
             checkpoint=str(tmp_path / "r2.safetensors"),
             sites=[
-                SiteRound("site-0", "trained", examples=10, epsilon=2.5),
+                SiteRound("site-0", "trained", examples=10, epsilon=2.5, train_seconds=1.5),
                 SiteRound("site-1", "refused", reason="ceiling"),
             ],
+            wall_seconds=2.0,
         ),
     ]
     model = {"source": "nano", "architecture": "fedgen-dna-transformer", "base_digest": None}
     return RunResult(rounds=rounds, initial_accuracy=0.5, out_dir=str(tmp_path), config={"sites": 2}, model=model)
 
 
+def _site(site, status, **detail):
+    """A site's entry in the `--json` summary: every SiteRound field, defaults included."""
+    entry = {
+        "site": site,
+        "status": status,
+        "examples": 0,
+        "train_loss": None,
+        "epsilon": None,
+        "delta": None,
+        "noise_multiplier": None,
+        "steps": 0,
+        "reason": None,
+        "train_seconds": None,
+    }
+    return {**entry, **detail}
+
+
 def test_summary_is_the_json_contract(tmp_path):
     summary = _result(tmp_path).summary()
     assert summary == {
         "rounds": [
-            {"round": 1, "accuracy": 0.6, "loss": 0.7, "epsilon": {"site-0": 1.5, "site-1": 1.2}},
-            {"round": 2, "accuracy": 0.7, "loss": 0.6, "epsilon": {"site-0": 2.5}},
+            {
+                "round": 1,
+                "accuracy": 0.6,
+                "loss": 0.7,
+                "epsilon": {"site-0": 1.5, "site-1": 1.2},
+                "wall_seconds": 3.75,
+                "sites": [
+                    _site("site-0", "trained", examples=10, epsilon=1.5, train_seconds=1.25),
+                    _site("site-1", "trained", examples=12, epsilon=1.2, train_seconds=2.5),
+                ],
+            },
+            {
+                "round": 2,
+                "accuracy": 0.7,
+                "loss": 0.6,
+                "epsilon": {"site-0": 2.5},
+                "wall_seconds": 2.0,
+                "sites": [
+                    _site("site-0", "trained", examples=10, epsilon=2.5, train_seconds=1.5),
+                    _site("site-1", "refused", reason="ceiling"),
+                ],
+            },
         ],
         "final_accuracy": 0.7,
         "model": {"source": "nano", "architecture": "fedgen-dna-transformer", "base_digest": None},
@@ -116,3 +155,14 @@ def test_round_trip_through_a_dict(tmp_path):
     result = _result(tmp_path)
     again = RunResult.from_dict(json.loads(json.dumps(result.to_dict())))
     assert again == result
+
+
+def test_a_result_written_before_round_timing_still_reads(tmp_path):
+    saved = _result(tmp_path).to_dict()
+    for row in saved["rounds"]:
+        del row["wall_seconds"]
+        for site in row["sites"]:
+            del site["train_seconds"]
+    again = RunResult.from_dict(json.loads(json.dumps(saved)))
+    assert [r.wall_seconds for r in again.rounds] == [None, None]
+    assert again.summary()["rounds"][0]["sites"][0]["train_seconds"] is None
