@@ -150,7 +150,7 @@ def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDic
             sigma = privacy.noise_multiplier
         else:
             remaining_rounds = max(1, instructions.num_rounds - instructions.server_round + 1)
-            sigma = ledger.calibrate(sample_rate, plan.steps * remaining_rounds, privacy.epsilon)
+            sigma = ledger.calibrate(sample_rate, plan.steps * remaining_rounds, privacy.epsilon, run_id=run_id)
         ledger.check(sigma, sample_rate, plan.steps, privacy.epsilon)
         dp = DPSettings(
             noise_multiplier=sigma,

@@ -23,6 +23,7 @@ from fedgen.state_files import PRIVACY_LEDGER_FILE
 LEDGER_VERSION = 1
 # Past this noise multiplier an update carries almost no signal: refuse instead.
 MAX_NOISE_MULTIPLIER = 50.0
+CALIBRATION_TOLERANCE = 1e-3  # relative: a calibrated σ is at most 0.1% above the smallest that fits
 
 Mechanism = tuple[float, float, int]  # noise multiplier, sample rate, steps
 
@@ -114,24 +115,39 @@ class PrivacyLedger:
         """ε the site would have spent after ``steps`` more steps of this mechanism."""
         return self.epsilon_of(self.history + [(noise_multiplier, sample_rate, steps)])
 
-    def calibrate(self, sample_rate: float, planned_steps: int, ceiling: float) -> float:
-        """Smallest noise multiplier that keeps ``planned_steps`` more steps under ``ceiling``.
+    def calibrate(self, sample_rate: float, planned_steps: int, ceiling: float, run_id: int | None = None) -> float:
+        """Smallest noise multiplier that keeps ``planned_steps`` more steps under ``ceiling``
+        (to 0.1%).
+
+        Within a run the answer barely moves from round to round (the rounds before spent
+        what the plan said), so the σ of the run's last committed round is tried first: if
+        it still fits and 0.1% less does not, it is the answer, for two accountant calls
+        instead of a search of about twenty.
 
         Raises
         ------
         BudgetExceeded
             If no noise multiplier up to MAX_NOISE_MULTIPLIER fits the remaining budget.
         """
+
+        def fits(sigma: float) -> bool:
+            return self.epsilon_after(sigma, sample_rate, planned_steps) <= ceiling
+
+        last = self.rounds[-1] if self.rounds else None
+        if last is not None and run_id is not None and last["run_id"] == run_id and last["sample_rate"] == sample_rate:
+            sigma = float(last["noise_multiplier"])
+            if fits(sigma) and not fits(sigma * (1 - CALIBRATION_TOLERANCE)):
+                return sigma
         spent = self.epsilon
-        if spent >= ceiling or self.epsilon_after(MAX_NOISE_MULTIPLIER, sample_rate, planned_steps) > ceiling:
+        if spent >= ceiling or not fits(MAX_NOISE_MULTIPLIER):
             raise BudgetExceeded(
                 f"privacy budget exhausted: ε spent {spent:.4f} of ceiling {ceiling:g} "
                 f"(δ={self.delta:g}); {planned_steps} more steps would exceed it"
             )
         low, high = 0.0, MAX_NOISE_MULTIPLIER
-        while high - low > 1e-4 * high:
+        while high - low > CALIBRATION_TOLERANCE * high:
             mid = (low + high) / 2
-            if mid > 0 and self.epsilon_after(mid, sample_rate, planned_steps) <= ceiling:
+            if mid > 0 and fits(mid):
                 high = mid
             else:
                 low = mid

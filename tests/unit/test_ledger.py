@@ -79,3 +79,25 @@ def test_commit_leaves_no_temporary_file(tmp_path):
         [(1.0, 0.01, 10)], run_id=1, server_round=1, steps=10, noise_multiplier=1.0, sample_rate=0.01
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [PRIVACY_LEDGER_FILE]
+
+
+def test_calibrate_reuses_the_runs_sigma_only_while_it_is_the_smallest_that_fits(tmp_path, monkeypatch):
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
+    first = ledger.calibrate(0.1, 3 * 50, ceiling=8.0, run_id=7)  # a plan of 3 rounds of 50 steps
+    history = ledger.make_accountant([(first, 0.1, 50)]).history
+    ledger.commit(history, run_id=7, server_round=1, steps=50, noise_multiplier=first, sample_rate=0.1)
+    calls = []
+    real = ledger.epsilon_after
+    monkeypatch.setattr(ledger, "epsilon_after", lambda *a: calls.append(a) or real(*a))
+    # Round 2 of the same run: the run's σ is still the smallest that fits, found in two calls.
+    assert ledger.calibrate(0.1, 2 * 50, ceiling=8.0, run_id=7) == first
+    assert len(calls) == 2
+    calls.clear()
+    # Another run, or a plan the old σ no longer fits (more steps), searches afresh.
+    assert ledger.calibrate(0.1, 2 * 50, ceiling=8.0, run_id=8) == pytest.approx(first, rel=2e-3)
+    assert len(calls) > 5
+    wider = ledger.calibrate(0.1, 4 * 50, ceiling=8.0, run_id=7)
+    assert wider > first and ledger.epsilon_after(wider, 0.1, 200) <= 8.0
+    # A looser plan (fewer steps) would waste noise at the old σ: it searches too.
+    looser = ledger.calibrate(0.1, 50, ceiling=8.0, run_id=7)
+    assert looser < first * (1 - 1e-3)
