@@ -9,7 +9,7 @@ these here instead, each keyed by everything it depends on:
   sequence length (and, for a Hugging Face run, the base's digest: its tokenizer files);
 * the base digest: the base folder's file state (name, size, mtime, ctime, inode of
   each file), re-hashed when that state changes or is too recent to be trusted (a file
-  rewritten within the file system's timestamp granularity keeps its mtime);
+  rewritten within one tick of the file system's clock keeps its times);
 * the built model: the run's model config (which names the base digest the run is
   pinned to), the local base's digest and trust_remote_code, and the device.
 
@@ -36,9 +36,10 @@ from fedgen.data import load_dataset
 from fedgen.model_config import AnyModelConfig, HFModelConfig
 from fedgen.model_source import LocalBase, build_classifier, sequence_encoder
 
-# A file whose mtime or ctime is this close to when its state was recorded may change
-# again without its state changing (timestamps are coarse): its digest is not reused.
-RACY_NANOSECONDS = 2_000_000_000
+# File times advance in kernel ticks (1-10 ms on Linux): a file whose mtime or ctime is
+# this close to when its state was recorded may be rewritten within the same tick, its
+# state unchanged, so what was computed from it is not reused.
+RACY_NANOSECONDS = 50_000_000
 # Tokenised data of this many bytes, summed over the sites one process serves, stays cached.
 DEFAULT_DATA_BYTES = 1 << 30
 _CHUNK = 1 << 20
