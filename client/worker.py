@@ -156,7 +156,7 @@ def _answer(connection: socket.socket, answer: object) -> None:
 
 
 def _stop_at_end_of_stdin() -> None:
-    while sys.stdin.buffer.read(4096):
+    while os.read(0, 4096):  # the raw descriptor: a buffered read would hold a lock at exit
         pass
     os.kill(os.getpid(), signal.SIGTERM)
 
