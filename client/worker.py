@@ -132,9 +132,11 @@ def _serve_connection(connection: socket.socket, site_toml: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - a broken or foreign request costs nothing
         log.warning("ignored a request that is not a round (%s)", exc)
         return
+    started = time.perf_counter()
     try:
         site = load_toml(site_toml, SiteConfig)  # as a ClientApp process would: the current settings
         reply = answer_round(site, content, run_id)
+        log.info("site %s: answered a round of run %d in %.2f s", site.site_id, run_id, time.perf_counter() - started)
     except RoundRefused as refused:
         _answer(connection, refused)
         return
@@ -284,4 +286,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fedgen.client.worker import main as run  # this module under its own name: its logger is fedgen's
+
+    run()
