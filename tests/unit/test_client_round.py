@@ -9,8 +9,8 @@ import pytest
 from flwr.common.serde import recorddict_to_proto
 
 from fedgen import pki
-from fedgen.client.round import train_round
 from fedgen.client.ledger import BudgetExceeded, PrivacyLedger
+from fedgen.client.round import train_round
 from fedgen.config import SiteConfig, SiteTLSConfig, load_toml
 from fedgen.data import DataError, load_dataset
 from fedgen.lineage import LedgerHead, LineageWriter, witness_statement
