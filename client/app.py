@@ -1,57 +1,31 @@
 """fedgen's Flower ClientApp: one site's answer to a train message.
 
-The site checks that the lineage ledger head it was sent is signed by the consortium's
-lineage signer, loads its own data, restores its privacy ledger, refuses the round if it
-would pass its ε ceiling, trains (DP-SGD by default), keeps a receipt of the head and its
-update, and replies with the trainable tensors, its metrics, its site id and its
-signature over update and head. The data path and the sequences stay on the site.
+Deployed, the ClientApp process Flower starts for each message is a thin relay: it hands
+the message content to the site's warm worker (`fedgen.client.worker`, started by
+`fedgen site start`) over the site's 0600 Unix socket and returns the worker's reply. It
+imports neither torch nor the data: those live in the worker. A site whose SuperNode was
+started without a worker (by hand, with `flower-supernode`) runs the round in the
+ClientApp process itself, cold, as every round did before the worker existed; the site's
+round lock keeps such a round from overlapping one of a worker. In simulation the round
+runs in the Ray actor's process, whose warm cache outlives the call.
+
+The round itself is `fedgen.client.round`. Every failure becomes an error reply whose
+reason names no path and no sequence.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-import zlib
 from collections.abc import Callable
 
-import torch
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedgen.config import SiteConfig, load_toml
-from fedgen.data import DataError, load_dataset
-from fedgen.errors import InputError
-from fedgen.lineage import witness_statement
-from fedgen.lineage.receipts import WitnessError, append_receipt, check_ledger_head, new_receipt
-from fedgen.model import resolve_device
-from fedgen.model_config import AnyModelConfig, HFModelConfig, model_config_from_json
-from fedgen.model_source import BaseModelMismatch, LocalBase, build_classifier, sequence_encoder
-from fedgen.params import (
-    arrays_to_record,
-    digest,
-    load_trainable,
-    record_to_arrays,
-    to_numpy,
-    trainable_tensors,
-)
-from fedgen.pki import load_certificate, load_private_key, sign_message
-from fedgen.protocol import (
-    ARRAYS_KEY,
-    BUDGET_REFUSED,
-    CONFIG_KEY,
-    METRICS_KEY,
-    MODEL_REFUSED,
-    SITE_DATA_ERROR,
-    SITE_ERROR,
-    SITE_KEY,
-    TrainInstructions,
-    TrainReport,
-    site_record,
-)
+from fedgen.protocol import SITE_ERROR
+from fedgen.state_files import WORKER_SOCKET_FILE
 
-from .dp_check import CheckKey, PerSampleGradientMismatch, ensure_per_sample_gradients
-from .ledger import BudgetExceeded, PrivacyLedger
-from .trainer import DPSettings, LocalPlan, local_steps, poisson_sample_rate, train_local
+from .channel import RoundRefused, WorkerUnavailable, request_round
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +33,8 @@ SITE_CONFIG_NODE_KEY = "site-config"
 SiteResolver = Callable[[Context], SiteConfig]
 # (site, what the aggregator sent, the honest reply) -> the reply actually sent.
 ReplyTamper = Callable[[SiteConfig, RecordDict, RecordDict], RecordDict]
+# (site, message content, run id) -> reply content; raises RoundRefused to refuse.
+RoundRunner = Callable[[SiteConfig, RecordDict, int], RecordDict]
 
 
 def site_from_node_config(context: Context) -> SiteConfig:
@@ -72,160 +48,36 @@ def site_from_node_config(context: Context) -> SiteConfig:
     return load_toml(str(path), SiteConfig)
 
 
-def _site_seed(site_id: str, instructions: TrainInstructions) -> int:
-    # Stable across processes (unlike hash()): different per site, round and run seed.
-    return zlib.crc32(f"{instructions.seed}/{instructions.server_round}/{site_id}".encode())
+def in_process_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDict:
+    """Run the round in this process (its warm cache lasts as long as the process)."""
+    from .round import answer_round  # torch and the data only where a round runs
+
+    return answer_round(site, content, run_id)
 
 
-def gradient_check_key(model_config: AnyModelConfig) -> CheckKey:
-    """What the per-sample gradient check depends on: the base and what trains, not the weights."""
-    if isinstance(model_config, HFModelConfig):
-        trained = f"{model_config.finetune} r{model_config.lora_rank} " + ",".join(model_config.target_modules)
-        return CheckKey(model_config.base_digest, trained)
-    return CheckKey("built-in", model_config.to_json())
+def relayed_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDict:
+    """Have the site's worker run the round; without a worker, run it here.
 
-
-def train_round(site: SiteConfig, content: RecordDict, run_id: int) -> RecordDict:
-    """Run one local round and build the reply content.
-
-    Raises
-    ------
-    WitnessError
-        If the site has a certificate and the instructions carry no ledger head signed by
-        the consortium's lineage signer (checked before any privacy budget is spent).
-    BudgetExceeded
-        If the site's ε ceiling does not allow this round.
-    DataError
-        If the site's data is unreadable or has labels the run does not know.
+    Once the request is sent the worker's answer is final: a worker lost mid-round is an
+    error reply, never a second run of the round (the lost one may have spent budget).
     """
-    instructions = TrainInstructions.from_record(content[CONFIG_KEY])
-    notice = instructions.ledger
-    if site.tls is not None:
-        check_ledger_head(
-            notice.head if notice else None,
-            notice.signer if notice else None,
-            load_certificate(site.tls.ca_certificate),
-        )
-    dataset = load_dataset(site.data).with_label_names(instructions.label_names)
-    model_config = model_config_from_json(instructions.model_config)
-    base = LocalBase(site.base_model, site.trust_remote_code) if site.base_model is not None else None
-    encoder = sequence_encoder(model_config, instructions.tokenizer, base)
-    ids = encoder.encode(dataset.sequences, max_length=model_config.max_len)
-    labels = torch.tensor(dataset.labels, dtype=torch.long)
-
-    model = build_classifier(model_config, base)  # refuses a base other than the run's
-    load_trainable(model, record_to_arrays(content[ARRAYS_KEY]))
-    device = resolve_device(site.device)
-
-    n = len(dataset)
-    batch_size = min(instructions.batch_size, n)
-    plan = LocalPlan(
-        steps=local_steps(n, batch_size, instructions.local_epochs),
-        batch_size=batch_size,
-        learning_rate=instructions.learning_rate,
-        seed=_site_seed(site.site_id, instructions),
-        proximal_mu=instructions.proximal_mu,
-        precision=site.precision,
-    )
-    privacy = site.privacy
-    sample_rate = poisson_sample_rate(n, batch_size)
-    dp = None
-    ledger = None
-    if privacy.enabled:
-        if site.precision != "fp32":
-            raise InputError(
-                f"precision {site.precision} is refused under DP: fedgen checks per-sample gradients in float32 "
-                'only; set precision = "fp32" or disable privacy'
-            )
-        # Before any budget is spent: DP holds only if per-sample gradients are what Opacus computes.
-        ensure_per_sample_gradients(
-            lambda: build_classifier(model_config, base, deterministic=True),
-            ids,
-            labels,
-            state_dir=site.state_dir,
-            key=gradient_check_key(model_config),
-        )
-        ledger = PrivacyLedger.open(site.state_dir, accountant=privacy.accountant, delta=privacy.delta)
-        if privacy.noise_multiplier is not None:
-            sigma = privacy.noise_multiplier
-        else:
-            remaining_rounds = max(1, instructions.num_rounds - instructions.server_round + 1)
-            sigma = ledger.calibrate(sample_rate, plan.steps * remaining_rounds, privacy.epsilon, run_id=run_id)
-        ledger.check(sigma, sample_rate, plan.steps, privacy.epsilon)
-        dp = DPSettings(
-            noise_multiplier=sigma,
-            max_grad_norm=privacy.max_grad_norm,
-            accountant=privacy.accountant,
-            history=ledger.history,
-        )
-
-    started = time.perf_counter()
-    result = train_local(model, ids, labels, plan, device, dp)
-    train_seconds = time.perf_counter() - started
-
-    epsilon = 0.0
-    if ledger is not None and dp is not None:
-        # Persist the spend before anything leaves the site.
-        epsilon = ledger.commit(
-            result.history,
-            run_id=run_id,
-            server_round=instructions.server_round,
-            steps=plan.steps,
-            noise_multiplier=dp.noise_multiplier,
-            sample_rate=sample_rate,
-        )
-    report = TrainReport(
-        num_examples=n,
-        train_loss=result.mean_loss,
-        steps=plan.steps,
-        sample_rate=sample_rate if dp else 0.0,
-        noise_multiplier=dp.noise_multiplier if dp else 0.0,
-        max_grad_norm=dp.max_grad_norm if dp else 0.0,
-        epsilon=epsilon,
-        delta=privacy.delta if dp else 0.0,
-        dp=dp is not None,
-        train_seconds=train_seconds,
-    )
-    update = to_numpy(trainable_tensors(model))
-    return RecordDict(
-        {
-            ARRAYS_KEY: arrays_to_record(update),
-            METRICS_KEY: report.to_record(),
-            SITE_KEY: _witnessed_site_record(site, instructions, str(run_id), digest(update)),
-        }
-    )
+    try:
+        return request_round(site.state_dir / WORKER_SOCKET_FILE, run_id, content)
+    except WorkerUnavailable as exc:
+        log.warning("site %s: %s; training this round in the ClientApp process (cold)", site.site_id, exc)
+    return in_process_round(site, content, run_id)
 
 
-def _witnessed_site_record(
-    site: SiteConfig, instructions: TrainInstructions, run_id: str, update_digest: str
-) -> ConfigRecord:
-    """The site's identity and update digest, signed together with the ledger head it was sent.
-
-    The receipt of that head is written, durably, before the reply can leave. A simulated
-    site (no certificate) keeps an unsigned receipt and sends no signature; without a
-    ledger notice (a run that keeps no lineage, which a deployed site refused before
-    training) there is nothing to witness.
-    """
-    notice = instructions.ledger
-    if notice is None:
-        return site_record(site.site_id, update_digest)
-    signature = certificate_pem = None
-    if site.tls is not None:
-        statement = witness_statement(run_id, notice.round, notice.head.seq, notice.head.hash, update_digest)
-        signature = sign_message(load_private_key(site.tls.private_key), statement)
-        certificate_pem = site.tls.certificate.read_text(encoding="ascii")
-    append_receipt(
-        site.state_dir, new_receipt(site.site_id, run_id, notice.round, notice.head, update_digest, signature)
-    )
-    return site_record(site.site_id, update_digest, signature, certificate_pem)
-
-
-def make_client_app(resolve_site: SiteResolver = site_from_node_config, tamper: ReplyTamper | None = None) -> ClientApp:
+def make_client_app(
+    resolve_site: SiteResolver = site_from_node_config,
+    tamper: ReplyTamper | None = None,
+    run_round: RoundRunner = in_process_round,
+) -> ClientApp:
     """Build the ClientApp; ``resolve_site`` maps a node's context to its SiteConfig.
 
-    Every failure becomes an error reply whose reason names no path and no sequence:
-    exception messages can carry both, so the detail goes to the site's own log only.
-    ``tamper`` exists for simulations of misbehaving sites (`fedgen simulate --adversary`).
+    ``run_round`` runs the round: in this process (simulation), or relayed to the site's
+    worker (deployment). ``tamper`` exists for simulations of misbehaving sites
+    (`fedgen simulate --adversary`).
     """
     app = ClientApp()
 
@@ -235,22 +87,12 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config, tamper: 
         try:
             site = resolve_site(context)
             site_id = site.site_id
-            content = train_round(site, msg.content, msg.metadata.run_id)
+            content = run_round(site, msg.content, msg.metadata.run_id)
             if tamper is not None:
                 content = tamper(site, msg.content, content)
             return Message(content, reply_to=msg)
-        except BudgetExceeded as exc:
-            log.warning("site %s: %s", site_id, exc)
-            code, reason = BUDGET_REFUSED, str(exc)
-        except (BaseModelMismatch, PerSampleGradientMismatch) as exc:  # their messages name no path
-            log.error("site %s: %s", site_id, exc)
-            code, reason = MODEL_REFUSED, str(exc)
-        except WitnessError as exc:  # its message names no path
-            log.error("site %s: %s", site_id, exc)
-            code, reason = SITE_ERROR, f"refused to witness the round: {exc}"
-        except DataError as exc:
-            log.error("site %s: %s", site_id, exc)
-            code, reason = SITE_DATA_ERROR, f"local data rejected: {exc.reason}"
+        except RoundRefused as exc:  # its reason was written to name no path
+            code, reason = exc.code, exc.reason
         except Exception as exc:  # noqa: BLE001 - reported to the aggregator without detail
             log.exception("site %s: round failed", site_id)
             code, reason = SITE_ERROR, f"{type(exc).__name__} (details in the site's log)"
@@ -259,6 +101,6 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config, tamper: 
     return app
 
 
-app = make_client_app()
+app = make_client_app(run_round=relayed_round)
 
-__all__ = ["app", "make_client_app", "train_round", "site_from_node_config"]
+__all__ = ["app", "in_process_round", "make_client_app", "relayed_round", "site_from_node_config"]

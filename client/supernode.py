@@ -48,7 +48,9 @@ from fedgen.flower_pin import check_flower_version, prompt_superexec_polling, st
 from fedgen.hf.checkpoint import CheckpointError, read_checkpoint
 from fedgen.pki import PKIError, check_key_pair, check_tls_identity, site_id_of
 from fedgen.sovereignty import apply_sovereign_environment
+from fedgen.state_files import WORKER_SOCKET_FILE
 
+from .channel import ChannelError, check_socket_path
 from .refusals import refusal_cause
 
 log = logging.getLogger(__name__)
@@ -321,10 +323,27 @@ def check_site(site: SiteConfig, source: str) -> SiteTLSConfig:
 
 
 def start_site(site_toml: Path) -> None:
-    """`fedgen site start`: check the site's config, then run its SuperNode (blocking)."""
+    """`fedgen site start`: check the site's config, start its warm worker, then run its
+    SuperNode (blocking); the worker stops with it (`fedgen.client.worker.SiteWorker`).
+
+    Raises
+    ------
+    WorkerStartFailed
+        If the worker exits or does not get ready (the SuperNode does not start).
+    """
+    from .worker import SiteWorker
+
     site = load_toml(site_toml, SiteConfig)
     tls = check_site(site, str(site_toml))
+    try:
+        check_socket_path(site.state_dir / WORKER_SOCKET_FILE)
+    except ChannelError as exc:
+        raise ConfigError(f"{site_toml}: state_dir: {exc}") from None
     apply_sovereign_environment()
-    run_supernode(
-        tls=tls, aggregator=site.aggregator, site_config=Path(site_toml).resolve(), runtime_port=site.runtime_port
-    )
+    site_config = Path(site_toml).resolve()
+    worker = SiteWorker(site_config)
+    worker.start()
+    try:
+        run_supernode(tls=tls, aggregator=site.aggregator, site_config=site_config, runtime_port=site.runtime_port)
+    finally:
+        worker.stop()

@@ -145,16 +145,22 @@ class LocalBase:
         BaseModelMismatch
             Naming both digests, if this folder holds another base.
         """
-        from .hf.checkpoint import base_digest, read_checkpoint
+        from .hf.checkpoint import read_checkpoint
 
         checkpoint = read_checkpoint(self.folder)
-        local = base_digest(checkpoint)
+        local = self.digest(checkpoint)
         if local != config.base_digest:
             raise BaseModelMismatch(
                 f"the local base model has digest {local[:16]}…, the run is pinned to {config.base_digest[:16]}… "
                 f"({config.architecture}): this site holds a different checkpoint"
             )
         return checkpoint
+
+    def digest(self, checkpoint) -> str:  # noqa: ANN001 - a fedgen.hf.checkpoint.Checkpoint
+        """The base digest of ``checkpoint`` (this folder's); a long-lived site caches it."""
+        from .hf.checkpoint import base_digest
+
+        return base_digest(checkpoint)
 
 
 def sequence_encoder(config: AnyModelConfig, tokenizer: str, base: LocalBase | None):

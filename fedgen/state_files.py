@@ -1,8 +1,9 @@
 """The names of the files fedgen keeps in a state or run folder: each named here once.
 
-A site's state folder holds its privacy ledger and lineage receipts; the aggregator's holds
-the lineage ledger, the checkpoints, Flower's database and the fleet registry; a run's
-folder (or a simulation's) holds its progress, its result and its own ledger and checkpoints.
+A site's state folder holds its privacy ledger, lineage receipts, round lock and its
+worker's socket; the aggregator's holds the lineage ledger, the checkpoints, Flower's
+database and the fleet registry; a run's folder (or a simulation's) holds its progress,
+its result and its own ledger and checkpoints.
 """
 
 from __future__ import annotations
@@ -18,3 +19,5 @@ PROGRESS_FILE = "progress.jsonl"  # a run's committed rounds, for the coordinato
 RESULT_FILE = "result.json"  # a run's `fedgen.results.RunResult`
 PLAN_FILE = "plan.json"  # what the coordinator asks of the ServerApp (`fedgen.server.plan.RunPlan`)
 FAILURE_FILE = "failure.json"  # why the ServerApp stopped, for `fedgen run` to print
+WORKER_SOCKET_FILE = "worker.sock"  # a site's warm worker listens here (0600), for its ClientApp relays
+ROUND_LOCK_FILE = "round.lock"  # held by whichever process runs one of the site's rounds

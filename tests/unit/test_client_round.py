@@ -9,8 +9,8 @@ import pytest
 from flwr.common.serde import recorddict_to_proto
 
 from fedgen import pki
-from fedgen.client.app import train_round
 from fedgen.client.ledger import BudgetExceeded, PrivacyLedger
+from fedgen.client.round import train_round
 from fedgen.config import SiteConfig, SiteTLSConfig, load_toml
 from fedgen.data import DataError, load_dataset
 from fedgen.lineage import LedgerHead, LineageWriter, witness_statement
@@ -98,7 +98,7 @@ def test_labels_outside_the_run_are_a_data_error(tmp_path):
 
 _ROUND_IN_FRESH_PROCESS = """
 import json, sys
-from fedgen.client.app import train_round
+from fedgen.client.round import train_round
 from fedgen.config import SiteConfig, load_toml
 from fedgen.protocol import METRICS_KEY, TrainReport
 from tests.conftest import train_message

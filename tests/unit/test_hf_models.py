@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedgen.client.app import train_round
 from fedgen.client.dp_check import PerSampleGradientMismatch, check_per_sample_gradients
+from fedgen.client.round import train_round
 from fedgen.client.trainer import DPSettings, LocalPlan, train_local
 from fedgen.config import SiteConfig, TrainingConfig, load_toml
 from fedgen.data import load_bundled
