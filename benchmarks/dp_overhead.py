@@ -196,7 +196,10 @@ def main() -> None:
             print(json.dumps({name: row}), flush=True)
             rows[name] = row
     report = {
-        "command": "python benchmarks/dp_overhead.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/dp_overhead.py"
+        + (" --quick" if args.quick else "")
+        + (f" --steps {args.steps}" if args.steps != parser.get_default("steps") else "")
+        + (f" --batch-size {args.batch_size}" if args.batch_size != parser.get_default("batch_size") else ""),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, torch CPU",
         "batch_size": batch,
         "sequence_bases": SEQUENCE_BASES,
