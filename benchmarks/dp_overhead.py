@@ -60,16 +60,12 @@ def _setting(name: str, folder: Path | None, batch_size: int):
         from fedgen.tokenizers import make_tokenizer
 
         tokenizer = make_tokenizer(TrainingConfig().tokenizer)
-        config = preset_config(
-            name, vocab_size=tokenizer.vocab_size, max_len=tokenizer.token_length(SEQUENCE_BASES)
-        )
+        config = preset_config(name, vocab_size=tokenizer.vocab_size, max_len=tokenizer.token_length(SEQUENCE_BASES))
         return build_model(config, seed=0), tokenizer.encode(_sequences(batch_size)), labels
     from fedgen.config import TrainingConfig
     from fedgen.model_source import LocalBase, build_classifier, resolve_model_config, sequence_encoder
 
-    config = resolve_model_config(
-        str(folder), TrainingConfig(finetune="lora"), num_labels=2, max_bases=SEQUENCE_BASES
-    )
+    config = resolve_model_config(str(folder), TrainingConfig(finetune="lora"), num_labels=2, max_bases=SEQUENCE_BASES)
     model = build_classifier(config, LocalBase(folder))
     encoder = sequence_encoder(config, "", LocalBase(folder))
     return model, encoder.encode(_sequences(batch_size), max_length=config.max_len), labels

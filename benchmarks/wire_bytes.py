@@ -61,9 +61,7 @@ class ByteCounter:
 
         async def listen() -> None:
             for site in sites:
-                server = await asyncio.start_server(
-                    lambda r, w, site=site: self._relay(site, r, w), "127.0.0.1", 0
-                )
+                server = await asyncio.start_server(lambda r, w, site=site: self._relay(site, r, w), "127.0.0.1", 0)
                 self.ports[site] = server.sockets[0].getsockname()[1]
             ready.set()
 
@@ -174,7 +172,10 @@ def measure(folder: Path, out: Path, settings: tuple[str, ...], say) -> dict:
             submitted = submit(load_toml(path, RunConfig), str(path))
             say(f"run {submitted.run_id} ({finetune}) submitted")
             result = follow(
-                submitted, lambda _: commits.append(time.monotonic()), poll_seconds=0.25, check=group.check_alive
+                submitted,
+                lambda _, mark=commits.append: mark(time.monotonic()),
+                poll_seconds=0.25,
+                check=group.check_alive,
             )
             if len(commits) != ROUNDS or any(s.status != "trained" for r in result.rounds for s in r.sites):
                 raise RuntimeError(f"run {finetune} did not train {ROUNDS} rounds on every site: {result.to_dict()}")

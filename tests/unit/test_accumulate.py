@@ -32,7 +32,9 @@ def test_running_mean_equals_numpys_weighted_mean(count, dtype):
     for name in ("layer.weight", "layer.bias"):
         assert result[name].dtype == np.float32  # handed back in the updates' dtype
         # float32 accumulation rounds at ~K x 6e-8 relative; float64 only at the final cast.
-        np.testing.assert_allclose(result[name], _numpy_mean(updates, name), rtol=1e-5 if dtype is None else 1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            result[name], _numpy_mean(updates, name), rtol=1e-5 if dtype is None else 1e-6, atol=1e-6
+        )
 
 
 def test_float64_updates_accumulate_in_float64():
