@@ -27,18 +27,21 @@ LOG_TIME = re.compile(
 )
 
 
-class RevokeAfterFirstReply(threading.Thread):
-    """Revoke site-1 as soon as it has sent its round-1 reply, while it is frozen; then
-    wait for its `fedgen site start` to exit (reaping it, as a service manager would).
+class RevokeAfterFirstRound(threading.Thread):
+    """Freeze site-1 as soon as it has sent its round-1 reply, revoke it once the aggregator
+    has committed round 1, then wait for its `fedgen site start` to exit (reaping it, as a
+    service manager would).
 
     Frozen (SIGSTOP), the site can pull nothing; its log then proves it received exactly
     one train message before the CRL changed, so whatever it receives afterwards would be
-    a failure of revocation, not a race of the test.
+    a failure of revocation, not a race of the test. Waiting for the commit matters: a
+    node cut off before the ServerApp pulled its reply has that reply replaced by Flower
+    with "node unavailable", so a revocation also voids a reply not yet collected.
     """
 
-    def __init__(self, log: Path, process, certs: Path) -> None:
+    def __init__(self, log: Path, process, certs: Path, lineage: Path) -> None:
         super().__init__(daemon=True)
-        self.log, self.process, self.certs = log, process, certs
+        self.log, self.process, self.certs, self.lineage = log, process, certs, lineage
         self.revoked_wall: datetime | None = None
         self.exit_code: int | None = None
         self.exited_after: float | None = None
@@ -54,6 +57,9 @@ class RevokeAfterFirstReply(threading.Thread):
             try:
                 received = self.log.read_text(errors="replace").count("Receiving: train message")
                 assert received == 1, f"site-1 already received {received} train messages"
+                while not self.round_1_committed():
+                    assert time.monotonic() < deadline, "the aggregator never committed round 1"
+                    time.sleep(0.1)
                 pki.revoke_site(self.certs, "site-1", "privilege-withdrawn")
                 revoked_at, self.revoked_wall = time.monotonic(), datetime.now()
             finally:
@@ -62,6 +68,10 @@ class RevokeAfterFirstReply(threading.Thread):
             self.exited_after = time.monotonic() - revoked_at
         except BaseException as exc:  # reported by the test
             self.error = exc
+
+    def round_1_committed(self) -> bool:
+        records = read_records(self.lineage) if self.lineage.exists() else []
+        return any(r["type"] == "round_committed" for r in records)
 
 
 def test_a_site_revoked_between_rounds_receives_nothing_more(tmp_path: Path):
@@ -86,7 +96,7 @@ def test_a_site_revoked_between_rounds_receives_nothing_more(tmp_path: Path):
             for t in site_tomls
         }
         site_1, site_1_log = sites["site-1"]
-        revoker = RevokeAfterFirstReply(site_1_log, site_1, tmp_path / "certs")
+        revoker = RevokeAfterFirstRound(site_1_log, site_1, tmp_path / "certs", aggregator.state_dir / "lineage.jsonl")
         revoker.start()
         result = follow(submit(load_toml(run_toml, RunConfig), str(run_toml)), poll_seconds=1)
         revoker.join(120)
