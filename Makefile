@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# DEMO_ARGS: extra `fedgen demo` options, e.g. make demo DEMO_ARGS="--sites 5 --rounds 4".
 demo: venv
-	$(BIN)/fedgen demo --out runs/demo-$$(date -u +%Y%m%dT%H%M%SZ)
+	$(BIN)/fedgen demo $(DEMO_ARGS) --out runs/demo-$$(date -u +%Y%m%dT%H%M%SZ)
 
 test: venv
 	$(BIN)/python -m pytest

@@ -40,7 +40,7 @@ import fedgen  # noqa: F401  (sovereign switches before torch, transformers, flw
 RESULTS = Path(__file__).parent / "results" / "wire_bytes.json"
 SITES = 2
 ROUNDS = 2
-IDLE_SECONDS = 15.0
+IDLE_SECONDS = 15.0  # --quick: 5
 EVAL_ROWS = 64  # the aggregator's held-out set: small, so evaluation does not dominate a round
 
 
@@ -122,7 +122,7 @@ def _small_eval_set(out: Path) -> Path:
     return path
 
 
-def measure(folder: Path, out: Path, settings: tuple[str, ...], say) -> dict:
+def measure(folder: Path, out: Path, settings: tuple[str, ...], say, idle_seconds: float = IDLE_SECONDS) -> dict:
     """Start the deployment behind the counters, run one run per setting, return the figures."""
     from fedgen.cli.demo import write_consortium
     from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, TrainingConfig, load_toml, write_toml
@@ -158,8 +158,8 @@ def measure(folder: Path, out: Path, settings: tuple[str, ...], say) -> dict:
                 raise RuntimeError("sites did not reach the aggregator within 300 s")
             time.sleep(0.2)
         idle_start = time.monotonic()
-        say(f"sites connected; measuring idle polling for {IDLE_SECONDS:.0f} s")
-        time.sleep(IDLE_SECONDS)  # a measurement window, not a wait for a condition
+        say(f"sites connected; measuring idle polling for {idle_seconds:.0f} s")
+        time.sleep(idle_seconds)  # a measurement window, not a wait for a condition
         idle_end = time.monotonic()
         idle = {
             site: {d: counter.total(site, d, idle_start, idle_end) / (idle_end - idle_start) for d in ("up", "down")}
@@ -207,7 +207,8 @@ def main() -> None:
         folder = esm_checkpoint(Path(tmp) / "nt", shape=TINY_SHAPE if args.quick else NT_50M_SHAPE)
         tensors = {finetune: _tensor_bytes(folder, finetune) for finetune in settings}
         (Path(tmp) / "deployment").mkdir()
-        wire = measure(folder, Path(tmp) / "deployment", settings, lambda m: print(m, file=sys.stderr, flush=True))
+        say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        wire = measure(folder, Path(tmp) / "deployment", settings, say, 5.0 if args.quick else IDLE_SECONDS)
     rows = {}
     for finetune in settings:
         sent = tensors[finetune]["tensor_bytes"]

@@ -2,7 +2,9 @@
 
 A Unix stream socket in the site's state folder, created 0600 (only the site's user can
 open it), whose two ends also check each other's user id from the kernel (SO_PEERCRED):
-a socket a wider permission or another user's process reached is refused either way.
+a socket a wider permission or another user's process reached is refused either way. A
+socket address holds at most 107 bytes; a deeper state folder is reached through a
+descriptor of the folder (``/proc/self/fd/N/worker.sock``), so its depth does not matter.
 
 One connection carries one round: a request frame (run id, the message content), then
 one reply frame (the reply content, or the refusal's error code and reason). Content
@@ -17,6 +19,8 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import RecordDict
@@ -64,13 +68,19 @@ def decode_content(data: bytes) -> RecordDict:
     return recorddict_from_proto(_RECORD_DICT_PROTO.FromString(data))
 
 
-def check_socket_path(path: Path) -> None:
-    """Raise ChannelError if ``path`` cannot be a Unix socket's address."""
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ChannelError(
-            f"{path}: longer than the {MAX_SOCKET_PATH} bytes a Unix socket path may have; "
-            "choose a shorter state_dir for the site"
-        )
+@contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """The address to bind or connect ``path`` by: the path itself, or, if it is longer
+    than a socket address may be, the same file reached through a descriptor of its folder
+    (valid while the context lasts)."""
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        yield str(path)
+        return
+    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{folder}/{path.name}"
+    finally:
+        os.close(folder)
 
 
 def listen(path: Path) -> socket.socket:
@@ -82,10 +92,9 @@ def listen(path: Path) -> socket.socket:
     Raises
     ------
     ChannelError
-        If the path is too long, or another worker already listens there.
+        If another worker already listens there.
     """
     path = Path(path)
-    check_socket_path(path)
     if path.exists() or path.is_symlink():
         try:
             connect(path).close()
@@ -96,7 +105,8 @@ def listen(path: Path) -> socket.socket:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     previous = os.umask(0o177)  # no window in which the socket is open to others
     try:
-        server.bind(str(path))
+        with socket_address(path) as address:
+            server.bind(address)
     finally:
         os.umask(previous)
     os.chmod(path, 0o600)
@@ -116,10 +126,10 @@ def connect(path: Path) -> socket.socket:
     ChannelError
         If the process that holds the socket belongs to another user.
     """
-    check_socket_path(Path(path))
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        client.connect(str(path))
+        with socket_address(Path(path)) as address:
+            client.connect(address)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         client.close()
         raise WorkerUnavailable(f"no worker listens at {path} ({type(exc).__name__})") from None

@@ -48,9 +48,7 @@ from fedgen.flower_pin import check_flower_version, prompt_superexec_polling, st
 from fedgen.hf.checkpoint import CheckpointError, read_checkpoint
 from fedgen.pki import PKIError, check_key_pair, check_tls_identity, site_id_of
 from fedgen.sovereignty import apply_sovereign_environment
-from fedgen.state_files import WORKER_SOCKET_FILE
 
-from .channel import ChannelError, check_socket_path
 from .refusals import refusal_cause
 
 log = logging.getLogger(__name__)
@@ -335,10 +333,6 @@ def start_site(site_toml: Path) -> None:
 
     site = load_toml(site_toml, SiteConfig)
     tls = check_site(site, str(site_toml))
-    try:
-        check_socket_path(site.state_dir / WORKER_SOCKET_FILE)
-    except ChannelError as exc:
-        raise ConfigError(f"{site_toml}: state_dir: {exc}") from None
     apply_sovereign_environment()
     site_config = Path(site_toml).resolve()
     worker = SiteWorker(site_config)

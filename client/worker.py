@@ -53,17 +53,11 @@ class WorkerStartFailed(OperationFailed, RuntimeError):
     """The site's worker exited, or did not get ready, before it listened."""
 
 
-class _Lifecycle:
-    """Stop between rounds, never inside one: a round in progress finishes, reply and all."""
-
-    def __init__(self) -> None:
-        self.in_round = False
-        self.stopping = False
-
-    def on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.stopping = True
-        if not self.in_round:
-            raise SystemExit(0)
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """Stop at once, also in the middle of a round: an operator's stop must not wait for
+    training. A round cut short sent nothing, so it spent nothing it did not commit (the
+    ledger is written atomically), and its relay reports it failed."""
+    raise SystemExit(0)
 
 
 def serve(site_toml: Path, *, ready_fd: int | None = None, watch_stdin: bool = False) -> None:
@@ -75,9 +69,8 @@ def serve(site_toml: Path, *, ready_fd: int | None = None, watch_stdin: bool = F
     site = load_toml(site_toml, SiteConfig)
     Path(site.state_dir).mkdir(parents=True, exist_ok=True)
     path = Path(site.state_dir) / WORKER_SOCKET_FILE
-    lifecycle = _Lifecycle()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lifecycle.on_signal)
+        signal.signal(signum, _stop)
     if watch_stdin:
         threading.Thread(target=_stop_at_end_of_stdin, daemon=True).start()
     _prepare(site)
@@ -88,14 +81,10 @@ def serve(site_toml: Path, *, ready_fd: int | None = None, watch_stdin: bool = F
         os.write(ready_fd, READY_LINE)
         os.close(ready_fd)
     try:
-        while not lifecycle.stopping:
+        while True:
             connection, _ = server.accept()
             with connection:
-                lifecycle.in_round = True
-                try:
-                    _serve_connection(connection, site_toml)
-                finally:
-                    lifecycle.in_round = False
+                _serve_connection(connection, site_toml)
     except SystemExit:
         pass
     finally:
@@ -248,7 +237,7 @@ class SiteWorker:
                 log.error("%s", exc)
 
     def stop(self) -> None:
-        """Stop the worker (after the round it is running, if it finishes in time)."""
+        """Stop the worker (at once, also in the middle of a round)."""
         self._stopping.set()
         if self.process is not None:
             _end(self.process)

@@ -49,6 +49,7 @@ LORA_TARGETS_OPTION = typer.Option(
 TRUST_CODE_OPTION = typer.Option(
     False, "--trust-remote-code", help="Run modeling code shipped inside the checkpoint folder (explicit opt-in)."
 )
+LOCAL_EPOCHS_OPTION = typer.Option(DEFAULTS.local_epochs, "--local-epochs", min=0.0, help="Local epochs per round.")
 
 
 class Partition(str, Enum):
@@ -132,9 +133,7 @@ def simulate(
     tokenizer: str = typer.Option(
         DEFAULTS.tokenizer, "--tokenizer", help="nucleotide, kmerK (non-overlapping) or kmerKsS (stride S)."
     ),
-    local_epochs: float = typer.Option(
-        DEFAULTS.local_epochs, "--local-epochs", min=0.0, help="Local epochs per round."
-    ),
+    local_epochs: float = LOCAL_EPOCHS_OPTION,
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1, help="Expected local batch size."),
     lr: float = typer.Option(DEFAULTS.learning_rate, "--lr", min=0.0, help="Local learning rate."),
     seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed for split, partition, init and training."),
@@ -311,6 +310,7 @@ def demo(
     rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
     epsilon: float = typer.Option(8.0, "--epsilon", min=0.0, help="Each site's ε ceiling (δ=1e-5)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the data split and training."),
+    local_epochs: float = LOCAL_EPOCHS_OPTION,
     out: Path = typer.Option(
         None, "--out", help="Where certificates, configs, logs and checkpoints go (default: a new temporary folder)."
     ),
@@ -333,6 +333,7 @@ def demo(
             lora_alpha=lora_alpha,
             lora_target_modules=list(lora_target or []),
             trust_remote_code=trust_remote_code,
+            local_epochs=local_epochs,
         )
     except ValueError as exc:
         fail(str(exc))

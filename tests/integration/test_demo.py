@@ -33,7 +33,21 @@ def test_demo_runs_dp_rounds_over_mtls_calls_nobody_and_stops_everything(tmp_pat
     server, env = tripwire
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedgen.cli", "demo", "--sites", "2", "--rounds", "2", "--out", str(out), "--json"],
+        [
+            sys.executable,
+            "-m",
+            "fedgen.cli",
+            "demo",
+            "--sites",
+            "2",
+            "--rounds",
+            "2",
+            "--local-epochs",
+            "0.5",
+            "--out",
+            str(out),
+            "--json",
+        ],
         capture_output=True,
         text=True,
         env=env,

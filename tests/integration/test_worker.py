@@ -1,6 +1,6 @@
 """The site's warm worker as real processes: the ClientApp relays to it, it serialises rounds,
-and killed mid-round (SIGKILL) it loses nothing committed, spends nothing twice and, restarted
-by its supervisor, continues from the privacy ledger."""
+killed mid-round (SIGKILL) it loses nothing committed, spends nothing twice and, restarted
+by its supervisor, continues from the privacy ledger; stopped mid-round, it exits at once."""
 
 from __future__ import annotations
 
@@ -155,6 +155,31 @@ def test_a_worker_killed_mid_round_loses_nothing_committed_and_continues_after_r
     assert first.epsilon == pytest.approx(ledger.rounds[0]["epsilon_after"])
     assert second.epsilon == pytest.approx(_epsilon(ledger.history))
     assert second.epsilon > first.epsilon
+
+
+def test_a_worker_stopped_mid_round_exits_at_once_and_commits_nothing(started, process_tree):
+    site, worker = started
+    socket_path = site.state_dir / WORKER_SOCKET_FILE
+    request_round(socket_path, 1, train_message(1))
+    committed = _ledger(site)
+    outcome: list = []
+
+    def long_round() -> None:  # minutes of training, were it not stopped
+        try:
+            request_round(socket_path, 1, train_message(2, local_epochs=400))
+        except WorkerLost as exc:
+            outcome.append(exc)
+
+    relay = threading.Thread(target=long_round)
+    relay.start()
+    _poll(lambda: _round_lock_held(site), "the worker to start round 2")
+    stopped = worker.process
+    worker.stop()  # SIGTERM, as `fedgen site start` does on Ctrl-C or a service stop
+    relay.join()
+    assert stopped.returncode == 0  # it left by itself, not by the SIGKILL that follows a 30 s grace
+    assert len(outcome) == 1
+    assert _ledger(site).history == committed.history and _ledger(site).rounds == committed.rounds
+    assert not socket_path.exists() and worker.restarts == 0
 
 
 def test_a_worker_whose_site_process_dies_stops_by_itself(tmp_path, process_tree):

@@ -2,9 +2,18 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from opacus.accountants import RDPAccountant
 
-from fedgen.client.ledger import BudgetExceeded, LedgerError, PrivacyLedger
+from fedgen.client.ledger import (
+    CALIBRATION_TOLERANCE,
+    BudgetExceeded,
+    LedgerError,
+    PrivacyLedger,
+    RememberingRDPAccountant,
+    smallest_fitting,
+)
 from fedgen.state_files import PRIVACY_LEDGER_FILE
 
 
@@ -101,3 +110,32 @@ def test_calibrate_reuses_the_runs_sigma_only_while_it_is_the_smallest_that_fits
     # A looser plan (fewer steps) would waste noise at the old σ: it searches too.
     looser = ledger.calibrate(0.1, 50, ceiling=8.0, run_id=7)
     assert looser < first * (1 - 1e-3)
+
+
+def test_the_remembering_accountant_reports_opacus_rdp_epsilon_to_the_bit():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        history = [
+            (float(rng.uniform(0.5, 3.0)), float(rng.uniform(0.001, 0.5)), int(rng.integers(1, 500)))
+            for _ in range(int(rng.integers(1, 5)))
+        ]
+        history.append(history[0])  # a mechanism seen before: its RDP comes from memory
+        for delta in (1e-5, 1e-6):
+            opacus, remembering = RDPAccountant(), RememberingRDPAccountant()
+            opacus.history, remembering.history = list(history), list(history)
+            assert remembering.get_privacy_spent(delta=delta) == opacus.get_privacy_spent(delta=delta)
+
+
+@pytest.mark.parametrize("hint", [None, 0.7, 1.234, 1.3, 4.0, 49.0])
+def test_the_smallest_fitting_sigma_is_found_from_any_hint(hint):
+    threshold = 1.234
+    calls = []
+
+    def fits(sigma: float) -> bool:
+        calls.append(sigma)
+        return sigma >= threshold
+
+    found = smallest_fitting(fits, hint)
+    assert threshold <= found <= threshold / (1 - CALIBRATION_TOLERANCE)
+    if hint is not None and abs(hint - threshold) < 0.1 * threshold:
+        assert len(calls) <= 10  # a hint near the answer saves half the search

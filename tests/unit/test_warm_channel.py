@@ -95,8 +95,22 @@ def test_a_live_socket_is_kept_and_a_stale_one_replaced(tmp_path):
     listen(path).close()
     with pytest.raises(WorkerUnavailable):
         request_round(tmp_path / "never-started.sock", 1, train_message())
-    with pytest.raises(ChannelError, match="longer than the 107 bytes"):
-        listen(tmp_path / ("x" * 120) / "worker.sock")
+
+
+def test_a_state_folder_deeper_than_a_socket_address_still_works(tmp_path):
+    folder = tmp_path / ("x" * 120) / "state"  # the socket's path is far past 107 bytes
+    folder.mkdir(parents=True)
+    path = folder / "worker.sock"
+    server = listen(path)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode) and stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    sent = train_message()
+    seen = _serve_once(server, lambda connection, run_id, content: send_reply(connection, content))
+    echoed = request_round(path, 7, sent)
+    seen[0].join()
+    assert seen[1][0] == 7 and dict(echoed[CONFIG_KEY]) == dict(sent[CONFIG_KEY])
+    with pytest.raises(ChannelError, match="a worker already serves this site"):
+        listen(path)
+    server.close()
 
 
 def _try_as_nobody(path: Path) -> str:
