@@ -1,9 +1,12 @@
 """`fedgen demo`: a consortium of real processes over mutual TLS, and nothing calling home."""
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -99,16 +102,25 @@ def test_demo_stops_every_process_on_ctrl_c(tmp_path, process_tree):
         stderr=subprocess.PIPE,
         text=True,
     )
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(demo.stderr), daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 120
-        for line in demo.stderr:
-            if "submitted" in line or time.monotonic() > deadline:
-                break
+        deadline = time.monotonic() + 300
+        while not any("submitted" in line for line in said):
+            assert demo.poll() is None, "".join(said)[-3000:]
+            assert time.monotonic() < deadline, "the demo did not submit its run within 300 s"
+            time.sleep(0.1)
         assert len(processes_mentioning(str(out))) >= 3  # aggregator and two sites are up
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(timeout=60) == 130
+        assert demo.wait(timeout=120) == 130
     finally:
         if demo.poll() is None:
             demo.kill()
+        for line in processes_mentioning(str(out)):  # a failed stop must not leave a consortium running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+    reader.join(timeout=10)
+    assert "all processes stopped" in "".join(said)
     assert processes_mentioning(str(out)) == []
     assert process_tree.running() == {}
