@@ -15,6 +15,8 @@ the digest does not cover.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -28,6 +30,7 @@ NamedArrays = Mapping[str, np.ndarray]
 # The safetensors header entry that holds a model file's own digest (not covered by it).
 DIGEST_METADATA_KEY = "digest"
 _MODEL_DOMAIN = b"fedgen model v1\0"  # a model digest never equals a tensors digest
+PACKED_PREFIX = "fedgen.packed.v1 "  # the key of a packed ArrayRecord's one Array, before its layout
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -40,13 +43,53 @@ def to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def arrays_to_record(arrays: NamedArrays) -> ArrayRecord:
-    """Wrap named numpy arrays in an `ArrayRecord`, in sorted name order."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(arrays[name])) for name in sorted(arrays)})
+    """Wrap named numpy arrays of one dtype in an `ArrayRecord` holding a single packed
+    `Array` (mixed dtypes: one `Array` per tensor, in sorted name order).
+
+    Flower moves every `Array` of a message as objects of their own, each a request
+    between processes and a row in the SuperLink's store, so a model of N tensors cost
+    about 2N transfers per hop. Packed, it costs two. The record's one key is its layout
+    (`PACKED_PREFIX`, then names and shapes as JSON; the data keeps its dtype, which a
+    server-side optimiser may widen), so the record stays
+    self-describing through Flower's strategies: every reply of a round has the same key,
+    and the element-wise aggregations (mean, median, trimmed mean, Krum's distances,
+    FedAdam's moments) are the same on the concatenation as on the parts.
+    """
+    names = sorted(arrays)
+    dtypes = {np.asarray(arrays[name]).dtype for name in names}
+    if len(dtypes) != 1:
+        return ArrayRecord({name: Array(np.ascontiguousarray(arrays[name])) for name in names})
+    layout = {"tensors": [[name, list(np.shape(arrays[name]))] for name in names]}
+    flat = np.concatenate([np.ravel(arrays[name]) for name in names])
+    return ArrayRecord({PACKED_PREFIX + json.dumps(layout, separators=(",", ":")): Array(flat)})
 
 
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Unwrap an `ArrayRecord` into named numpy arrays."""
+    """Unwrap an `ArrayRecord` (packed or not) into named numpy arrays.
+
+    Raises
+    ------
+    ValueError
+        If a packed record's layout is malformed or does not match its data.
+    """
+    if len(record) == 1 and (key := next(iter(record.keys()))).startswith(PACKED_PREFIX):
+        return _unpack(key[len(PACKED_PREFIX) :], record[key].numpy())
     return {name: array.numpy() for name, array in record.items()}
+
+
+def _unpack(layout_json: str, flat: np.ndarray) -> dict[str, np.ndarray]:
+    try:
+        layout = json.loads(layout_json)
+        tensors = [(str(name), tuple(int(n) for n in shape)) for name, shape in layout["tensors"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"packed arrays: malformed layout ({exc})") from None
+    sizes = [math.prod(shape) for _, shape in tensors]
+    if flat.ndim != 1 or any(n < 0 for _, shape in tensors for n in shape):
+        raise ValueError(f"packed arrays: data of shape {flat.shape} does not fit a layout")
+    if sum(sizes) != flat.size or len({name for name, _ in tensors}) != len(tensors):
+        raise ValueError(f"packed arrays: {flat.size} values for a layout of {sum(sizes)} in {len(tensors)} tensors")
+    ends = np.cumsum(sizes)
+    return {name: flat[end - size : end].reshape(shape) for (name, shape), size, end in zip(tensors, sizes, ends)}
 
 
 def load_trainable(model: nn.Module, arrays: NamedArrays) -> None:

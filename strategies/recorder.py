@@ -262,7 +262,7 @@ class RecordingStrategy(Strategy):
                     report=report,
                 )
             update = record_to_arrays(payload)
-        except (KeyError, ProtocolError) as exc:
+        except (KeyError, ValueError, ProtocolError) as exc:
             return SiteOutcome(site, "rejected", f"malformed reply: {exc}")
         outcome = SiteOutcome(site, report=report, update_digest=digest(update))
         statement = witness_statement(

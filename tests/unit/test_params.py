@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedgen.params import arrays_to_record, digest, load_trainable, record_to_arrays
+from fedgen.params import PACKED_PREFIX, arrays_to_record, digest, load_trainable, record_to_arrays
 
 
 def _arrays():
@@ -57,3 +60,50 @@ def test_load_trainable_checks_names_and_shapes():
         load_trainable(model, {**good, "extra": good["bias"]})
     with pytest.raises(ValueError, match="shape"):
         load_trainable(model, {**good, "bias": np.zeros(4, np.float32)})
+
+
+def test_a_record_travels_as_one_array_whose_key_is_its_layout():
+    arrays = _arrays()
+    record = arrays_to_record(arrays)
+    (key,) = record.keys()
+    assert key.startswith(PACKED_PREFIX) and '"a.bias"' in key and len(record) == 1
+    # Flower moves each Array of a message (and each of its chunks) as an object of its own.
+    assert len(get_all_nested_objects(record)) < len(get_all_nested_objects(_unpacked(arrays)))
+    assert digest(record_to_arrays(record)) == digest(arrays)
+    mixed = {**arrays, "steps": np.arange(3)}  # one dtype per packed record, else one Array per tensor
+    assert set(arrays_to_record(mixed).keys()) == set(mixed)
+    assert digest(record_to_arrays(arrays_to_record(mixed))) == digest(mixed)
+
+
+def test_a_packed_record_aggregates_as_its_tensors_would():
+    rng = np.random.default_rng(1)
+    updates = [{k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in _arrays().items()} for _ in range(3)]
+    replies = [
+        RecordDict({"arrays": arrays_to_record(u), "metrics": MetricRecord({"num-examples": n})})
+        for u, n in zip(updates, (1, 2, 3))
+    ]
+    packed = record_to_arrays(aggregate_arrayrecords(replies, "num-examples"))  # Flower's FedAvg mean
+    weighted = {k: sum(n * u[k] for u, n in zip(updates, (1, 2, 3))) / 6 for k in updates[0]}
+    assert set(packed) == set(weighted)
+    for name in weighted:
+        np.testing.assert_allclose(packed[name], weighted[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "layout, values, problem",
+    [
+        ('{"tensors":[["a",[2]],["b",[3]]]}', 4, "4 values for a layout of 5"),
+        ('{"tensors":[["a",[2]],["a",[2]]]}', 4, "in 2 tensors"),
+        ('{"tensors":[["a",[-1]]]}', 1, "does not fit"),
+        ('{"tensors":[["a"]]}', 1, "malformed layout"),
+        ("not json", 1, "malformed layout"),
+    ],
+)
+def test_a_packed_record_whose_layout_lies_is_refused(layout, values, problem):
+    record = ArrayRecord({PACKED_PREFIX + layout: Array(np.zeros(values, np.float32))})
+    with pytest.raises(ValueError, match=problem):
+        record_to_arrays(record)
+
+
+def _unpacked(arrays):
+    return ArrayRecord({name: Array(value) for name, value in arrays.items()})
