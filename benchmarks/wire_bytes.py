@@ -11,10 +11,11 @@ Flower's messages; not TCP/IP headers). On the same deployment, one run per sett
 * full fine-tuning of the same checkpoint (every tensor travels).
 
 Each run trains 2 rounds. Round 2 is measured (round 1 also carries the run's start:
-the app bundle, registration): the bytes each site sent and received between the
-commits of rounds 1 and 2, less the idle-polling rate measured on the same connections
-before any run, times that window. Ratios: upstream bytes / update tensor bytes (the
-reply) and downstream bytes / model tensor bytes (the train message); target <= 1.02.
+the app bundle, registration): the bytes each site sent and received from the moment the
+aggregator configured round 2 (its lineage's ``started_at``) to round 2's commit, less
+the idle-polling rate measured on the same connections before any run, times that
+window. Ratios: upstream bytes / update tensor bytes (the reply) and downstream bytes /
+model tensor bytes (the train message); target <= 1.02.
 
 Run: ``python benchmarks/wire_bytes.py`` (``--quick``: a tiny ESM shape).
 Figures go to ``benchmarks/results/wire_bytes.json`` and docs/benchmarks.md.
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import fedgen  # noqa: F401  (sovereign switches before torch, transformers, flwr)
@@ -126,6 +128,7 @@ def measure(folder: Path, out: Path, settings: tuple[str, ...], say, idle_second
     """Start the deployment behind the counters, run one run per setting, return the figures."""
     from fedgen.cli.demo import write_consortium
     from fedgen.config import AggregatorConfig, RunConfig, SiteConfig, TrainingConfig, load_toml, write_toml
+    from fedgen.lineage import read_records
     from fedgen.processes import ProcessGroup, wait_for_port
     from fedgen.server.coordinator import follow, submit
 
@@ -145,6 +148,7 @@ def measure(folder: Path, out: Path, settings: tuple[str, ...], say, idle_second
     group = ProcessGroup(out / "logs")
     fedgen_cli = [sys.executable, "-m", "fedgen.cli"]
     figures: dict[str, dict] = {}
+    clock_offset = time.time() - time.monotonic()  # the counter's clock is monotonic
     try:
         process, log = group.start("aggregator", [*fedgen_cli, "aggregator", "start", "--config", str(aggregator_toml)])
         wait_for_port(aggregator.fleet_port, process, log)
@@ -179,7 +183,13 @@ def measure(folder: Path, out: Path, settings: tuple[str, ...], say, idle_second
             )
             if len(commits) != ROUNDS or any(s.status != "trained" for r in result.rounds for s in r.sites):
                 raise RuntimeError(f"run {finetune} did not train {ROUNDS} rounds on every site: {result.to_dict()}")
-            start, end = commits[-2], commits[-1]
+            # The last round on the aggregator's clock, from configuring it (its train
+            # messages leave then) to its commit: when the coordinator notices a commit, the
+            # next round's messages may already have crossed.
+            records = read_records(aggregator.state_dir / "lineage.jsonl")
+            last = [r["body"] for r in records if r["type"] == "round_committed"][-1]
+            start = datetime.fromisoformat(last["started_at"]).timestamp() - clock_offset
+            end = start + result.rounds[-1].wall_seconds
             per_site = {}
             for site in counter.ports:
                 gross = {d: counter.total(site, d, start, end) for d in ("up", "down")}
