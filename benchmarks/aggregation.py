@@ -72,8 +72,11 @@ def _strategy(name: str, sites: int, parameters: int):
 
     strategy = make_strategy(name, min_sites=sites)
     if name == "fedadam":  # the global model FedAdam steps from (set by configure_train in a run)
+        from fedgen.params import arrays_to_record
+
         size = parameters // ARRAYS
-        strategy.current_arrays = {f"layer{i}.weight": np.zeros(size, np.float32) for i in range(ARRAYS)}
+        record = arrays_to_record({f"layer{i}.weight": np.zeros(size, np.float32) for i in range(ARRAYS)})
+        strategy.current_arrays = {key: array.numpy() for key, array in record.items()}
     return strategy
 
 
