@@ -29,13 +29,13 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from worker_process import run_worker  # a sibling: benchmarks run as scripts
 
 import fedgen  # noqa: F401  (sovereign switches before flwr)
 
@@ -151,14 +151,6 @@ def _timed(action) -> float:
     return time.perf_counter() - start
 
 
-def _spawn(path: str, name: str, sites: int, parameters: int) -> dict:
-    args = [sys.executable, __file__, "--worker", path, name, str(sites), str(parameters)]
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {path} {name} K={sites} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small P, K = 3 and 10: a smoke test")
@@ -174,7 +166,7 @@ def main() -> None:
     for sites in counts:
         for path, names in (("flower", FLOWER), ("streaming", STREAMING)):
             for name in names:
-                row = {"path": path, "strategy": name, "K": sites} | _spawn(path, name, sites, parameters)
+                row = {"path": path, "strategy": name, "K": sites} | run_worker(__file__, path, name, sites, parameters)
                 memcpy_seconds = sites * update_bytes / (bandwidth * 1e9)
                 row["seconds_over_memcpy"] = row["seconds"] / memcpy_seconds
                 row["needs_all_K"] = name in ROBUST

@@ -28,11 +28,12 @@ import platform
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worker_process import run_worker  # a sibling: benchmarks run as scripts
 
 import fedgen  # noqa: F401  (sovereign switches before torch, transformers, flwr)
 
@@ -149,13 +150,6 @@ def memory_worker(name: str, folder: Path | None, mode: str, steps: int, batch_s
     return {"training_growth_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before}
 
 
-def _spawn(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="nano and a tiny ESM, few steps: a smoke test")
@@ -178,11 +172,15 @@ def main() -> None:
             folders[name] = str(esm_checkpoint(Path(tmp) / name, shape=shape))
         for name in (*presets, *checkpoints):
             folder = folders.get(name, "")
-            row = {"finetune": "lora" if folder else "full"} | _spawn("ratio", name, folder, str(steps), str(batch))
+            row = {"finetune": "lora" if folder else "full"} | run_worker(
+                __file__, "ratio", name, folder, str(steps), str(batch)
+            )
             # --quick: memory of plain and fedgen's default only (each mode costs a process)
             measured = ("plain", "hooks") if args.quick else ("plain", *row["ratio"])
             row["peak_growth_mib"] = {
-                mode: _spawn("memory", name, folder, mode, str(min(steps, 3)), str(batch))["training_growth_mib"]
+                mode: run_worker(__file__, "memory", name, folder, mode, str(min(steps, 3)), str(batch))[
+                    "training_growth_mib"
+                ]
                 for mode in measured
             }
             row["fastest_mode"] = min(row["ratio"], key=row["ratio"].get)

@@ -23,11 +23,12 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worker_process import run_worker  # a sibling: benchmarks run as scripts
 
 import fedgen  # noqa: F401  (sovereign switches before torch, transformers, flwr)
 
@@ -115,14 +116,6 @@ def worker(folder: Path, finetune: str, mode: str, steps: int, batch_size: int) 
     return {"model_rss_mib": before, "peak_rss_mib": peak, "training_growth_mib": peak - before}
 
 
-def _spawn(folder: Path, finetune: str, mode: str, steps: int, batch_size: int) -> dict:
-    args = [sys.executable, __file__, "--worker", str(folder), finetune, mode, str(steps), str(batch_size)]
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {finetune} {mode} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape and few steps: a smoke test")
@@ -149,9 +142,9 @@ def main() -> None:
             }
             del model
         for finetune in ("lora", "full"):
-            rows[finetune] |= _spawn(folder, finetune, "ratio", steps, args.batch_size)
+            rows[finetune] |= run_worker(__file__, folder, finetune, "ratio", steps, args.batch_size)
             for mode in ("plain", "dp"):
-                memory = _spawn(folder, finetune, mode, steps, args.batch_size)
+                memory = run_worker(__file__, folder, finetune, mode, steps, args.batch_size)
                 rows[finetune][f"{mode}_peak_rss_mib"] = memory["peak_rss_mib"]
                 rows[finetune][f"{mode}_training_growth_mib"] = memory["training_growth_mib"]
     full = rows["full"]["update_record_bytes"]
