@@ -102,13 +102,16 @@ def signal_group(process: subprocess.Popen, sig: int) -> None:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C so cleanup runs either way."""
+    """Treat SIGTERM like Ctrl-C so cleanup runs either way, and answer Ctrl-C even when
+    this process was started with SIGINT ignored (Python then leaves it ignored: a job a
+    script started in the background, some test and CI runners)."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -102,6 +102,9 @@ def test_demo_stops_every_process_on_ctrl_c(tmp_path, process_tree):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # Started with SIGINT ignored, as a background job of a script (and, it turned out, a
+        # process of this suite) starts it: Python keeps it ignored unless the demo takes it back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     said: list[str] = []
     reader = threading.Thread(target=lambda: said.extend(demo.stderr), daemon=True)
