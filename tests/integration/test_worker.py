@@ -122,6 +122,23 @@ def test_the_client_app_relays_rounds_which_the_worker_serialises(started, flowe
     assert worker.process is not None and worker.process.poll() is None and worker.restarts == 0
 
 
+def _start_long_round(site: SiteConfig) -> tuple[threading.Thread, list]:
+    """Relay a round 2 of minutes of training; return once the worker holds the round lock.
+    The list receives the relay's WorkerLost, if the round is lost."""
+    lost: list = []
+
+    def long_round() -> None:
+        try:
+            request_round(site.state_dir / WORKER_SOCKET_FILE, 1, train_message(2, local_epochs=400))
+        except WorkerLost as exc:
+            lost.append(exc)
+
+    relay = threading.Thread(target=long_round)
+    relay.start()
+    _poll(lambda: _round_lock_held(site), "the worker to start round 2")
+    return relay, lost
+
+
 def test_a_worker_killed_mid_round_loses_nothing_committed_and_continues_after_restart(started, process_tree):
     site, worker = started
     socket_path = site.state_dir / WORKER_SOCKET_FILE
@@ -130,17 +147,7 @@ def test_a_worker_killed_mid_round_loses_nothing_committed_and_continues_after_r
     assert len(committed.rounds) == 1
 
     # A long round 2: killed as soon as it holds the round lock, long before it can commit.
-    outcome: list = []
-
-    def long_round() -> None:
-        try:
-            request_round(socket_path, 1, train_message(2, local_epochs=400))
-        except WorkerLost as exc:
-            outcome.append(exc)
-
-    relay = threading.Thread(target=long_round)
-    relay.start()
-    _poll(lambda: _round_lock_held(site), "the worker to start round 2")
+    relay, outcome = _start_long_round(site)
     killed = worker.process
     os.kill(killed.pid, signal.SIGKILL)
     relay.join()
@@ -162,17 +169,7 @@ def test_a_worker_stopped_mid_round_exits_at_once_and_commits_nothing(started, p
     socket_path = site.state_dir / WORKER_SOCKET_FILE
     request_round(socket_path, 1, train_message(1))
     committed = _ledger(site)
-    outcome: list = []
-
-    def long_round() -> None:  # minutes of training, were it not stopped
-        try:
-            request_round(socket_path, 1, train_message(2, local_epochs=400))
-        except WorkerLost as exc:
-            outcome.append(exc)
-
-    relay = threading.Thread(target=long_round)
-    relay.start()
-    _poll(lambda: _round_lock_held(site), "the worker to start round 2")
+    relay, outcome = _start_long_round(site)
     stopped = worker.process
     worker.stop()  # SIGTERM, as `fedgen site start` does on Ctrl-C or a service stop
     relay.join()
