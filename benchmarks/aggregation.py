@@ -35,7 +35,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from worker_process import run_worker  # a sibling: benchmarks run as scripts
+from worker_process import rss_mib, run_worker  # a sibling: benchmarks run as scripts
 
 import fedgen  # noqa: F401  (sovereign switches before flwr)
 
@@ -80,11 +80,6 @@ def _strategy(name: str, sites: int, parameters: int):
     return strategy
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def worker(path: str, name: str, sites: int, parameters: int) -> dict:
     """Aggregate ``sites`` updates with ``name`` along ``path`` ("flower" or "streaming")."""
     from fedgen.strategies.accumulate import RunningMean
@@ -99,7 +94,7 @@ def worker(path: str, name: str, sites: int, parameters: int) -> dict:
     _strategy(name, sites, ARRAYS).aggregate_train(1, rehearse if path == "flower" else rehearse[:1])
     del rehearsal, rehearse
     gc.collect()
-    rss_before = _rss_mib()
+    rss_before = rss_mib()
     tracemalloc.start()
     if path == "flower":
         replies = [_reply(k, _update(k, parameters), weights[k]) for k in range(sites)]

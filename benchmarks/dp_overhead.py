@@ -30,10 +30,9 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from worker_process import run_worker  # a sibling: benchmarks run as scripts
+from worker_process import rss_mib, run_worker, timed_step  # a sibling: benchmarks run as scripts
 
 import fedgen  # noqa: F401  (sovereign switches before torch, transformers, flwr)
 
@@ -89,19 +88,7 @@ def _stepper(model, mode: str, ids, labels):
         # ghost clipping hands back its own criterion, whose loss runs both backward passes
         module, optimizer, criterion = (made[0], made[1], made[2]) if mode == "ghost" else (made[0], made[1], criterion)
 
-    def step() -> float:
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        criterion(module(ids), labels).backward()
-        optimizer.step()
-        return time.perf_counter() - start
-
-    return step
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return timed_step(module, optimizer, criterion, ids, labels)
 
 
 def ratio_worker(name: str, folder: Path | None, steps: int, batch_size: int) -> dict:
@@ -143,7 +130,7 @@ def memory_worker(name: str, folder: Path | None, mode: str, steps: int, batch_s
 
     torch.manual_seed(0)
     model, ids, labels = _setting(name, folder, batch_size)
-    before = _rss_mib()
+    before = rss_mib()
     step = _stepper(model, mode, ids, labels)
     for _ in range(steps):
         step()

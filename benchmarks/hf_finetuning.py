@@ -25,10 +25,9 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from worker_process import run_worker  # a sibling: benchmarks run as scripts
+from worker_process import rss_mib, run_worker, timed_step  # a sibling: benchmarks run as scripts
 
 import fedgen  # noqa: F401  (sovereign switches before torch, transformers, flwr)
 
@@ -75,19 +74,7 @@ def _optimizers(model, dp: bool, ids, labels):
         )  # fmt: skip
     criterion = torch.nn.CrossEntropyLoss()
 
-    def step() -> float:
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        criterion(module(ids), labels).backward()
-        optimizer.step()
-        return time.perf_counter() - start
-
-    return step
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return timed_step(module, optimizer, criterion, ids, labels)
 
 
 def worker(folder: Path, finetune: str, mode: str, steps: int, batch_size: int) -> dict:
@@ -108,7 +95,7 @@ def worker(folder: Path, finetune: str, mode: str, steps: int, batch_size: int) 
             times["dp"].append(private())
         medians = {k: statistics.median(v) for k, v in times.items()}
         return {"plain_step_s": medians["plain"], "dp_step_s": medians["dp"], "ratio": medians["dp"] / medians["plain"]}
-    before = _rss_mib()
+    before = rss_mib()
     step = _optimizers(model, mode == "dp", ids, labels)
     for _ in range(steps):
         step()
