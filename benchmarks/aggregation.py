@@ -3,13 +3,14 @@
 For K = 3, 10, 100 updates of P float32 parameters (split into named arrays as a model's
 layers are), each (strategy, K) in a fresh process:
 
-* Flower's strategies as fedgen calls them today (`fedgen.strategies.registry.make_strategy`,
-  then ``aggregate_train`` on all K replies, which the ServerApp's grid hands over
-  together): fedavg, fedprox, fedadam, and the robust rules median, fedtrimmedavg, krum;
-* streaming: `fedgen.strategies.accumulate.RunningMean` fed one update at a time as it
-  would arrive, each dropped once added (fedavg; fedadam = Flower's FedAdam step applied
-  to the streamed mean, handed over as a single reply). FedProx aggregates as FedAvg does
-  (its proximal term acts on the sites), so it streams the same way.
+* flower: Flower's strategies on their own (`fedgen.strategies.registry.make_strategy`, then
+  ``aggregate_train`` on all K replies at once, as Flower's stock grid hands them over):
+  fedavg, fedprox, fedadam, and the robust rules median, fedtrimmedavg, krum;
+* fedgen: the aggregator's own path, `fedgen.strategies.recorder.RecordingStrategy` around
+  the same strategy, fed the K replies one at a time as fedgen's grid gives them
+  (`fedgen.server.superlink.prompt_replies`), each made only when it "arrives". Every
+  reply is decoded, digest-checked and validated as in a run; for fedavg, fedprox and
+  fedadam it is added to a running mean and released, the robust rules keep them all.
 
 Peak memory is tracemalloc's peak of Python and numpy allocations during aggregation,
 above what the process held before (the replies, for Flower's path, count: they are what
@@ -29,7 +30,9 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -80,47 +83,109 @@ def _strategy(name: str, sites: int, parameters: int):
     return strategy
 
 
-def worker(path: str, name: str, sites: int, parameters: int) -> dict:
-    """Aggregate ``sites`` updates with ``name`` along ``path`` ("flower" or "streaming")."""
-    from fedgen.strategies.accumulate import RunningMean
+class _Grid:
+    def __init__(self, sites: int) -> None:
+        self.sites = sites
 
-    strategy = _strategy(name, sites, parameters)
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.sites + 1))
+
+
+def _stage_replies(sites: int, parameters: int, folder: Path) -> list[dict]:
+    """Each site's update as the bytes a reply carries, written to ``folder``, so that a
+    reply can "arrive" later as a pulled one does: its bytes, and nothing else, in memory."""
+    from fedgen.params import arrays_to_record, digest
+
+    staged = []
+    for k in range(sites):
+        arrays = _update(k, parameters)
+        ((key, array),) = arrays_to_record(arrays).items()  # one dtype: one packed Array
+        path = folder / f"update-{k}.bin"
+        path.write_bytes(array.data)
+        staged.append({"key": key, "dtype": array.dtype, "shape": array.shape, "stype": array.stype,
+                       "path": path, "digest": digest(arrays)})  # fmt: skip
+    return staged
+
+
+def _site_reply(index: int, staged: dict, weight: int):
+    """Site ``index``'s full train reply (update, report, digest), its update read from disk."""
+    from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, RecordDict
+
+    from fedgen.protocol import ARRAYS_KEY, METRICS_KEY, SITE_KEY, TrainReport, site_record
+
+    report = TrainReport(
+        num_examples=weight, train_loss=0.5, steps=3, sample_rate=0.1, noise_multiplier=1.0,
+        max_grad_norm=1.0, epsilon=1.0, delta=1e-5, dp=True, train_seconds=1.0,
+    )  # fmt: skip
+    metadata = Metadata(
+        run_id=1, message_id="", src_node_id=index + 1, dst_node_id=0, reply_to_message_id="m",
+        group_id="1", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN,
+    )  # fmt: skip
+    update = Array(
+        dtype=staged["dtype"], shape=staged["shape"], stype=staged["stype"], data=staged["path"].read_bytes()
+    )
+    content = RecordDict(
+        {
+            ARRAYS_KEY: ArrayRecord({staged["key"]: update}),
+            METRICS_KEY: report.to_record(),
+            SITE_KEY: site_record(f"site-{index}", staged["digest"]),
+        }
+    )
+    return Message(metadata=metadata, content=content)
+
+
+def _recorder(name: str, sites: int, parameters: int):
+    """fedgen's recording strategy around ``name``, having sent round 1's zero model."""
+    from flwr.app import ConfigRecord
+
+    from fedgen.params import arrays_to_record
+    from fedgen.strategies.recorder import RecordingStrategy
+
+    recorder = RecordingStrategy(_strategy(name, sites, parameters))
+    size = parameters // ARRAYS
+    zeros = arrays_to_record({f"layer{i}.weight": np.zeros(size, np.float32) for i in range(ARRAYS)})
+    recorder.configure_train(1, zeros, ConfigRecord(), _Grid(sites))
+    return recorder
+
+
+def worker(path: str, name: str, sites: int, parameters: int) -> dict:
+    """Aggregate ``sites`` updates with ``name`` along ``path`` ("flower" or "fedgen")."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # Building a Message needs the running Flower task's identity, which a ServerApp has.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     weights = [100 + 7 * k for k in range(sites)]
+    folder = Path(tempfile.mkdtemp(prefix="fedgen-aggregation-"))
+
+    def arriving(parameters: int):
+        for k, staged in enumerate(_stage_replies(sites, parameters, folder)):
+            yield _site_reply(k, staged, weights[k])
+
     # A rehearsal on one-value arrays: Flower's and fedgen's lazy imports happen now, not
     # under tracemalloc (which would count them and slow them down by orders of magnitude).
-    rehearsal = RunningMean()
-    rehearsal.add(_update(0, ARRAYS), 1)
-    rehearse = [_reply(k, _update(k, ARRAYS), weights[k]) for k in range(sites)]
-    _strategy(name, sites, ARRAYS).aggregate_train(1, rehearse if path == "flower" else rehearse[:1])
-    del rehearsal, rehearse
+    if path == "flower":
+        _strategy(name, sites, ARRAYS).aggregate_train(
+            1, [_reply(k, _update(k, ARRAYS), weights[k]) for k in range(sites)]
+        )
+    else:
+        _recorder(name, sites, ARRAYS).aggregate_train(1, arriving(ARRAYS))
+        staged = _stage_replies(sites, parameters, folder)
+    strategy = _strategy(name, sites, parameters) if path == "flower" else _recorder(name, sites, parameters)
     gc.collect()
     rss_before = rss_mib()
     tracemalloc.start()
     if path == "flower":
         replies = [_reply(k, _update(k, parameters), weights[k]) for k in range(sites)]
         held = tracemalloc.get_traced_memory()[0]
-        start = time.perf_counter()
-        arrays, _ = strategy.aggregate_train(1, replies)
-        seconds = time.perf_counter() - start
     else:
-        held, seconds = 0, 0.0
-        mean = RunningMean()
-        for k in range(sites):
-            update = _update(k, parameters)  # arrives
-            start = time.perf_counter()
-            mean.add(update, weights[k])
-            seconds += time.perf_counter() - start
-            del update  # dropped once added
-        start = time.perf_counter()
-        result = mean.result()
-        del mean
-        if name == "fedadam":  # Flower's own server step, on the streamed mean as one reply
-            arrays, _ = strategy.aggregate_train(1, [_reply(0, result, 1)])
-        else:
-            arrays = result
-        seconds += time.perf_counter() - start
+        # Each reply exists from its arrival on, as its bytes.
+        replies, held = (_site_reply(k, staged[k], weights[k]) for k in range(sites)), 0
+    start = time.perf_counter()
+    arrays, _ = strategy.aggregate_train(1, replies)
+    seconds = time.perf_counter() - start
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    shutil.rmtree(folder)
     assert arrays is not None, f"{name} returned no aggregate"
     update_bytes = parameters // ARRAYS * ARRAYS * 4
     return {
@@ -159,7 +224,7 @@ def main() -> None:
     bandwidth = memcpy_gbps(64 if args.quick else 512)
     rows = []
     for sites in counts:
-        for path, names in (("flower", FLOWER), ("streaming", STREAMING)):
+        for path, names in (("flower", FLOWER), ("fedgen", FLOWER)):
             for name in names:
                 row = {"path": path, "strategy": name, "K": sites} | run_worker(__file__, path, name, sites, parameters)
                 memcpy_seconds = sites * update_bytes / (bandwidth * 1e9)
@@ -167,7 +232,7 @@ def main() -> None:
                 row["needs_all_K"] = name in ROBUST
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    streamed = [r for r in rows if r["path"] == "streaming"]
+    streamed = [r for r in rows if r["path"] == "fedgen" and r["strategy"] in STREAMING]
     report = {
         "command": "python benchmarks/aggregation.py" + (" --quick" if args.quick else ""),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, "

@@ -88,25 +88,35 @@ def prompt_replies(grid: Any, poll_seconds: float = REPLY_POLL_SECONDS) -> None:
     ``poll_seconds`` in ``send_and_receive``, unless ``FEDGEN_STOCK_FLOWER_POLLING=1``.
 
     The replacement keeps the contract of ``Grid.send_and_receive``: push with
-    ``push_messages``, pull with ``pull_messages`` until every message has its reply or
-    ``timeout`` (seconds, None: no limit) has passed, and return the replies received.
+    ``push_messages`` at once, pull with ``pull_messages`` until every message has its
+    reply or ``timeout`` (seconds, None: no limit) has passed, and give the replies
+    received. It gives them as they arrive, one pulled at a time, so a strategy that
+    accumulates (`fedgen.strategies.recorder`) holds one reply at once, not all of them:
+    Flower's own ``pull_messages`` inflates every reply it is asked for into one list.
     """
     if stock_polling():
         return
 
-    def send_and_receive(messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
-        pending = set(grid.push_messages(messages))
+    def send_and_receive(messages: Iterable[Any], *, timeout: float | None = None) -> Iterator[Any]:
+        pending = [message_id for message_id in grid.push_messages(messages) if message_id]
         deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Any] = []
-        while pending:
-            received = list(grid.pull_messages(list(pending)))
-            replies.extend(received)
-            pending.difference_update(reply.metadata.reply_to_message_id for reply in received)
-            left = None if deadline is None else deadline - time.monotonic()
-            if not pending or (left is not None and left <= 0):
-                break
-            time.sleep(poll_seconds if left is None else min(poll_seconds, left))
-        return replies
+
+        def replies() -> Iterator[Any]:
+            while pending:
+                arrived = False
+                for message_id in list(pending):
+                    for reply in grid.pull_messages([message_id]):
+                        arrived = True
+                        if reply.metadata.reply_to_message_id in pending:
+                            pending.remove(reply.metadata.reply_to_message_id)
+                        yield reply
+                left = None if deadline is None else deadline - time.monotonic()
+                if not pending or (left is not None and left <= 0):
+                    return
+                if not arrived:
+                    time.sleep(poll_seconds if left is None else min(poll_seconds, left))
+
+        return replies()
 
     grid.send_and_receive = send_and_receive
 

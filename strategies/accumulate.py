@@ -85,6 +85,26 @@ class RunningMean:
             for name, total in self._sums.items()
         }
 
+    def take(self) -> dict[str, np.ndarray]:
+        """The weighted mean, computed in place in the accumulator, which it empties:
+        `result` without a second copy of the update. Read ``total_weight`` first.
+
+        Raises
+        ------
+        ValueError
+            Before any update was added.
+        """
+        if self.count == 0:
+            raise ValueError("no update was added: there is no mean")
+        sums, total = self._sums, self.total_weight
+        means = {}
+        for name in list(sums):
+            mean = sums.pop(name)  # let go of each sum as soon as its mean is handed on
+            np.divide(mean, total, out=mean)
+            means[name] = mean.astype(self._out_dtypes[name], copy=False)
+        self.__init__(self._dtype)
+        return means
+
     def _start(self, arrays: Mapping[str, np.ndarray]) -> None:
         if not arrays:
             raise ValueError("an update must hold at least one array")

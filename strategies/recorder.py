@@ -1,7 +1,12 @@
 """A strategy wrapper that checks and keeps what every site replied, round by round.
 
 A wrapper rather than a subclass, so it sits around any strategy, Flower's DP wrappers
-included, and sees each reply before the inner strategy aggregates it. Each round's
+included, and sees each reply before the inner strategy aggregates it. For a strategy
+whose aggregate starts from the weighted mean of the updates (FedAvg, FedProx, FedAdam),
+each admitted update is added to a running mean as it arrives and its reply dropped, so
+the aggregator holds one update and the accumulator whatever the number of sites; the
+inner strategy then aggregates one reply that carries that mean and the total weight.
+The robust strategies (median, trimmed mean, Krum) need every update at once. Each round's
 instructions get the lineage ledger's head, for the sites to witness. An update whose
 digest or site signature (over the update and that head) does not hold is rejected here
 and never reaches aggregation; what each site sent (or why not) is kept for the round's
@@ -19,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 from cryptography import x509
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -32,6 +37,7 @@ from fedgen.protocol import (
     METRICS_KEY,
     MODEL_REFUSED,
     SITE_KEY,
+    WEIGHT_KEY,
     LedgerNotice,
     ProtocolError,
     TrainReport,
@@ -39,6 +45,8 @@ from fedgen.protocol import (
 )
 from fedgen.results import SiteStatus
 
+from .accumulate import RunningMean
+from .registry import aggregates_by_mean, mean_is_aggregate
 from .validation import UpdatePolicy, update_problem
 
 
@@ -196,17 +204,23 @@ class RecordingStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         log = self.rounds.setdefault(server_round, RoundLog(server_round + self.round_offset))
+        streaming = RunningMean() if aggregates_by_mean(self.inner) else None
         admitted, replied, unattributed = [], set(), []
         for reply in replies:
             node = reply.metadata.src_node_id
-            outcome = self._outcome(reply, log)
+            outcome, update = self._outcome(reply, log)
             if reply.has_error() and log.sampled and node not in log.sampled:
                 unattributed.append(outcome)  # Flower's own error reply for a lost node
             else:
                 replied.add(node)
                 log.outcomes.append(outcome)
-            if outcome.status != "rejected":
-                admitted.append(reply)
+            if streaming is None:
+                if outcome.status != "rejected":
+                    admitted.append(reply)
+            elif outcome.contributed:
+                streaming.add(update, outcome.report.num_examples)
+            # Let go of this reply before the next one is pulled: only the accumulator stays.
+            del reply, update
         for node in (n for n in log.sampled if n not in replied):  # e.g. a site that died mid-round
             outcome = (
                 unattributed.pop(0) if unattributed else SiteOutcome("", "failed", "no reply within the round timeout")
@@ -219,6 +233,13 @@ class RecordingStrategy(Strategy):
             raise QuorumNotMet(log, self.policy.min_updates)
         if valid == 0:
             return None, None
+        if streaming is not None:
+            total = streaming.total_weight
+            mean = arrays_to_record(streaming.take())
+            if mean_is_aggregate(self.inner):  # in the updates' dtypes, which are the global model's
+                return mean, None
+            admitted = [self._mean_reply(mean, total)]
+            del mean
         arrays, metrics = self.inner.aggregate_train(server_round, admitted)
         if arrays is None:
             return None, metrics
@@ -231,6 +252,13 @@ class RecordingStrategy(Strategy):
             }
         ), metrics
 
+    @staticmethod
+    def _mean_reply(mean: ArrayRecord, total_weight: float) -> Message:
+        """One reply holding the weighted mean of the admitted updates and their total
+        weight: what a strategy that steps from the mean starts its aggregate from."""
+        content = RecordDict({ARRAYS_KEY: mean, METRICS_KEY: MetricRecord({WEIGHT_KEY: total_weight})})
+        return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -239,14 +267,15 @@ class RecordingStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)
 
-    def _outcome(self, reply: Message, log: RoundLog) -> SiteOutcome:
+    def _outcome(self, reply: Message, log: RoundLog) -> tuple[SiteOutcome, dict[str, np.ndarray] | None]:
+        """What ``reply`` says for its site, and its decoded update (None for an error reply
+        or one that could not be read)."""
         node = reply.metadata.src_node_id
         if reply.has_error():
             site = self._name(node)
             reason = reply.error.reason or f"error code {reply.error.code}"
-            if reply.error.code in (BUDGET_REFUSED, MODEL_REFUSED):
-                return SiteOutcome(site, "refused", reason)
-            return SiteOutcome(site, "failed", reason)
+            status: SiteStatus = "refused" if reply.error.code in (BUDGET_REFUSED, MODEL_REFUSED) else "failed"
+            return SiteOutcome(site, status, reason), None
         content = reply.content
         identity = content[SITE_KEY] if SITE_KEY in content else ConfigRecord()
         site = str(identity.get("site-id", f"node-{node}"))
@@ -255,15 +284,11 @@ class RecordingStrategy(Strategy):
             report = TrainReport.from_record(content[METRICS_KEY])
             payload = content[ARRAYS_KEY]
             if payload.count_bytes() > self.policy.max_update_bytes:
-                return SiteOutcome(
-                    site,
-                    "rejected",
-                    f"update of {payload.count_bytes()} bytes exceeds the limit of {self.policy.max_update_bytes}",
-                    report=report,
-                )
-            update = record_to_arrays(payload)
+                reason = f"update of {payload.count_bytes()} bytes exceeds the limit of {self.policy.max_update_bytes}"
+                return SiteOutcome(site, "rejected", reason, report=report), None
+            update = record_to_arrays(payload, copy=False)  # read here, never written
         except (KeyError, ValueError, ProtocolError) as exc:
-            return SiteOutcome(site, "rejected", f"malformed reply: {exc}")
+            return SiteOutcome(site, "rejected", f"malformed reply: {exc}"), None
         outcome = SiteOutcome(site, report=report, update_digest=digest(update))
         statement = witness_statement(
             str(reply.metadata.run_id),
@@ -272,12 +297,14 @@ class RecordingStrategy(Strategy):
             log.head.hash if log.head else None,
             outcome.update_digest,
         )
-        problem = self._check_identity(outcome, identity, statement) or update_problem(
-            update, self._global, self.policy
+        problem = (
+            self._check_identity(outcome, identity, statement)
+            or update_problem(update, self._global, self.policy)
+            or (None if report.num_examples > 0 else "reports no training examples: nothing to weigh its update by")
         )
         if problem is not None:
             outcome.reject(problem)
-        return outcome
+        return outcome, update
 
     def _check_identity(self, outcome: SiteOutcome, identity: ConfigRecord, statement: bytes) -> str | None:
         """Why the update's claimed digest or signature (over ``statement``) does not hold, or None."""

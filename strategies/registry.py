@@ -36,6 +36,24 @@ DEFAULT_OPTIONS: dict[str, dict[str, float]] = {
 }
 
 
+# Strategies whose aggregate is the weighted mean of the updates (FedProx' proximal term
+# acts on the sites), and those whose aggregate steps from that mean (FedAdam's
+# pseudo-gradient is the mean minus the global model): the aggregator can accumulate the
+# mean as replies arrive. Exact types: a subclass or a wrapper may aggregate otherwise.
+MEAN_AGGREGATE: tuple[type[Strategy], ...] = (FedAvg, FedProx)
+STEPS_FROM_MEAN: tuple[type[Strategy], ...] = (FedAdam,)
+
+
+def aggregates_by_mean(strategy: Strategy) -> bool:
+    """Whether ``strategy`` aggregates a round's updates through their weighted mean alone."""
+    return type(strategy) in MEAN_AGGREGATE + STEPS_FROM_MEAN
+
+
+def mean_is_aggregate(strategy: Strategy) -> bool:
+    """Whether ``strategy``'s aggregate of a round's updates is their weighted mean."""
+    return type(strategy) in MEAN_AGGREGATE
+
+
 def strategy_options(name: str) -> list[str]:
     """Names of the options strategy ``name`` accepts beyond sampling and keys."""
     shared = set(inspect.signature(FedAvg.__init__).parameters)

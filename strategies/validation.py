@@ -42,10 +42,27 @@ def update_problem(
             return f"tensor {name!r} has shape {tensor.shape}, the global model {expected.shape}"
         if tensor.dtype != expected.dtype:
             return f"tensor {name!r} has dtype {tensor.dtype}, the global model {expected.dtype}"
-        if not np.isfinite(tensor).all():
+        distance = _squared_distance(tensor, expected)
+        if distance is None:
             return f"tensor {name!r} holds NaN or infinite values"
-        squared += float(np.sum((tensor.astype(np.float64) - expected) ** 2))
+        squared += distance
     norm = squared**0.5
     if policy.max_update_norm is not None and norm > policy.max_update_norm:
         return f"update norm {norm:.4g} exceeds the bound {policy.max_update_norm:g}"
     return None
+
+
+_CHUNK = 2**18  # values per step: the temporaries stay a few MB whatever the tensor's size
+
+
+def _squared_distance(tensor: np.ndarray, reference: np.ndarray) -> float | None:
+    """Squared L2 distance, in float64, chunk by chunk; None if ``tensor`` is not all finite."""
+    tensor, reference = tensor.reshape(-1), reference.reshape(-1)
+    total = 0.0
+    for start in range(0, tensor.size, _CHUNK):
+        part = tensor[start : start + _CHUNK]
+        if not np.isfinite(part).all():
+            return None
+        diff = np.subtract(part, reference[start : start + _CHUNK], dtype=np.float64)
+        total += float(np.dot(diff, diff))
+    return total

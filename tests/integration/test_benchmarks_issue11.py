@@ -52,8 +52,7 @@ def check_aggregation(report: dict) -> None:
     for k in (3, 10):
         for name in ("fedavg", "fedprox", "fedadam", "median", "fedtrimmedavg", "krum"):
             assert ("flower", name, k) in keys
-        for name in ("fedavg", "fedprox", "fedadam"):
-            assert ("streaming", name, k) in keys
+            assert ("fedgen", name, k) in keys
     for row in rows:
         assert row["peak_over_update"] == row["peak_bytes"] / report["update_bytes"]
         assert row["needs_all_K"] == (row["strategy"] in ("median", "fedtrimmedavg", "krum"))
@@ -61,13 +60,16 @@ def check_aggregation(report: dict) -> None:
             assert row["peak_over_update"] >= row["replies_held_over_update"] >= row["K"]
         else:
             assert row["replies_held_over_update"] == 0
-    # Streaming the mean keeps the peak independent of K, and below holding the replies.
-    mean = {r["K"]: r["peak_bytes"] for r in rows if (r["path"], r["strategy"]) == ("streaming", "fedavg")}
+    # fedgen's recorder streams the mean: its peak is independent of K, and below holding the replies.
+    mean = {r["K"]: r["peak_bytes"] for r in rows if (r["path"], r["strategy"]) == ("fedgen", "fedavg")}
     held = {r["K"]: r["peak_bytes"] for r in rows if (r["path"], r["strategy"]) == ("flower", "fedavg")}
     assert mean[10] < 1.1 * mean[3] and mean[10] < held[10]
     assert report["streaming_worst_peak_over_update"] == max(
-        r["peak_over_update"] for r in rows if r["path"] == "streaming"
+        r["peak_over_update"] for r in rows if r["path"] == "fedgen" and not r["needs_all_K"]
     )
+    # The robust rules hold all K replies on fedgen's path too.
+    robust = {r["K"]: r["peak_bytes"] for r in rows if (r["path"], r["strategy"]) == ("fedgen", "median")}
+    assert robust[10] > 2 * robust[3]
 
 
 def check_wire_bytes(report: dict) -> None:

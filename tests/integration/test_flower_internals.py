@@ -6,6 +6,7 @@ internals; every name and behaviour they use is checked here.
 
 import inspect
 import os
+import re
 import time
 from pathlib import Path
 
@@ -291,6 +292,10 @@ def test_serverapp_grid_is_the_one_fedgen_makes_prompt():
     assert "time.sleep(3)" in stock
     start = inspect.getsource(Strategy.start)
     assert start.count("grid.send_and_receive(") == 2  # train and evaluate
+    # The train replies go to aggregate_train as given, not gathered into a list first:
+    # fedgen's recorder accumulates them as they arrive.
+    assert re.search(r"train_replies = grid\.send_and_receive\(", start)
+    assert re.search(r"self\.aggregate_train\(\s*current_round,\s*train_replies,\s*\)", start)
     params = inspect.signature(HttpGrid.send_and_receive).parameters
     assert list(params) == ["self", "messages", "timeout"] and params["timeout"].kind is params["timeout"].KEYWORD_ONLY
 
@@ -301,18 +306,18 @@ class _Reply:
 
 
 class _FakeGrid:
-    """Push gives ids m0, m1; each message's reply shows up after ``replies_after`` pulls."""
+    """Push gives ids m0, m1, ...; each message's reply shows up after ``replies_after`` pulls."""
 
     def __init__(self, replies_after: int) -> None:
         self.replies_after = replies_after
-        self.pulls = 0
+        self.pulls: list[list[str]] = []  # the ids each pull asked for
 
     def push_messages(self, messages):
         return [f"m{i}" for i, _ in enumerate(messages)]
 
     def pull_messages(self, message_ids):
-        self.pulls += 1
-        return [_Reply(m) for m in message_ids] if self.pulls >= self.replies_after else []
+        self.pulls.append(list(message_ids))
+        return [_Reply(m) for m in message_ids] if len(self.pulls) >= self.replies_after else []
 
 
 def test_prompt_replies_keeps_the_send_and_receive_contract(monkeypatch):
@@ -320,14 +325,19 @@ def test_prompt_replies_keeps_the_send_and_receive_contract(monkeypatch):
     from fedgen.server.superlink import prompt_replies
 
     monkeypatch.delenv(STOCK_POLLING_ENV, raising=False)
-    grid = _FakeGrid(replies_after=4)
+    grid = _FakeGrid(replies_after=5)
     prompt_replies(grid, poll_seconds=0.05)
     started = time.monotonic()
-    replies = grid.send_and_receive(["a", "b"], timeout=None)
-    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
-    assert grid.pulls == 4 and time.monotonic() - started < 1.0  # three 0.05 s waits, not 3 s ones
+    replies = grid.send_and_receive(["a", "b", "c"], timeout=None)
+    first = next(replies)  # pushed at the call; replies come as they are pulled
+    pulls_for_first = len(grid.pulls)
+    rest = list(replies)
+    assert sorted(r.metadata.reply_to_message_id for r in [first, *rest]) == ["m0", "m1", "m2"]
+    assert all(len(ids) == 1 for ids in grid.pulls)  # one reply inflated at a time
+    assert pulls_for_first < len(grid.pulls)  # the first reply was handed over before the others were pulled
+    assert time.monotonic() - started < 1.0  # 0.05 s waits between sweeps, not 3 s ones
     late = _FakeGrid(replies_after=10**6)
     prompt_replies(late, poll_seconds=0.05)
     started = time.monotonic()
     assert list(late.send_and_receive(["a"], timeout=0.3)) == []  # the timeout still ends the wait
-    assert 0.3 <= time.monotonic() - started < 1.0 and late.pulls >= 5
+    assert 0.3 <= time.monotonic() - started < 1.0 and len(late.pulls) >= 5

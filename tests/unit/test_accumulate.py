@@ -75,3 +75,19 @@ def test_integer_arrays_and_empty_mean_are_refused():
         RunningMean().add({"steps": np.ones(1, np.int64)}, 1)
     with pytest.raises(ValueError, match="no update was added"):
         RunningMean().result()
+
+
+def test_take_gives_the_mean_in_the_accumulator_and_empties_it():
+    updates = _updates(5)
+    mean = RunningMean()
+    for arrays, weight in updates:
+        mean.add(arrays, weight)
+    expected = mean.result()
+    sums = dict(mean._sums)
+    taken = mean.take()
+    for name in expected:
+        np.testing.assert_array_equal(taken[name], expected[name])
+        assert np.shares_memory(taken[name], sums[name])  # divided in place: no second copy
+    assert mean.count == 0 and mean.total_weight == 0
+    with pytest.raises(ValueError, match="no update"):
+        mean.take()

@@ -107,3 +107,53 @@ def test_a_packed_record_whose_layout_lies_is_refused(layout, values, problem):
 
 def _unpacked(arrays):
     return ArrayRecord({name: Array(value) for name, value in arrays.items()})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.dtype(">f4"), np.int64])
+def test_a_packed_array_is_byte_for_byte_what_flower_would_make(dtype):
+    """fedgen writes the packed Array's .npy bytes in one copy; Flower (and a site or an
+    aggregator on stock Flower code) must read exactly what its own ``Array(ndarray)``
+    holds. Fails when Flower changes how an Array stores a numpy array."""
+    arrays = {name: value.astype(dtype) for name, value in _arrays().items()} | {"empty": np.zeros((0, 2), dtype)}
+    ((key, packed),) = arrays_to_record(arrays).items()
+    flower = Array(np.concatenate([np.ravel(arrays[name]) for name in sorted(arrays)]))
+    assert (packed.dtype, packed.shape, packed.stype, packed.data) == (
+        flower.dtype,
+        flower.shape,
+        flower.stype,
+        flower.data,
+    )
+    np.testing.assert_array_equal(packed.numpy(), flower.numpy())  # Flower's own reader
+
+
+def test_arrays_can_be_read_in_place_without_a_copy():
+    record = arrays_to_record(_arrays())
+    ((_, packed),) = record.items()
+    views = record_to_arrays(record, copy=False)
+    copies = record_to_arrays(record)
+    for name, value in _arrays().items():
+        np.testing.assert_array_equal(views[name], value)
+        assert not views[name].flags.writeable and np.shares_memory(views[name], np.frombuffer(packed.data, np.uint8))
+        assert copies[name].flags.writeable and not np.shares_memory(copies[name], np.frombuffer(packed.data, np.uint8))
+    per_tensor = record_to_arrays(_unpacked(_arrays()), copy=False)
+    assert digest(per_tensor) == digest(_arrays())
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_array_data_that_is_not_plain_npy_values_is_refused(copy):
+    good = Array(np.arange(6, dtype=np.float32))
+    short = ArrayRecord(
+        {
+            PACKED_PREFIX + '{"tensors":[["a",[6]]]}': Array(
+                dtype="float32", shape=(6,), stype=good.stype, data=good.data[:-4]
+            )
+        }
+    )
+    with pytest.raises(ValueError, match="too short"):
+        record_to_arrays(short, copy=copy)
+    garbage = ArrayRecord({"a": Array(dtype="float32", shape=(6,), stype=good.stype, data=b"not npy at all")})
+    with pytest.raises(ValueError):
+        record_to_arrays(garbage, copy=False)
+    alien = ArrayRecord({"a": Array(dtype="float32", shape=(6,), stype="torch.Tensor", data=good.data)})
+    with pytest.raises((ValueError, TypeError)):
+        record_to_arrays(alien, copy=copy)

@@ -1,5 +1,7 @@
+import gc
 import re
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -178,6 +180,51 @@ def test_fedtrimmedavg_drops_the_extreme_updates(flower_task):
     arrays, _ = strategy.aggregate_train(1, replies)
     # beta 0.2 of 5 updates trims one from each end (-50 and 100): the mean of 2, 3, 4.
     np.testing.assert_allclose(record_to_arrays(arrays)["w"], 3.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "median", "krum", "fedtrimmedavg"])
+def test_mean_based_strategies_let_go_of_each_reply_as_it_arrives(flower_task, name):
+    """FedAvg, FedProx and FedAdam aggregate through a running mean: a reply is released
+    before the next one is taken, so the aggregator never holds K updates. The robust
+    strategies need all of them, and keep them. The result is the same either way."""
+    kept: list[weakref.ref] = []
+
+    def arriving(values):  # each reply made as it "arrives", referenced from here only weakly
+        for node, value in enumerate(values, 1):
+            reply = _reply(node, value, 10 * node)
+            kept.append(weakref.ref(reply))
+            yield reply
+            del reply
+            gc.collect()
+            held.append(sum(ref() is not None for ref in kept))
+
+    held: list[int] = []
+    strategy = RecordingStrategy(make_strategy(name, min_sites=3))
+    strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, dtype=np.float32)}), ConfigRecord(), _Grid(5))
+    values = (1.0, 2.0, 3.0, 4.0, 5.0)
+    streamed, _ = strategy.aggregate_train(1, arriving(values))
+    if name in ("fedavg", "fedprox", "fedadam"):
+        assert held == [0, 0, 0, 0, 0]
+    else:
+        assert held == [1, 2, 3, 4, 5]
+    gathered = RecordingStrategy(make_strategy(name, min_sites=3))
+    gathered.configure_train(1, arrays_to_record({"w": np.zeros(4, dtype=np.float32)}), ConfigRecord(), _Grid(5))
+    expected, _ = gathered.inner.aggregate_train(1, [_reply(n, v, 10 * n) for n, v in enumerate(values, 1)])
+    np.testing.assert_allclose(
+        record_to_arrays(streamed)["w"], record_to_arrays(expected)["w"].astype(np.float32), rtol=1e-6
+    )
+
+
+def test_a_trained_reply_without_examples_is_rejected(flower_task):
+    strategy = _recording()
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, 1.0, 10), _reply(2, 5.0, 0), _reply(3, 3.0, 10)])
+    np.testing.assert_allclose(record_to_arrays(arrays)["w"], 2.0)
+    empty = strategy.rounds[1].outcomes[1]
+    assert (empty.site, empty.status, empty.reason) == (
+        "site-2",
+        "rejected",
+        "reports no training examples: nothing to weigh its update by",
+    )
 
 
 def _recording(name="fedavg", **kwargs) -> RecordingStrategy:
