@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import sys
 import tempfile
 import time
@@ -91,20 +90,24 @@ class _Grid:
         return list(range(1, self.sites + 1))
 
 
-def _stage_replies(sites: int, parameters: int, folder: Path) -> list[dict]:
-    """Each site's update as the bytes a reply carries, written to ``folder``, so that a
-    reply can "arrive" later as a pulled one does: its bytes, and nothing else, in memory."""
+def _stage_replies(sites: int, parameters: int, folder: Path) -> None:
+    """Write each site's update to ``folder`` as the bytes a reply carries (and the index
+    ``staged.json``), so that in the measured process a reply can "arrive" as a pulled one
+    does: its bytes, and nothing else, in memory."""
     from fedgen.params import arrays_to_record, digest
 
     staged = []
     for k in range(sites):
         arrays = _update(k, parameters)
         ((key, array),) = arrays_to_record(arrays).items()  # one dtype: one packed Array
-        path = folder / f"update-{k}.bin"
-        path.write_bytes(array.data)
-        staged.append({"key": key, "dtype": array.dtype, "shape": array.shape, "stype": array.stype,
-                       "path": path, "digest": digest(arrays)})  # fmt: skip
-    return staged
+        (folder / f"update-{k}.bin").write_bytes(array.data)
+        staged.append({"key": key, "dtype": array.dtype, "shape": list(array.shape), "stype": array.stype,
+                       "file": f"update-{k}.bin", "digest": digest(arrays)})  # fmt: skip
+    (folder / "staged.json").write_text(json.dumps(staged))
+
+
+def _staged(folder: Path) -> list[dict]:
+    return [entry | {"path": folder / entry["file"]} for entry in json.loads((folder / "staged.json").read_text())]
 
 
 def _site_reply(index: int, staged: dict, weight: int):
@@ -122,7 +125,7 @@ def _site_reply(index: int, staged: dict, weight: int):
         group_id="1", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN,
     )  # fmt: skip
     update = Array(
-        dtype=staged["dtype"], shape=staged["shape"], stype=staged["stype"], data=staged["path"].read_bytes()
+        dtype=staged["dtype"], shape=tuple(staged["shape"]), stype=staged["stype"], data=staged["path"].read_bytes()
     )
     content = RecordDict(
         {
@@ -148,29 +151,27 @@ def _recorder(name: str, sites: int, parameters: int):
     return recorder
 
 
-def worker(path: str, name: str, sites: int, parameters: int) -> dict:
-    """Aggregate ``sites`` updates with ``name`` along ``path`` ("flower" or "fedgen")."""
+def worker(path: str, name: str, sites: int, parameters: int, folder: str) -> dict:
+    """Aggregate ``sites`` updates with ``name`` along ``path`` ("flower" or "fedgen"; the
+    latter reads the replies staged in ``folder``)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     # Building a Message needs the running Flower task's identity, which a ServerApp has.
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     weights = [100 + 7 * k for k in range(sites)]
-    folder = Path(tempfile.mkdtemp(prefix="fedgen-aggregation-"))
-
-    def arriving(parameters: int):
-        for k, staged in enumerate(_stage_replies(sites, parameters, folder)):
-            yield _site_reply(k, staged, weights[k])
-
     # A rehearsal on one-value arrays: Flower's and fedgen's lazy imports happen now, not
     # under tracemalloc (which would count them and slow them down by orders of magnitude).
     if path == "flower":
-        _strategy(name, sites, ARRAYS).aggregate_train(
-            1, [_reply(k, _update(k, ARRAYS), weights[k]) for k in range(sites)]
-        )
+        rehearsal = [_reply(k, _update(k, ARRAYS), weights[k]) for k in range(sites)]
+        _strategy(name, sites, ARRAYS).aggregate_train(1, rehearsal)
+        strategy = _strategy(name, sites, parameters)
     else:
-        _recorder(name, sites, ARRAYS).aggregate_train(1, arriving(ARRAYS))
-        staged = _stage_replies(sites, parameters, folder)
-    strategy = _strategy(name, sites, parameters) if path == "flower" else _recorder(name, sites, parameters)
+        with tempfile.TemporaryDirectory() as tiny:
+            _stage_replies(sites, ARRAYS, Path(tiny))
+            rehearsal = [_site_reply(k, staged, weights[k]) for k, staged in enumerate(_staged(Path(tiny)))]
+        _recorder(name, sites, ARRAYS).aggregate_train(1, rehearsal)
+        strategy, staged = _recorder(name, sites, parameters), _staged(Path(folder))
+    del rehearsal
     gc.collect()
     rss_before = rss_mib()
     tracemalloc.start()
@@ -185,7 +186,6 @@ def worker(path: str, name: str, sites: int, parameters: int) -> dict:
     seconds = time.perf_counter() - start
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    shutil.rmtree(folder)
     assert arrays is not None, f"{name} returned no aggregate"
     update_bytes = parameters // ARRAYS * ARRAYS * 4
     return {
@@ -224,9 +224,11 @@ def main() -> None:
     bandwidth = memcpy_gbps(64 if args.quick else 512)
     rows = []
     for sites in counts:
-        for path, names in (("flower", FLOWER), ("fedgen", FLOWER)):
-            for name in names:
-                row = {"path": path, "strategy": name, "K": sites} | run_worker(__file__, path, name, sites, parameters)
+        with tempfile.TemporaryDirectory(prefix="fedgen-aggregation-") as folder:
+            _stage_replies(sites, parameters, Path(folder))
+            for path, name in [("flower", name) for name in FLOWER] + [("fedgen", name) for name in FLOWER]:
+                measured = run_worker(__file__, path, name, sites, parameters, folder)
+                row = {"path": path, "strategy": name, "K": sites} | measured
                 memcpy_seconds = sites * update_bytes / (bandwidth * 1e9)
                 row["seconds_over_memcpy"] = row["seconds"] / memcpy_seconds
                 row["needs_all_K"] = name in ROBUST
@@ -252,7 +254,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        path, name, sites, parameters = sys.argv[2:6]
-        print(json.dumps(worker(path, name, int(sites), int(parameters))))
+        path, name, sites, parameters, folder = sys.argv[2:7]
+        print(json.dumps(worker(path, name, int(sites), int(parameters), folder)))
     else:
         main()
