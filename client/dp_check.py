@@ -37,6 +37,10 @@ DEFAULT_TOLERANCE = 1e-3
 DEFAULT_SAMPLES = 4
 # hooks/functorch/ew materialise per-sample gradients; ghost clipping only their norms.
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+# What a site trains with, in order of preference: the first whose check passes. Expanded
+# weights were the fastest mode on every model of benchmarks/dp_overhead.py (docs/benchmarks.md);
+# torch implements them for common layers only, and hooks cover the rest.
+PREFERRED_MODES = ("ew", "hooks")
 _CACHE_FORMAT = 1
 _REASON_LIMIT = 240
 
@@ -381,6 +385,43 @@ def ensure_per_sample_gradients(
     if not check.passed:
         raise PerSampleGradientMismatch(_refusal(check))
     return check
+
+
+def verified_grad_sample_mode(
+    model: Callable[[], nn.Module],
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    state_dir: str | Path,
+    key: CheckKey,
+    modes: tuple[str, ...] = PREFERRED_MODES,
+) -> str:
+    """The first of ``modes`` whose per-sample gradients of the model pass the check
+    (`ensure_per_sample_gradients`, so each verdict is cached): the mode to train with.
+
+    ``model`` builds the model; it is called at most once, and only on a cache miss.
+
+    Raises
+    ------
+    PerSampleGradientMismatch
+        No mode passes, with each mode's reason.
+    """
+    built: list[nn.Module] = []
+
+    def build() -> nn.Module:
+        if not built:
+            built.append(model())
+        return built[0]
+
+    refusals = []
+    for mode in modes:
+        try:
+            ensure_per_sample_gradients(build, ids, labels, state_dir=state_dir, key=key, grad_sample_mode=mode)
+        except PerSampleGradientMismatch as exc:
+            refusals.append(f"{mode}: {exc}")
+            continue
+        return mode
+    raise PerSampleGradientMismatch("; ".join(refusals))
 
 
 def _refusal(check: GradientCheck) -> str:

@@ -57,7 +57,7 @@ from fedgen.protocol import (
 from fedgen.state_files import ROUND_LOCK_FILE
 
 from .channel import RoundRefused
-from .dp_check import CheckKey, PerSampleGradientMismatch, ensure_per_sample_gradients
+from .dp_check import CheckKey, PerSampleGradientMismatch, verified_grad_sample_mode
 from .ledger import BudgetExceeded, PrivacyLedger
 from .trainer import DPSettings, LocalPlan, local_steps, poisson_sample_rate, train_local
 from .warm import PROCESS_CACHE, WarmCache
@@ -141,7 +141,7 @@ def _train_round(site: SiteConfig, content: RecordDict, run_id: int, warm: WarmC
                 'only; set precision = "fp32" or disable privacy'
             )
         # Before any budget is spent: DP holds only if per-sample gradients are what Opacus computes.
-        ensure_per_sample_gradients(
+        grad_sample_mode = verified_grad_sample_mode(
             lambda: build_classifier(model_config, base, deterministic=True),
             ids,
             labels,
@@ -160,6 +160,7 @@ def _train_round(site: SiteConfig, content: RecordDict, run_id: int, warm: WarmC
             max_grad_norm=privacy.max_grad_norm,
             accountant=privacy.accountant,
             history=ledger.history,
+            grad_sample_mode=grad_sample_mode,
         )
 
     started = time.perf_counter()

@@ -38,6 +38,7 @@ class DPSettings:
     max_grad_norm: float
     accountant: str
     history: list[Mechanism]
+    grad_sample_mode: str  # Opacus' per-sample gradient mode; one the site's check passed
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def train_local(
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
-            grad_sample_mode="hooks",
+            grad_sample_mode=dp.grad_sample_mode,
         )
     criterion = nn.CrossEntropyLoss()
     autocast = _autocast(plan.precision, device)

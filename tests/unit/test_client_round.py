@@ -25,7 +25,7 @@ from fedgen.protocol import (
     TrainReport,
     put_ledger_notice,
 )
-from fedgen.state_files import PRIVACY_LEDGER_FILE, RECEIPTS_FILE
+from fedgen.state_files import GRADIENT_CHECKS_FILE, PRIVACY_LEDGER_FILE, RECEIPTS_FILE
 
 from ..conftest import train_message, write_site
 
@@ -43,6 +43,9 @@ def test_reply_carries_only_tensors_metrics_and_site_id(site_toml):
     assert report.dp and report.num_examples == 120 and report.steps == round(120 / 16)
     assert report.sample_rate == pytest.approx(1 / 8)  # Opacus: 1 / ceil(120 / 16)
     assert np.isfinite(report.train_loss) and report.noise_multiplier > 0 and report.delta == 1e-5
+    # It trained in the fastest mode whose per-sample gradients it checked: expanded weights.
+    checks = json.loads((Path(site.state_dir) / GRADIENT_CHECKS_FILE).read_text())["checks"].values()
+    assert [(c["key"]["grad_sample_mode"], c["result"]["passed"]) for c in checks] == [("ew", True)]
 
 
 def test_reported_epsilon_is_the_persisted_accountants(site_toml):

@@ -17,6 +17,7 @@ from fedgen.client.dp_check import (
     check_per_sample_gradients,
     ensure_per_sample_gradients,
     select_samples,
+    verified_grad_sample_mode,
 )
 from fedgen.data import load_bundled
 from fedgen.errors import FedgenError
@@ -221,3 +222,45 @@ def test_a_refused_model_is_refused_with_opacus_reason(batch, tmp_path):
         ensure_per_sample_gradients(model, ids, labels, state_dir=tmp_path, key=KEY)
     cached = GradientCheckCache(tmp_path).get(KEY, "hooks")
     assert cached is not None and not cached.passed and math.isinf(cached.max_relative_error)
+
+
+class RMSNormClassifier(nn.Module):
+    """RMSNorm, as in recent language models: Opacus' hooks handle it, torch's expanded weights do not."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, 8)
+        self.norm = nn.RMSNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.tokens(ids)).mean(1))
+
+
+def test_the_site_trains_with_the_fastest_mode_its_model_passes(batch, tmp_path):
+    cfg, ids, labels = batch
+    built = []
+
+    def build(factory):
+        def make():
+            built.append(factory)
+            torch.manual_seed(0)
+            return factory()
+
+        return make
+
+    assert verified_grad_sample_mode(build(lambda: build_model(cfg)), ids, labels, state_dir=tmp_path, key=KEY) == "ew"
+    rms_key = dataclasses.replace(KEY, trainable="rmsnorm")
+    rms = build(lambda: RMSNormClassifier(cfg.vocab_size))
+    assert verified_grad_sample_mode(rms, ids, labels, state_dir=tmp_path, key=rms_key) == "hooks"
+    assert len(built) == 2  # each model built once, however many modes were checked
+    cache = GradientCheckCache(tmp_path)
+    assert not cache.get(rms_key, "ew").passed and "Expanded Weights" in cache.get(rms_key, "ew").reason
+    assert cache.get(rms_key, "hooks").passed
+    assert verified_grad_sample_mode(rms, ids, labels, state_dir=tmp_path, key=rms_key) == "hooks"
+    assert len(built) == 2  # both verdicts came from the cache
+    leaky_key = dataclasses.replace(KEY, trainable="leaky")
+    with pytest.raises(PerSampleGradientMismatch, match="ew: .*; hooks: .*do not match"):
+        verified_grad_sample_mode(
+            build(lambda: BatchCrossTalk(cfg.vocab_size, cfg.pad_id)), ids, labels, state_dir=tmp_path, key=leaky_key
+        )

@@ -126,7 +126,7 @@ def test_dp_training_leaves_the_frozen_base_bit_identical(hf_bases, architecture
         labels,
         LocalPlan(steps=2, batch_size=16, learning_rate=1e-2, seed=0),
         torch.device("cpu"),
-        DPSettings(1.0, 1.0, "rdp", []),
+        DPSettings(1.0, 1.0, "rdp", [], "ew"),
     )
     after = dict(model.named_parameters())
     assert any(not torch.equal(after[n], before) for n, before in trained_before.items())  # it did train

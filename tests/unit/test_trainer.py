@@ -27,7 +27,7 @@ def test_step_and_rate_arithmetic():
 def test_dp_training_extends_the_accountant_history_it_was_given():
     cfg, ids, labels = _data()
     prior = [(1.3, 0.5, 4)]
-    dp = DPSettings(noise_multiplier=1.1, max_grad_norm=1.0, accountant="rdp", history=prior)
+    dp = DPSettings(noise_multiplier=1.1, max_grad_norm=1.0, accountant="rdp", history=prior, grad_sample_mode="ew")
     plan = LocalPlan(steps=5, batch_size=32, learning_rate=1e-3, seed=0)
     result = train_local(build_model(cfg), ids, labels, plan, CPU, dp)
     assert result.history == [(1.3, 0.5, 4), (1.1, 1 / 3, 5)]
@@ -37,7 +37,7 @@ def test_dp_training_extends_the_accountant_history_it_was_given():
 def test_training_is_deterministic_for_a_seed():
     cfg, ids, labels = _data()
     plan = LocalPlan(steps=3, batch_size=32, learning_rate=1e-3, seed=5)
-    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", history=[])
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, accountant="rdp", history=[], grad_sample_mode="hooks")
     a, b = build_model(cfg), build_model(cfg)
     train_local(a, ids, labels, plan, CPU, dp)
     train_local(b, ids, labels, plan, CPU, dp)
@@ -64,6 +64,6 @@ def test_noise_changes_the_update():
     cfg, ids, labels = _data()
     plan = LocalPlan(steps=3, batch_size=32, learning_rate=1e-3, seed=0)
     quiet, noisy = build_model(cfg), build_model(cfg)
-    train_local(quiet, ids, labels, plan, CPU, DPSettings(1e-6, 1.0, "rdp", []))
-    train_local(noisy, ids, labels, plan, CPU, DPSettings(5.0, 1.0, "rdp", []))
+    train_local(quiet, ids, labels, plan, CPU, DPSettings(1e-6, 1.0, "rdp", [], "ew"))
+    train_local(noisy, ids, labels, plan, CPU, DPSettings(5.0, 1.0, "rdp", [], "ew"))
     assert _distance(quiet, noisy) > 0
