@@ -9,13 +9,13 @@ plain step, then one step of each mode, repeated; medians), for:
   of Nucleotide Transformer v2 50M's shape (`fedgen.hf.random.esm_checkpoint`, built
   randomly: nothing is downloaded; target <= 1.05).
 
-Modes: hooks (fedgen's default in `client/trainer.py`), functorch, ew (torch's expanded
-weights) and ghost (ghost clipping: `make_private(..., grad_sample_mode="ghost")` wraps
+Modes: hooks, functorch, ew (torch's expanded weights; fedgen's first choice,
+`fedgen.client.dp_check.PREFERRED_MODES`) and ghost (ghost clipping: `make_private(..., grad_sample_mode="ghost")` wraps
 the criterion, whose loss runs the two backward passes). Peak memory of training (resident
 set growth above the built model) is measured for each mode in a fresh process.
 
 Run: ``python benchmarks/dp_overhead.py`` (``--quick``: nano and the tiny ESM, few steps, memory
-of plain and hooks only).
+of plain and fedgen's preferred modes only).
 Figures go to ``benchmarks/results/dp_overhead.json`` and docs/benchmarks.md.
 """
 
@@ -35,6 +35,7 @@ from pathlib import Path
 from worker_process import rss_mib, run_worker, timed_step  # a sibling: benchmarks run as scripts
 
 import fedgen  # noqa: F401  (sovereign switches before torch, transformers, flwr)
+from fedgen.client.dp_check import PREFERRED_MODES
 
 RESULTS = Path(__file__).parent / "results" / "dp_overhead.json"
 MODES = ("hooks", "functorch", "ew", "ghost")
@@ -162,8 +163,8 @@ def main() -> None:
             row = {"finetune": "lora" if folder else "full"} | run_worker(
                 __file__, "ratio", name, folder, str(steps), str(batch)
             )
-            # --quick: memory of plain and fedgen's default only (each mode costs a process)
-            measured = ("plain", "hooks") if args.quick else ("plain", *row["ratio"])
+            # --quick: memory of plain and fedgen's own modes only (each mode costs a process)
+            measured = ("plain", *PREFERRED_MODES) if args.quick else ("plain", *row["ratio"])
             row["peak_growth_mib"] = {
                 mode: run_worker(__file__, "memory", name, folder, mode, str(min(steps, 3)), str(batch))[
                     "training_growth_mib"
@@ -186,7 +187,7 @@ def main() -> None:
         "sequence_bases": SEQUENCE_BASES,
         "steps_interleaved": steps,
         "modes": list(MODES),
-        "fedgen_default_mode": "hooks",
+        "fedgen_modes": list(PREFERRED_MODES),
         "settings": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
