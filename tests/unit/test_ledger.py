@@ -112,6 +112,27 @@ def test_calibrate_reuses_the_runs_sigma_only_while_it_is_the_smallest_that_fits
     assert looser < first * (1 - 1e-3)
 
 
+@pytest.mark.parametrize("sample_rate, steps", [(0.1, 50), (1 / 8, 30), (0.02, 200)])
+def test_a_four_round_run_calibrates_once(tmp_path, monkeypatch, sample_rate, steps):
+    """Round 1's σ is tight enough that every later round finds it still the smallest that
+    fits: one search per run, then two accountant calls a round."""
+    ledger = PrivacyLedger.open(tmp_path, accountant="rdp", delta=1e-5)
+    sigma = ledger.calibrate(sample_rate, 4 * steps, ceiling=8.0, run_id=3)
+    calls = []
+    real = ledger.epsilon_after
+    monkeypatch.setattr(ledger, "epsilon_after", lambda *a: calls.append(a) or real(*a))
+    for server_round in (1, 2, 3, 4):
+        history = ledger.history + [(sigma, sample_rate, steps)]
+        ledger.commit(
+            history, run_id=3, server_round=server_round, steps=steps, noise_multiplier=sigma, sample_rate=sample_rate
+        )
+        if server_round < 4:
+            calls.clear()
+            assert ledger.calibrate(sample_rate, (4 - server_round) * steps, ceiling=8.0, run_id=3) == sigma
+            assert len(calls) == 2
+    assert 8.0 * (1 - 4e-3) < ledger.epsilon <= 8.0  # the whole budget, spent
+
+
 def test_the_remembering_accountant_reports_opacus_rdp_epsilon_to_the_bit():
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -126,16 +147,29 @@ def test_the_remembering_accountant_reports_opacus_rdp_epsilon_to_the_bit():
             assert remembering.get_privacy_spent(delta=delta) == opacus.get_privacy_spent(delta=delta)
 
 
+THRESHOLD, CEILING = 1.234, 8.0
+EPSILON_CURVES = {
+    # ε = CEILING exactly at THRESHOLD in each, decreasing in σ.
+    "power law, as RDP is nearly": lambda sigma: CEILING * (THRESHOLD / sigma) ** 1.7,
+    "curved in log-log": lambda sigma: CEILING * (0.3 * (THRESHOLD / sigma) ** 3 + 0.7 * (THRESHOLD / sigma) ** 0.8),
+    "a cliff": lambda sigma: CEILING / 2 if sigma >= THRESHOLD else CEILING * 2,
+}
+
+
+@pytest.mark.parametrize("curve", list(EPSILON_CURVES))
 @pytest.mark.parametrize("hint", [None, 0.7, 1.234, 1.3, 4.0, 49.0])
-def test_the_smallest_fitting_sigma_is_found_from_any_hint(hint):
-    threshold = 1.234
+def test_the_smallest_fitting_sigma_is_found_from_any_hint(curve, hint):
     calls = []
 
-    def fits(sigma: float) -> bool:
+    def epsilon(sigma: float) -> float:
         calls.append(sigma)
-        return sigma >= threshold
+        return EPSILON_CURVES[curve](sigma)
 
-    found = smallest_fitting(fits, hint)
-    assert threshold <= found <= threshold / (1 - CALIBRATION_TOLERANCE)
-    if hint is not None and abs(hint - threshold) < 0.1 * threshold:
-        assert len(calls) <= 10  # a hint near the answer saves half the search
+    found = smallest_fitting(epsilon, CEILING, hint)
+    assert THRESHOLD <= found <= THRESHOLD / (1 - CALIBRATION_TOLERANCE)
+    assert epsilon(found) <= CEILING  # sound, whatever the curve
+    if curve.startswith("power"):
+        assert len(calls) <= 8  # guesses close the bracket in a few accountant calls
+        if hint is not None and abs(hint - THRESHOLD) < 0.1 * THRESHOLD:
+            assert len(calls) <= 6
+    assert len(calls) <= 40  # halving still finishes where guesses fail (the cliff)
