@@ -62,13 +62,15 @@ def smallest_fitting(epsilon: Callable[[float], float], ceiling: float, hint: fl
     `CALIBRATION_TOLERANCE`. ``epsilon`` must decrease with σ, and MAX_NOISE_MULTIPLIER fit.
 
     Only a σ whose ε was computed and fits is returned, and only once a σ less than a
-    quarter of the tolerance below it was computed not to fit: the answer is sound however
-    the search goes, and close enough that the next rounds of a run of up to four find it
-    still the smallest that fits (`PrivacyLedger.calibrate` then skips the search). Each new σ costs the accountant ~0.1 s, so the search guesses: ε is close to a
-    power law in σ, so a guess interpolates log ε against log σ between the bracket's ends
-    (from ``hint``, a σ near the answer, when given), and is tested as a pair just above
-    and just below it, which closes the bracket when the guess was right. About five
-    accountant calls, where halving took about fifteen.
+    quarter of the tolerance below it was computed not to fit. So the answer is sound
+    however the search goes, and close enough that the next rounds of a run of up to four
+    still find it the smallest that fits (`PrivacyLedger.calibrate` then skips the search).
+
+    Each new σ costs the accountant ~0.1 s, so the search guesses. ε is close to a power
+    law in σ: a guess interpolates log ε against log σ between the bracket's ends (one of
+    them ``hint``, a σ near the answer, when given), and is tested as a pair just above and
+    just below it, which closes the bracket when the guess was right. About five accountant
+    calls, where halving took about fifteen.
     """
     precision = CALIBRATION_TOLERANCE / 4
     low, eps_low = 0.0, math.inf  # does not fit (σ = 0 is no noise)
