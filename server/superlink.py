@@ -105,11 +105,14 @@ def prompt_replies(grid: Any, poll_seconds: float = REPLY_POLL_SECONDS) -> None:
             while pending:
                 arrived = False
                 for message_id in list(pending):
-                    for reply in grid.pull_messages([message_id]):
+                    received = list(grid.pull_messages([message_id]))
+                    while received:
+                        reply = received.pop()
                         arrived = True
                         if reply.metadata.reply_to_message_id in pending:
                             pending.remove(reply.metadata.reply_to_message_id)
                         yield reply
+                        del reply  # held here no longer than by the caller
                 left = None if deadline is None else deadline - time.monotonic()
                 if not pending or (left is not None and left <= 0):
                     return

@@ -4,10 +4,12 @@ server/superlink.py and client/supernode.py are the only modules that touch Flow
 internals; every name and behaviour they use is checked here.
 """
 
+import gc
 import inspect
 import os
 import re
 import time
+import weakref
 from pathlib import Path
 
 import flwr
@@ -336,6 +338,23 @@ def test_prompt_replies_keeps_the_send_and_receive_contract(monkeypatch):
     assert all(len(ids) == 1 for ids in grid.pulls)  # one reply inflated at a time
     assert pulls_for_first < len(grid.pulls)  # the first reply was handed over before the others were pulled
     assert time.monotonic() - started < 1.0  # 0.05 s waits between sweeps, not 3 s ones
+    # A reply the caller has let go of is not kept alive by the loop while it pulls the next.
+    kept = _FakeGrid(replies_after=1)
+    prompt_replies(kept, poll_seconds=0.05)
+    alive_at_pull = []
+    pull = kept.pull_messages
+
+    def pull_and_count(message_ids):
+        gc.collect()
+        alive_at_pull.append(sum(ref() is not None for ref in handed))
+        return pull(message_ids)
+
+    kept.pull_messages = pull_and_count
+    handed = []
+    for reply in kept.send_and_receive(["a", "b", "c"], timeout=None):
+        handed.append(weakref.ref(reply))
+        del reply
+    assert len(handed) == 3 and alive_at_pull == [0, 0, 0]
     late = _FakeGrid(replies_after=10**6)
     prompt_replies(late, poll_seconds=0.05)
     started = time.monotonic()
