@@ -117,6 +117,19 @@ class SitesMissing(RuntimeError):
     """Fewer sites connected than a round needs, for longer than the wait allows."""
 
 
+class _NodeSnapshot:
+    """``grid`` with its connected nodes fixed to ``nodes``: what a strategy samples from."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
+
+
 class RecordingStrategy(Strategy):
     """Delegate to ``inner``; check each train reply and remember it per round.
 
@@ -179,7 +192,12 @@ class RecordingStrategy(Strategy):
             put_ledger_notice(config, LedgerNotice(log.head, self.ledger.certificate_pem, log.server_round))
         if self.wait_for_sites is not None:
             sites, seconds = self.wait_for_sites
-            self._wait(grid, sites if not self._site_of_node else self.policy.min_updates, seconds)
+            nodes = self._wait(grid, sites if not self._site_of_node else self.policy.min_updates, seconds)
+            # Flower's sampling counts the nodes, then waits without bound until that many
+            # are connected: a site cut off in between would stall the run for good. It
+            # samples from the nodes that satisfied the wait; a node gone by then is
+            # reported failed by its round's replies.
+            grid = _NodeSnapshot(grid, nodes)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         log.sampled = [message.metadata.dst_node_id for message in messages]
         return messages
@@ -189,7 +207,14 @@ class RecordingStrategy(Strategy):
         known = self._site_of_node.get(node) or (self.site_names(node) if self.site_names else None)
         return known or f"node-{node}"
 
-    def _wait(self, grid: Grid, sites: int, seconds: float) -> None:
+    def _wait(self, grid: Grid, sites: int, seconds: float) -> list[int]:
+        """The connected nodes, once there are at least ``sites`` of them.
+
+        Raises
+        ------
+        SitesMissing
+            After ``seconds`` with fewer.
+        """
         deadline = time.monotonic() + seconds
         while len(nodes := list(grid.get_node_ids())) < sites:
             if time.monotonic() >= deadline:
@@ -199,6 +224,7 @@ class RecordingStrategy(Strategy):
                     f"{names}; check that every site runs `fedgen site start`"
                 )
             time.sleep(0.5)
+        return nodes
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -1,5 +1,6 @@
 import gc
 import re
+import threading
 import time
 import weakref
 
@@ -294,6 +295,34 @@ def test_sampling_waits_for_sites_only_as_long_as_allowed(flower_task):
     with pytest.raises(SitesMissing, match="only 3 of 5 sites connected after waiting 0.6 s"):
         strategy.configure_train(1, arrays_to_record({"w": np.zeros(4, np.float32)}), ConfigRecord(), _Grid())
     assert time.monotonic() - started < 5
+
+
+class _LosingGrid:
+    """Two nodes connected the first two times it is asked, then one: a site cut off
+    (revoked, crashed) between Flower counting the nodes and sampling them."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def get_node_ids(self):
+        self.asked += 1
+        return [1, 2] if self.asked <= 2 else [1]
+
+
+def test_a_site_lost_while_the_round_is_configured_does_not_stall_the_run(flower_task):
+    """Flower's sampling counts the nodes, then waits without bound for that many: the
+    recorder has it sample from the nodes its own bounded wait saw."""
+    strategy = RecordingStrategy(make_strategy("fedavg", min_sites=1), wait_for_sites=(1, 5.0))
+    grid, done = _LosingGrid(), []
+    initial = arrays_to_record({"w": np.zeros(4, np.float32)})
+    worker = threading.Thread(target=lambda: done.append(strategy.configure_train(1, initial, ConfigRecord(), grid)))
+    worker.daemon = True
+    worker.start()
+    worker.join(10)
+    assert done, "configure_train is still waiting for a node that is gone"
+    assert sorted(m.metadata.dst_node_id for m in done[0]) == [1, 2]  # node 2's reply will say it is gone
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, 1.0, 10)])  # node 2 never answers
+    assert [(o.site, o.status) for o in strategy.rounds[1].outcomes] == [("site-1", "trained"), ("node-2", "failed")]
 
 
 @pytest.fixture(scope="module")
