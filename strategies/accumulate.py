@@ -78,8 +78,7 @@ class RunningMean:
         ValueError
             Before any update was added.
         """
-        if self.count == 0:
-            raise ValueError("no update was added: there is no mean")
+        self._require_updates()
         return {
             name: (total / self.total_weight).astype(self._out_dtypes[name], copy=False)
             for name, total in self._sums.items()
@@ -94,8 +93,7 @@ class RunningMean:
         ValueError
             Before any update was added.
         """
-        if self.count == 0:
-            raise ValueError("no update was added: there is no mean")
+        self._require_updates()
         sums, total = self._sums, self.total_weight
         means = {}
         for name in list(sums):
@@ -104,6 +102,10 @@ class RunningMean:
             means[name] = mean.astype(self._out_dtypes[name], copy=False)
         self.__init__(self._dtype)
         return means
+
+    def _require_updates(self) -> None:
+        if self.count == 0:
+            raise ValueError("no update was added: there is no mean")
 
     def _start(self, arrays: Mapping[str, np.ndarray]) -> None:
         if not arrays:
